@@ -1,0 +1,11 @@
+"""Runners, one per runtime. Importing this package registers the built-in ones."""
+import importlib as _importlib
+
+from device_tests.runners.base import Runner, runner_class, runner_for  # noqa: F401
+
+for _mod in ("torch_runner", "onnxruntime_runner", "litert", "coreml"):
+    try:
+        _importlib.import_module(f"device_tests.runners.{_mod}")
+    except ModuleNotFoundError as _exc:
+        if _exc.name != f"device_tests.runners.{_mod}":
+            raise

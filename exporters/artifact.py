@@ -1,0 +1,194 @@
+"""What an export leaves behind: ``Artifact`` records gathered in a ``manifest.json``.
+
+The manifest is the contract between the exporters and everything downstream
+(runners, verify, quantize, profile, the phone app): it says how to feed each
+file (shape, dtype, layout, quantization), how the input was normalised at
+training time, and which tool versions produced it, so a result can be
+reproduced and a file can be checked against its hash.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from models.errors import InputError
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+
+FORMATS = ("onnx", "tflite", "mlpackage", "pt")
+LAYOUTS = ("NCHW", "NHWC", "NC", "ANY")
+
+
+@dataclass
+class TensorSpec:
+    """One input or output of an artifact; dynamic dims are strings (``"batch"``)."""
+
+    name: str
+    shape: list[int | str]
+    dtype: str = "float32"
+    layout: str = "NCHW"
+    scale: float | None = None
+    zero_point: int | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.scale is not None
+
+
+@dataclass
+class Artifact:
+    """A file the pipeline produced. ``path`` is relative to the manifest's folder."""
+
+    path: str
+    format: str
+    precision: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    sha256: str = ""
+    size_bytes: int = 0
+    tool: str = ""
+    tool_version: str = ""
+    variant: str = ""          # e.g. "image-input", "classifier", "qnn-w8a16"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """A short unique label for reports: ``onnx/fp32``, ``tflite/int8-io``."""
+        tail = f"-{self.variant}" if self.variant else ""
+        return f"{self.format}/{self.precision}{tail}"
+
+    def resolve(self, root: str | Path) -> Path:
+        return safe_join(root, self.path)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Artifact":
+        d = dict(d)
+        d["inputs"] = [TensorSpec(**t) for t in d.get("inputs", [])]
+        d["outputs"] = [TensorSpec(**t) for t in d.get("outputs", [])]
+        return cls(**d)
+
+
+@dataclass
+class Preprocessing:
+    """How a raw image becomes the model input: ``(pixel / 255 - mean) / std``."""
+
+    input_size: list[int]                 # [H, W]
+    mean: list[float]
+    std: list[float]
+    channel_order: str = "RGB"            # RGB | BGR | GRAY
+    layout: str = "NCHW"
+    pixel_scale: float = 1 / 255          # raw pixel -> [0, 1]
+    resize: str = "bilinear"
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.channel_order == "GRAY" else 3
+
+
+@dataclass
+class Manifest:
+    model: str
+    preprocessing: Preprocessing
+    artifacts: list[Artifact] = field(default_factory=list)
+    labels: list[str] | None = None
+    source: dict[str, Any] = field(default_factory=dict)    # checkpoint, factory, reparam, ...
+    versions: dict[str, str] = field(default_factory=dict)
+    manifest_version: int = MANIFEST_VERSION
+
+    def find(self, fmt: str | None = None, precision: str | None = None) -> list[Artifact]:
+        return [a for a in self.artifacts
+                if (fmt is None or a.format == fmt) and (precision is None or a.precision == precision)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Manifest":
+        d = dict(d)
+        d["preprocessing"] = Preprocessing(**d["preprocessing"])
+        d["artifacts"] = [Artifact.from_dict(a) for a in d.get("artifacts", [])]
+        return cls(**d)
+
+    def save(self, folder: str | Path) -> Path:
+        from exporters.fileio import atomic_write_text
+        path = Path(folder) / MANIFEST_NAME
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Manifest":
+        folder = Path(folder)
+        path = folder / MANIFEST_NAME if folder.is_dir() else folder
+        if not path.exists():
+            raise InputError(path, f"an export folder with {MANIFEST_NAME}", "no such file")
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise InputError(path, "a valid mdeploy manifest", f"{type(exc).__name__}: {exc}") from None
+
+
+def sha256_of(path: str | Path) -> str:
+    """Hash of a file, or of a directory bundle (``.mlpackage``) in sorted path order."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def size_of(path: str | Path) -> int:
+    path = Path(path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def safe_join(root: str | Path, rel: str | Path) -> Path:
+    """Join ``rel`` under ``root`` and refuse anything that escapes it (``../``, absolute)."""
+    root_r = Path(root).resolve()
+    target = (root_r / rel).resolve()
+    if target != root_r and root_r not in target.parents:
+        raise InputError(rel, f"a path inside {root_r}", "a path that escapes it")
+    return target
+
+
+def library_versions(names: tuple[str, ...] = ("torch", "onnx", "onnxruntime", "tensorflow",
+                                               "ai-edge-litert", "coremltools", "onnx2tf", "numpy")
+                     ) -> dict[str, str]:
+    """Installed versions of the tools that shape an artifact, for the manifest."""
+    from importlib import metadata
+    out = {"python": platform.python_version(), "platform": f"{platform.system()}-{platform.machine()}"}
+    for n in names:
+        try:
+            out[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            pass
+    if "tensorflow" not in out:
+        try:
+            out["tensorflow"] = metadata.version("tensorflow-cpu")
+        except metadata.PackageNotFoundError:
+            pass
+    out["mdeploy"] = _own_version()
+    return out
+
+
+def _own_version() -> str:
+    from importlib import metadata
+    try:
+        return metadata.version("mdeploy")
+    except metadata.PackageNotFoundError:
+        return os.environ.get("MDEPLOY_VERSION", "0+unknown")
