@@ -3,7 +3,7 @@ import importlib as _importlib
 
 from device_tests.runners.base import Runner, runner_class, runner_for  # noqa: F401
 
-for _mod in ("torch_runner", "onnxruntime_runner", "litert", "coreml"):
+for _mod in ("torch", "onnxruntime", "litert", "coreml"):
     try:
         _importlib.import_module(f"device_tests.runners.{_mod}")
     except ModuleNotFoundError as _exc:
