@@ -1,0 +1,70 @@
+"""``mdeploy``: one entry point, one subcommand per stage.
+
+Every subcommand lives in ``pipeline/commands/<name>.py`` with ``add_parser(sub)``
+(which sets ``func``) so a new stage is one new module plus one name below.
+Errors: ``InputError`` (bad user input) -> one line on stderr, exit 2; with
+``--debug`` the traceback too. Anything else is a bug and shows its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+COMMANDS = ("run", "doctor", "models", "train", "export", "verify")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (no usage dump) and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("global options")
+    g.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show tracebacks on errors")
+    g.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="no progress or chatter")
+    g.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                   help="print one machine-readable JSON document on stdout")
+    parser = _Parser(prog="mdeploy", parents=[common],
+                     description="Deploy PyTorch vision models to phones: export, quantize, "
+                                 "verify parity, profile.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name in COMMANDS:
+        mod = importlib.import_module(f"pipeline.commands.{name}")
+        mod.add_parser(sub, common)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for flag in ("debug", "quiet", "json"):
+        if not hasattr(args, flag):
+            setattr(args, flag, False)
+    from models.errors import InputError
+    from pipeline.ui import UI
+    ui = UI(quiet=args.quiet, json_mode=args.json, debug=args.debug)
+    try:
+        code = args.func(args, ui)
+    except InputError as exc:
+        if args.debug:
+            raise
+        ui.error(str(exc))
+        return 2
+    except KeyboardInterrupt:
+        ui.error("interrupted")
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""`mdeploy models`: every registered architecture with its params, MACs and input size."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("models", parents=[common], help="list the model zoo with params and MACs")
+    p.add_argument("pattern", nargs="?", help="fnmatch filter, e.g. 'mobilenet*'")
+    p.add_argument("--input-size", type=int, help="count MACs at this resolution instead of each model's default")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace, ui) -> int:
+    from rich.table import Table
+
+    from models import create_model, list_models, model_entry
+    from models.complexity import count_complexity
+
+    rows = []
+    names = list_models(args.pattern)
+    with ui.progress() as prog:
+        task = prog.add_task("counting", total=len(names), status="")
+        for name in names:
+            entry = model_entry(name)
+            size = args.input_size or entry.input_size
+            prog.update(task, status=name)
+            c = count_complexity(create_model(name, num_classes=args.num_classes), size)
+            rows.append({"name": name, "family": entry.family, "params": c.params,
+                         "macs": c.macs, "input_size": size, "paper": entry.paper})
+            prog.advance(task)
+    if args.json:
+        ui.emit_json(rows)
+        return 0
+    table = Table(title=f"mdeploy model zoo ({len(rows)} models, {args.num_classes} classes)")
+    for col, just in (("name", "left"), ("family", "left"), ("params", "right"),
+                      ("MMACs", "right"), ("input", "right")):
+        table.add_column(col, justify=just)
+    for r in rows:
+        table.add_row(r["name"], r["family"], f"{r['params']:,}", f"{r['macs'] / 1e6:,.1f}",
+                      str(r["input_size"]))
+    ui.table(table)
+    return 0

@@ -1,0 +1,9 @@
+"""`mdeploy train` (placeholder until its module is written)."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("train", parents=[common], help="(not yet available)")
+    p.set_defaults(func=lambda args, ui: (ui.error("train is not implemented yet"), 1)[1])
