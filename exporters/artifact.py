@@ -95,9 +95,21 @@ class Preprocessing:
 
 
 @dataclass
+class ModelCard:
+    """What an app store / model viewer shows: written into TFLite and Core ML metadata."""
+
+    name: str
+    description: str = ""
+    version: str = "1.0"
+    author: str = ""
+    license: str = ""
+
+
+@dataclass
 class Manifest:
     model: str
     preprocessing: Preprocessing
+    card: ModelCard | None = None
     artifacts: list[Artifact] = field(default_factory=list)
     labels: list[str] | None = None
     source: dict[str, Any] = field(default_factory=dict)    # checkpoint, factory, reparam, ...
@@ -115,6 +127,8 @@ class Manifest:
     def from_dict(cls, d: dict[str, Any]) -> "Manifest":
         d = dict(d)
         d["preprocessing"] = Preprocessing(**d["preprocessing"])
+        if d.get("card"):
+            d["card"] = ModelCard(**d["card"])
         d["artifacts"] = [Artifact.from_dict(a) for a in d.get("artifacts", [])]
         return cls(**d)
 
