@@ -1,9 +1,99 @@
-"""`mdeploy train` (placeholder until its module is written)."""
+"""`mdeploy train MODEL --data mnist --epochs N --out DIR`: train on bundled or folder data.
+
+Runs under ``torchrun --nproc_per_node N`` unchanged (DDP over gloo on CPU).
+"""
 from __future__ import annotations
 
 import argparse
+import json
+
+
+def _kv(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, found {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("train", parents=[common], help="(not yet available)")
-    p.set_defaults(func=lambda args, ui: (ui.error("train is not implemented yet"), 1)[1])
+    from pipeline.stages.train import TrainConfig
+    d = TrainConfig()
+    p = sub.add_parser("train", parents=[common], help="train a zoo model on bundled or folder data",
+                       description="Train a registered model. DATA is a bundled set (mnist, digits) "
+                                   "or an ImageFolder-layout folder. Under torchrun it trains with DDP.")
+    p.add_argument("model", help="registered model name (see `mdeploy models`)")
+    p.add_argument("--data", default=d.data, help=f"mnist | digits | path to an image folder (default {d.data})")
+    p.add_argument("--out", required=True, help="output folder for model.safetensors and train_log.json")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default=d.optimizer)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    p.add_argument("--input-size", type=int, help="resize inputs to N x N (default: the data's size)")
+    p.add_argument("--train-samples", type=int, help="train on a stratified subset of N images")
+    p.add_argument("--no-augment", action="store_true", help="no random translation")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--model-arg", action="append", type=_kv, default=[], metavar="KEY=VALUE",
+                   help="keyword argument for the model factory (JSON value), e.g. width_mult=0.5")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output folder")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace):
+    from pydantic import ValidationError
+
+    from models.errors import InputError
+    from pipeline.stages.train import TrainConfig
+    try:
+        return TrainConfig(
+            model=args.model, model_kwargs=dict(args.model_arg), data=args.data,
+            input_size=args.input_size, epochs=args.epochs, batch_size=args.batch_size,
+            optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
+            label_smoothing=args.label_smoothing, train_samples=args.train_samples,
+            augment=not args.no_augment, seed=args.seed, threads=args.threads)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise InputError("train options", f"--{'-'.join(map(str, err['loc'])).replace('_', '-')} "
+                         f"{err['msg'].lower()}", repr(err.get("input"))) from None
+
+
+def run(args: argparse.Namespace, ui) -> int:
+    import os
+
+    from models import model_entry
+    from pipeline.stages.train import train
+    cfg = config_from_args(args)
+    model_entry(cfg.model)     # unknown name -> one-line error before any work
+    rank = int(os.environ.get("RANK", "0"))
+    quiet_rank = rank != 0
+    with ui.progress() as prog:
+        task = prog.add_task(f"training {cfg.model}", total=None, status="")
+
+        def on_progress(phase: str, step: int, total: int, info: dict) -> None:
+            if quiet_rank:
+                return
+            if phase == "train":
+                prog.update(task, completed=step, total=total,
+                            status=f"epoch {info['epoch']} loss {info['loss']:.3f}")
+            else:
+                ui.info(f"epoch {step}/{total}: train loss {info['train_loss']:.4f} "
+                        f"acc {info['train_acc']:.4f} | val loss {info['val_loss']:.4f} "
+                        f"acc {info['val_acc']:.4f} | {info['seconds']:.1f}s")
+
+        result = train(cfg, args.out, force=args.force, progress=on_progress)
+    if quiet_rank:
+        return 0
+    summary = {"checkpoint": str(result.checkpoint), "best_epoch": result.best_epoch,
+               "val_acc": result.best_val_acc, "test_acc": result.test_acc,
+               "world_size": result.world_size}
+    if args.json:
+        ui.emit_json(summary)
+    else:
+        ui.result(f"best epoch {result.best_epoch}: val acc {result.best_val_acc:.4f}, "
+                  f"held-out test acc {result.test_acc:.4f} -> {result.checkpoint}")
+    return 0
