@@ -1,0 +1,61 @@
+"""The one validated configuration file of ``mdeploy run`` (TOML or JSON).
+
+Every field has a default, so the built-in default run needs no file at all; a
+file only names what it changes. Unknown keys are errors (a typo must not be
+silently ignored), reported as one line with the file, the field and the value.
+"""
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from models.errors import InputError
+from pipeline.stages.train import TrainConfig
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ExportSection(_Section):
+    formats: list[str] = Field(default_factory=lambda: ["onnx", "tflite", "coreml"])
+    tflite_precisions: list[str] = Field(default_factory=lambda: ["fp32", "fp16", "int8", "int8-io"])
+    coreml_precisions: list[str] = Field(default_factory=lambda: ["fp32", "fp16", "int8w", "palette6"])
+    opset: int = 18
+    calib_samples: int = Field(200, ge=1)
+
+
+class VerifySection(_Section):
+    samples: int = Field(200, ge=1, description="held-out images run through every runtime")
+
+
+class RunConfig(_Section):
+    name: str = "default"
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(
+        model="mobilenet_v2", model_kwargs={"width_mult": 0.35}, data="mnist", epochs=5))
+    export: ExportSection = Field(default_factory=ExportSection)
+    verify: VerifySection = Field(default_factory=VerifySection)
+    stages: list[str] = Field(default_factory=lambda: ["train", "export", "verify", "report"])
+
+
+def load_config(path: str | Path | None) -> RunConfig:
+    if path is None:
+        return RunConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "a run configuration file (.toml or .json)", "no such file")
+    try:
+        raw: dict[str, Any] = (tomllib.loads(path.read_text()) if path.suffix == ".toml"
+                               else json.loads(path.read_text()))
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(path, "valid TOML or JSON", f"{type(exc).__name__}: {exc}") from None
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(map(str, err["loc"]))
+        raise InputError(path, f"{field}: {err['msg'].lower()}", repr(err.get("input"))[:80]) from None
