@@ -217,7 +217,7 @@ def _reset_hwm() -> bool:
 
 def random_input(shape: list[Any], dtype: Any, seed: int = 0) -> np.ndarray:
     """A fixed pseudo-random tensor in the model's own dtype (dynamic dims -> 1)."""
-    shape = [d if isinstance(d, int) and d > 0 else 1 for d in shape]
+    shape = [int(d) if isinstance(d, (int, np.integer)) and d > 0 else 1 for d in shape]
     rng = np.random.default_rng(seed)
     dt = np.dtype(dtype)
     if np.issubdtype(dt, np.integer):
