@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: run test test-zoo test-arm bench clean venv
+.PHONY: run test test-zoo test-arm arm-env test-deps bench clean venv
 
 $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,24 @@ test: $(STAMP)
 test-zoo: $(STAMP)
 	$(PY) -m pytest -m zoo -p no:cacheprovider
 
-test-arm: $(STAMP)
+# System packages need root (sudo is used when not root); the rest is built rootless-ish
+# into ~/.cache/mdeploy/aarch64 by `mdeploy doctor --fix arm` (debootstrap's download
+# step needs root too). About a minute on a fresh machine; a no-op when present.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+ARM_PKGS := qemu-user debootstrap gcc xz-utils
+
+arm-env: $(STAMP)
+	@command -v qemu-aarch64 >/dev/null && command -v gcc >/dev/null && command -v xz >/dev/null \
+	  && { command -v debootstrap >/dev/null || test -x /usr/sbin/debootstrap; } \
+	  || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $(ARM_PKGS); }
+	$(SUDO) $(VENV)/bin/mdeploy doctor --fix arm -q
+
+# openssh-server for tests/test_ssh_device.py (a loopback sshd the test starts itself)
+test-deps:
+	@command -v sshd >/dev/null || test -x /usr/sbin/sshd \
+	  || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q openssh-server openssh-client; }
+
+test-arm: $(STAMP) arm-env
 	$(PY) -m pytest -m arm
 
 bench: $(STAMP)

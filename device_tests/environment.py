@@ -75,6 +75,7 @@ def probe() -> list[Check]:
     qemu = shutil.which("qemu-aarch64") or shutil.which("qemu-aarch64-static")
     checks.append(Check("emulated ARM (qemu-aarch64)", qemu is not None, qemu or "not found",
                         "" if qemu else "apt-get install -y qemu-user qemu-user-static"))
+    checks.append(_aarch64_env_check())
     adb = shutil.which("adb")
     devices = adb_devices(adb) if adb else []
     checks.append(Check("Android over adb", bool(devices),
@@ -86,3 +87,15 @@ def probe() -> list[Check]:
     checks.append(Check("ARM Linux over ssh", ssh is not None, ssh or "ssh client not found",
                         "" if ssh else "apt-get install -y openssh-client"))
     return checks
+
+
+def _aarch64_env_check() -> Check:
+    """The emulated aarch64 Python, its runtime wheels and the instruction-count plugin."""
+    from device_tests.devices import aarch64_env as env
+    st = env.status()
+    if st.ready:
+        wheels = ", ".join(f"{k} {v}" for k, v in st.wheels.items())
+        return Check("aarch64 Python for qemu (runtimes + counter plugin)", True,
+                     f"Python {st.python}, {wheels} in {st.cache}")
+    return Check("aarch64 Python for qemu (runtimes + counter plugin)", False,
+                 "; ".join(st.problems()), f"{env.FIX_COMMAND}  (or: mdeploy doctor --fix arm)")
