@@ -1,0 +1,216 @@
+"""LiteRT (TFLite) interpreter from ``ai_edge_litert``, on this machine's CPU.
+
+Options (``LiteRTRunner(threads=2, xnnpack=False)``):
+
+* ``threads``: interpreter threads (default: LiteRT's own choice).
+* ``xnnpack``: ``True`` (default) applies the XNNPACK delegate as an app gets it;
+  ``False`` runs TFLite's builtin reference/optimized kernels only. A pair that passes
+  without XNNPACK and fails with it pins the divergence on the delegate's kernels.
+
+At its edge the runner converts layouts (the artifact's ``TensorSpec.layout``; NHWC
+tensors are transposed to and from NCHW) and quantized dtypes (int8/uint8 inputs are
+quantized and outputs dequantized with the tensor's own scale and zero point, read from
+the model), so callers pass and get float32 NCHW. The ``.tflite`` has a fixed batch of
+one; a batch of N is run as N invocations.
+
+Intermediates come from a second interpreter built with
+``experimental_preserve_all_tensors=True`` and **without** XNNPACK: tensors inside a
+delegated partition are never materialised, so the builtin kernels are the only way to
+see every layer. Quantized intermediates are dequantized; 4-D ones (NHWC inside the
+graph, ``artifact.extra["intermediate_layout"]``) are returned NCHW.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device_tests.runners.base import Runner, dequantize_array, nchw_to_nhwc, nhwc_to_nchw, quantize_array
+from exporters.artifact import Artifact, TensorSpec
+from models.errors import InputError
+
+
+def _interpreter_cls() -> Any:
+    try:
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    except ImportError:   # tflite-runtime as a fallback (broken on numpy 2, see TOOLCHAIN.md)
+        from tflite_runtime.interpreter import Interpreter, OpResolverType  # type: ignore
+    return Interpreter, OpResolverType
+
+
+def _litert_version() -> str:
+    from importlib import metadata
+    for dist in ("ai-edge-litert", "tflite-runtime"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return "?"
+
+
+class LiteRTRunner(Runner):
+    kind = "litert"
+    formats = ("tflite",)
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        threads = options.get("threads")
+        self.threads = int(threads) if threads else None
+        self.xnnpack = bool(options.get("xnnpack", True))
+        self.path: Path | None = None
+        self._model: bytes = b""
+        self._interp: Any = None
+        self._debug: Any = None
+        self._in: list[tuple[TensorSpec, dict[str, Any]]] = []
+        self._out: list[tuple[TensorSpec, dict[str, Any]]] = []
+
+    # -- loading ------------------------------------------------------------
+    def _make(self, *, debug: bool) -> Any:
+        Interpreter, OpResolverType = _interpreter_cls()
+        resolver = OpResolverType.AUTO if (self.xnnpack and not debug) else \
+            OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")   # "preserve_all_tensors is for debugging"
+                it = Interpreter(model_content=self._model, num_threads=self.threads,
+                                 experimental_op_resolver_type=resolver,
+                                 experimental_preserve_all_tensors=debug)
+            it.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            raise InputError(self.path, "a .tflite model LiteRT can load", " ".join(str(exc).split())[:240]) from None
+        return it
+
+    def load(self, artifact: Artifact, root: str | Path | None = None) -> None:
+        self.artifact = artifact
+        self.path = artifact.resolve(root) if root is not None else Path(artifact.path)
+        if not self.path.is_file():
+            raise InputError(self.path, "a .tflite model file", "no such file")
+        self._model = self.path.read_bytes()
+        self._interp = self._make(debug=False)
+        self._debug = None
+        self._in = _pair(self.path, artifact.inputs, self._interp.get_input_details(), "input")
+        self._out = _pair(self.path, artifact.outputs, self._interp.get_output_details(), "output")
+
+    @property
+    def label(self) -> str:
+        threads = self.threads or "auto"
+        return f"LiteRT {_litert_version()} (CPU, XNNPACK {'on' if self.xnnpack else 'off'}, threads={threads})"
+
+    # -- running ------------------------------------------------------------
+    def _batch(self, inputs: dict[str, np.ndarray]) -> tuple[int, list[np.ndarray]]:
+        arrays = []
+        for spec, _ in self._in:
+            if spec.name not in inputs:
+                raise InputError("inputs", f"a tensor named {spec.name!r}", f"{sorted(inputs)}")
+            x = np.asarray(inputs[spec.name], dtype=np.float32)
+            _check_shape(self.path, spec, x.shape)
+            arrays.append(x)
+        return len(arrays[0]), arrays
+
+    def _set_inputs(self, it: Any, arrays: list[np.ndarray], i: int) -> None:
+        for (spec, d), x in zip(self._in, arrays):
+            xi = x[i:i + 1]
+            if spec.layout == "NHWC":
+                xi = nchw_to_nhwc(xi)
+            dtype = np.dtype(d["dtype"])
+            if np.issubdtype(dtype, np.integer):
+                scale, zp = d["quantization"]
+                if not scale:
+                    raise InputError(self.path, f"a scale for the {dtype.name} input {spec.name!r}", "none")
+                xi = quantize_array(xi, scale, zp, dtype.name)
+            it.set_tensor(d["index"], np.ascontiguousarray(xi, dtype=dtype))
+
+    def _read(self, spec: TensorSpec, d: dict[str, Any], y: np.ndarray) -> np.ndarray:
+        if np.issubdtype(y.dtype, np.integer):
+            scale, zp = d["quantization"]
+            y = dequantize_array(y, scale, zp)
+        y = np.asarray(y, dtype=np.float32)
+        return nhwc_to_nchw(y) if spec.layout == "NHWC" else y
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        assert self._interp is not None, "load() first"
+        n, arrays = self._batch(inputs)
+        outs: dict[str, list[np.ndarray]] = {spec.name: [] for spec, _ in self._out}
+        for i in range(n):
+            self._set_inputs(self._interp, arrays, i)
+            self._interp.invoke()
+            for spec, d in self._out:
+                outs[spec.name].append(self._read(spec, d, self._interp.get_tensor(d["index"])))
+        return {k: np.concatenate(v) for k, v in outs.items()}
+
+    # -- intermediates ------------------------------------------------------
+    def intermediate_names(self) -> list[str]:
+        """Every op output with a numeric value, in execution order (graph inputs excluded)."""
+        from exporters.tflite_ops import graph_ops
+        if self._debug is None:
+            self._debug = self._make(debug=True)
+        details = {t["index"]: t for t in self._debug.get_tensor_details()}
+        names = []
+        for op in graph_ops(self._model):
+            for idx in op["outputs"]:
+                t = details.get(idx)
+                if t is not None and _is_activation(t):
+                    names.append(t["name"])
+        return names
+
+    def infer_intermediates(self, inputs: dict[str, np.ndarray],
+                            names: list[str] | None = None) -> dict[str, np.ndarray]:
+        assert self.artifact is not None, "load() first"
+        available = set(self.intermediate_names())
+        wanted = [n for n in (names if names is not None else self.intermediate_names()) if n in available]
+        if not wanted:
+            return {}
+        it = self._debug
+        by_name = {t["name"]: t for t in it.get_tensor_details()}
+        nhwc = self.artifact.extra.get("intermediate_layout", "NHWC") == "NHWC"
+        n, arrays = self._batch(inputs)
+        acc: dict[str, list[np.ndarray]] = {k: [] for k in wanted}
+        for i in range(n):
+            self._set_inputs(it, arrays, i)
+            it.invoke()
+            for name in wanted:
+                t = by_name[name]
+                v = it.get_tensor(t["index"])
+                if np.issubdtype(v.dtype, np.integer):
+                    v = dequantize_array(v, *t["quantization"])
+                v = np.asarray(v, dtype=np.float32)
+                acc[name].append(nhwc_to_nchw(v) if (nhwc and v.ndim == 4) else v)
+        return {k: np.concatenate(v) for k, v in acc.items()}
+
+    def close(self) -> None:
+        self._interp = None
+        self._debug = None
+        self._model = b""
+
+
+def _is_activation(t: dict[str, Any]) -> bool:
+    dtype = np.dtype(t["dtype"])
+    if np.issubdtype(dtype, np.floating):
+        return True
+    scale = t["quantization"][0]
+    return dtype in (np.int8, np.uint8, np.int16) and bool(scale)
+
+
+def _pair(path: Path | None, specs: list[TensorSpec], details: list[dict[str, Any]], what: str
+          ) -> list[tuple[TensorSpec, dict[str, Any]]]:
+    """Match the manifest's tensors to the interpreter's by name (by position if renamed)."""
+    if len(specs) != len(details):
+        raise InputError(path, f"{len(specs)} {what}s as the manifest says", f"{len(details)}")
+    by_name = {d["name"]: d for d in details}
+    if all(s.name in by_name for s in specs):
+        return [(s, by_name[s.name]) for s in specs]
+    return list(zip(specs, details))
+
+
+def _check_shape(path: Path | None, spec: TensorSpec, shape: tuple[int, ...]) -> None:
+    """Static dims (batch aside: batches run sample by sample) must match the NCHW array."""
+    want = list(spec.shape)
+    if spec.layout == "NHWC" and len(want) == 4:
+        want = [want[0], want[3], want[1], want[2]]
+    ok = len(want) == len(shape) and all(not isinstance(w, int) or i == 0 or w == s
+                                         for i, (w, s) in enumerate(zip(want, shape)))
+    if not ok:
+        shown = ", ".join(["N"] + [str(w) if isinstance(w, int) else "?" for w in want[1:]])
+        raise InputError(path, f"input {spec.name!r} of shape [{shown}] (NCHW)", f"shape {list(shape)}")
