@@ -12,7 +12,7 @@ import importlib
 import os
 import sys
 
-COMMANDS = ("run", "doctor", "models", "train", "export", "verify")
+COMMANDS = ("run", "doctor", "models", "train", "export", "verify", "profile")
 
 
 class _Parser(argparse.ArgumentParser):

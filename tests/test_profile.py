@@ -98,3 +98,74 @@ def test_coreml_and_unknown_formats_say_why(arts):
         measure("mlpackage", "x.mlpackage", runs=1, warmup=0, threads=None)
     with pytest.raises(NotProfilable):
         measure("pt", "x.safetensors", runs=1, warmup=0, threads=None)
+
+
+# -- the catalogue's roofline estimates ------------------------------------------------
+
+def test_roofline_is_the_max_of_its_cited_terms():
+    from device_tests.catalog import CATALOG, ESTIMATE_LABEL, estimate_model, min_bytes
+    macs, params, inp, out = 300_000_000, 3_500_000, 3 * 224 * 224, 1000
+    rows = estimate_model(macs, params, inp, out, "int8", ["raspberry-pi-5", "snapdragon-8-gen-2"])
+    pi = next(r for r in rows if r.device == "raspberry-pi-5")
+    spec = CATALOG["raspberry-pi-5"]
+    peak = spec.components[0].peak_ops["int8"].value
+    assert pi.compute_ms == pytest.approx(2 * macs / peak * 1e3)
+    assert pi.memory_ms == pytest.approx(min_bytes(params, inp, out, "int8") / spec.memory_bandwidth.value * 1e3)
+    assert pi.lower_bound_ms == max(pi.compute_ms, pi.memory_ms) and pi.label == ESTIMATE_LABEL
+    npu = next(r for r in rows if r.device == "snapdragon-8-gen-2" and r.component == "NPU")
+    assert npu.compute_ms is None and npu.lower_bound_ms == npu.memory_ms and "not published" in npu.bound
+
+
+def test_every_catalogue_figure_is_cited_or_marked_not_published():
+    from device_tests.catalog import CATALOG, NOT_PUBLISHED
+    for spec in CATALOG.values():
+        figures = [spec.memory_bandwidth] + [f for c in spec.components for f in c.peak_ops.values()]
+        for f in figures:
+            assert (f.value is None) == (f.source == NOT_PUBLISHED), (spec.key, f)
+            assert f.value is None or (f.value > 0 and len(f.source) > 10)
+
+
+def test_unknown_catalogue_device_is_input_error():
+    from device_tests.catalog import estimate_model
+    from models.errors import InputError
+    with pytest.raises(InputError, match="pixel-99"):
+        estimate_model(1, 1, 1, 1, "fp32", ["pixel-99"])
+
+
+# -- the CLI -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def export_dir(arts):
+    artifacts, folder = arts
+    h.save_manifest(folder, artifacts)
+    return folder
+
+
+def test_cli_profile_json(cli, export_dir):
+    code, out, err = cli("profile", str(export_dir), "--runs", "5", "--warmup", "1", "--threads", "1",
+                         "--artifacts", "onnx,tflite/int8", "--device", "local", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert [p["artifact"] for p in doc["profiles"]] == ["onnx/fp32", "tflite/int8"]
+    for p in doc["profiles"]:
+        assert p["latency"]["count"] == 5 and p["measured_on"].startswith("local")
+    assert doc["profiles"][0]["ops_by_type"] and doc["skipped"] == []
+
+
+def test_cli_profile_tables_and_skips(cli, export_dir, tmp_path):
+    code, out, err = cli("profile", str(export_dir), "--runs", "3", "--warmup", "0", "--threads", "1",
+                         "--artifacts", "tflite/fp32", "--device", "local",
+                         "--device", f"ssh://nobody@127.0.0.1:1?known_hosts={tmp_path / 'kh'}")
+    assert code == 0
+    assert "latency on local" in out and "3 timed runs after 1 + 0 warm-up" in out
+    assert "not profiled" in err and "ssh://nobody@127.0.0.1:1" in err
+
+
+@pytest.mark.parametrize("argv, found", [
+    (["--device", "phone"], "expected local | qemu-aarch64"),
+    (["--artifacts", "coreml/int4"], "expected artifact keys or formats"),
+    (["--runs", "0"], "runs >= 1"),
+])
+def test_cli_profile_bad_input_is_one_line_exit_2(cli, export_dir, argv, found):
+    code, out, err = cli("profile", str(export_dir), *argv)
+    assert code == 2 and found in err and len(err.strip().splitlines()) == 1
