@@ -236,3 +236,20 @@ def test_real_device(tflite_arts):
     (fp32, _), folder = tflite_arts
     p = AdbDevice(devices[0], benchmark_model=binary).profile(fp32, folder, runs=20, warmup=2)
     assert p.latency.count >= 20 and p.latency.mean_ms > 0 and p.device_info.get("android")
+
+
+def test_profile_stage_passes_delegate_options_and_skips_onnx(fake_adb, tflite_arts, monkeypatch):
+    """`mdeploy profile --device adb://... --use-gpu`: the stage reaches the same command flow;
+    an artifact benchmark_model cannot run is skipped with its reason."""
+    from pipeline.stages.profile import ProfileOptions, profile_folder
+    monkeypatch.setenv("FAKE_ADB_ON_DEVICE", "/data/local/tmp/mdeploy/benchmark_model")
+    arts, folder = tflite_arts
+    onnx_like = h.Artifact.from_dict({**arts[0].to_dict(), "format": "onnx", "path": arts[0].path})
+    h.save_manifest(folder, [*arts, onnx_like])
+    result = profile_folder(folder, ProfileOptions(devices=["adb://SERIAL1"], runs=64, warmup=1,
+                                                   artifacts=["tflite/fp32", "onnx"],
+                                                   adb_options={"use_gpu": True}))
+    assert [p.artifact for p in result.profiles] == ["tflite/fp32"]
+    assert [(s.artifact, "a .tflite artifact" in s.reason) for s in result.skipped] == [("onnx/fp32", True)]
+    run = next(c for c in fake_adb() if "--graph=" in c[-1])
+    assert "--use_gpu=true" in run[-1] and "--use_nnapi=false" in run[-1]

@@ -34,6 +34,11 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
                    help="comma-separated artifact keys or formats, e.g. tflite/int8,onnx "
                         "(default: every artifact but the PyTorch reference)")
     p.add_argument("--no-op-profile", action="store_true", help="skip the per-op breakdown")
+    adb = p.add_argument_group("adb:// devices (benchmark_model delegates)")
+    adb.add_argument("--use-gpu", action="store_true", help="--use_gpu=true")
+    adb.add_argument("--use-nnapi", action="store_true", help="--use_nnapi=true")
+    adb.add_argument("--use-xnnpack", choices=["true", "false"], default=None,
+                     help="--use_xnnpack=... (default: the binary's own default)")
     p.add_argument("--top", type=int, default=10, help="per-op rows to show (default 10)")
     p.add_argument("--estimate", type=_csv, default=None, metavar="DEVICES|all",
                    help="also show roofline lower-bound estimates for catalogued devices: "
@@ -45,7 +50,10 @@ def run(args: argparse.Namespace, ui) -> int:
     from pipeline.stages.profile import ProfileOptions, estimates_for_folder, profile_folder
     opts = ProfileOptions(devices=args.device or ["local"], runs=args.runs, warmup=args.warmup,
                           threads=args.threads, artifacts=args.artifacts,
-                          op_profile=not args.no_op_profile)
+                          op_profile=not args.no_op_profile,
+                          adb_options={"use_gpu": args.use_gpu, "use_nnapi": args.use_nnapi,
+                                       "use_xnnpack": None if args.use_xnnpack is None
+                                       else args.use_xnnpack == "true"})
     with ui.status("profiling"):
         result = profile_folder(args.folder, opts, progress=ui.info)
         if args.estimate:

@@ -29,6 +29,7 @@ class ProfileOptions:
     threads: int | None = None
     artifacts: list[str] | None = None          # artifact keys or formats; None = all but pt
     op_profile: bool = True
+    adb_options: dict[str, Any] = field(default_factory=dict)   # use_gpu, use_nnapi, use_xnnpack
 
 
 @dataclass
@@ -77,9 +78,11 @@ def profile_folder(folder: str | Path, opts: ProfileOptions,
     for device in devices:
         for art in artifacts:
             say(f"profiling {art.key} on {device.spec}")
+            extra = opts.adb_options if device.kind == "adb" else {}
             try:
                 result.profiles.append(device.profile(art, folder, runs=opts.runs, warmup=opts.warmup,
-                                                      threads=opts.threads, op_profile=opts.op_profile))
+                                                      threads=opts.threads, op_profile=opts.op_profile,
+                                                      **extra))
             except (NotProfilable, DeviceUnavailable, DeviceError) as exc:
                 result.skipped.append(Skipped(art.key, device.spec, " ".join(str(exc).split())[:400]))
     return result
