@@ -1,0 +1,229 @@
+"""ONNX Runtime on the CPU execution provider.
+
+Options (``OnnxRuntimeRunner(threads=2, graph_optimization_level="disable")``):
+
+* ``threads``: intra-op threads (default: ORT's own choice, one per core).
+* ``graph_optimization_level``: ``disable`` | ``basic`` | ``extended`` | ``all`` (default
+  ``all``, what an app gets). A pair that passes at ``disable`` and fails at ``all`` pins
+  the divergence on ORT's graph optimizer (a fusion or a layout transform), not on the
+  exported graph.
+
+Quantized models (QDQ with int8/uint8 inputs or outputs) are fed and read at the edge
+with the scale and zero point in the artifact's ``TensorSpec``, so callers always pass
+and get float32 NCHW. Intermediates are read by adding the wanted tensors as graph
+outputs to a copy of the model: note that ORT will not fuse a node whose output became
+a graph output, so the intermediate run can differ from the plain run in the last bits;
+the plain ``infer`` is what pass/fail is decided on.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device_tests.runners.base import (Runner, dequantize_array, nchw_to_nhwc, nhwc_to_nchw,
+                                       quantize_array)
+from exporters.artifact import Artifact, TensorSpec
+from models.errors import InputError
+
+OPT_LEVELS = ("disable", "basic", "extended", "all")
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+              "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(int16)": np.int16,
+              "tensor(uint16)": np.uint16, "tensor(int32)": np.int32, "tensor(int64)": np.int64}
+_VALUE_TYPES = (1, 2, 3, 4, 5, 10, 11)   # float, uint8, int8, uint16, int16, float16, double
+
+
+class OnnxRuntimeRunner(Runner):
+    kind = "onnxruntime"
+    formats = ("onnx",)
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        level = str(options.get("graph_optimization_level", "all")).lower()
+        if level not in OPT_LEVELS:
+            raise InputError("onnxruntime.graph_optimization_level", f"one of {', '.join(OPT_LEVELS)}",
+                             repr(level))
+        self.opt_level = level
+        threads = options.get("threads")
+        self.threads = int(threads) if threads else 0
+        self.path: Path | None = None
+        self.session: Any = None
+        self._proto: Any = None
+        self._extra_sessions: dict[tuple[str, ...], Any] = {}
+
+    # -- loading ------------------------------------------------------------
+    def _session_options(self) -> Any:
+        import onnxruntime as ort
+        so = ort.SessionOptions()
+        so.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[self.opt_level]
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3          # ORT's own warnings would print below pipeline/
+        return so
+
+    def _make_session(self, model: str | bytes) -> Any:
+        import onnxruntime as ort
+        try:
+            return ort.InferenceSession(model, self._session_options(),
+                                        providers=["CPUExecutionProvider"])
+        except Exception as exc:   # ORT raises its own Fail/InvalidProtobuf/... types
+            msg = " ".join(str(exc).split())[:240]
+            raise InputError(self.path, "an ONNX model that ONNX Runtime can load", msg) from None
+
+    def load(self, artifact: Artifact, root: str | Path | None = None) -> None:
+        self.artifact = artifact
+        self.path = artifact.resolve(root) if root is not None else Path(artifact.path)
+        if not self.path.is_file():
+            raise InputError(self.path, "an ONNX model file", "no such file")
+        self.session = self._make_session(str(self.path))
+        self._check_io_names()
+
+    def _check_io_names(self) -> None:
+        assert self.artifact is not None
+        have = {i.name for i in self.session.get_inputs()}
+        for spec in self.artifact.inputs:
+            if spec.name not in have:
+                raise InputError(self.path, f"an input named {spec.name!r} (as the manifest says)",
+                                 f"inputs {sorted(have)}")
+
+    @property
+    def label(self) -> str:
+        import onnxruntime as ort
+        threads = self.threads or "auto"
+        return f"onnxruntime {ort.__version__} (CPU EP, opt={self.opt_level}, threads={threads})"
+
+    # -- running ------------------------------------------------------------
+    def _feed(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        assert self.artifact is not None and self.session is not None, "load() first"
+        sess_inputs = {i.name: i for i in self.session.get_inputs()}
+        feed = {}
+        for spec in self.artifact.inputs:
+            if spec.name not in inputs:
+                raise InputError("inputs", f"a tensor named {spec.name!r}", f"{sorted(inputs)}")
+            x = np.asarray(inputs[spec.name], dtype=np.float32)
+            _check_shape(self.path, spec, x.shape)
+            if spec.layout == "NHWC":
+                x = nchw_to_nhwc(x)
+            want = _ORT_TYPES.get(sess_inputs[spec.name].type, np.float32)
+            if spec.quantized:
+                x = quantize_array(x, float(spec.scale), int(spec.zero_point or 0), np.dtype(want).name)
+            elif np.issubdtype(want, np.integer):
+                raise InputError(self.path, f"scale/zero point for the {np.dtype(want).name} input "
+                                 f"{spec.name!r} in the manifest", "none")
+            feed[spec.name] = x.astype(want, copy=False)
+        return feed
+
+    def _read(self, spec: TensorSpec | None, y: np.ndarray) -> np.ndarray:
+        if spec is not None and spec.quantized:
+            y = dequantize_array(y, float(spec.scale), int(spec.zero_point or 0))
+        y = np.asarray(y, dtype=np.float32)
+        if spec is not None and spec.layout == "NHWC":
+            y = nhwc_to_nchw(y)
+        return y
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        assert self.artifact is not None
+        names = [o.name for o in self.session.get_outputs()]
+        values = self.session.run(names, self._feed(inputs))
+        specs = {s.name: s for s in self.artifact.outputs}
+        return {n: self._read(specs.get(n), v) for n, v in zip(names, values)}
+
+    # -- intermediates ------------------------------------------------------
+    def _model_proto(self) -> Any:
+        if self._proto is None:
+            import onnx
+
+            from exporters.onnx import load_onnx
+            proto = load_onnx(self.path)
+            try:   # value_info gives the types of the tensors we will expose
+                proto = onnx.shape_inference.infer_shapes(proto)
+            except Exception:  # a model shape inference cannot handle still runs
+                pass
+            self._proto = proto
+        return self._proto
+
+    def intermediate_names(self) -> list[str]:
+        """Outputs of every node with a numeric tensor type, in graph (topological) order."""
+        proto = self._model_proto()
+        types = _elem_types(proto)
+        graph_inputs = {i.name for i in proto.graph.input}
+        return [o for n in proto.graph.node for o in n.output
+                if o and o not in graph_inputs and types.get(o) in _VALUE_TYPES]
+
+    def infer_intermediates(self, inputs: dict[str, np.ndarray],
+                            names: list[str] | None = None) -> dict[str, np.ndarray]:
+        import onnx
+        available = self.intermediate_names()
+        wanted = tuple(n for n in (names if names is not None else available) if n in set(available))
+        if not wanted:
+            return {}
+        session = self._extra_sessions.get(wanted)
+        if session is None:
+            proto = onnx.ModelProto()
+            proto.CopyFrom(self._model_proto())
+            types = _elem_types(proto)
+            present = {o.name for o in proto.graph.output}
+            for n in wanted:
+                if n not in present:
+                    proto.graph.output.append(onnx.helper.make_tensor_value_info(n, types[n], None))
+            session = self._make_session(proto.SerializeToString())
+            self._extra_sessions = {wanted: session}      # keep one: they hold a model copy
+        values = session.run(list(wanted), self._feed(inputs))
+        qparams = _quantize_params(self._model_proto())
+        out = {}
+        for n, v in zip(wanted, values):
+            if np.issubdtype(v.dtype, np.integer):
+                if n not in qparams:
+                    continue                                  # an index/shape tensor, not an activation
+                v = dequantize_array(v, *qparams[n])
+            out[n] = np.asarray(v, dtype=np.float32)
+        return out
+
+    def close(self) -> None:
+        self.session = None
+        self._proto = None
+        self._extra_sessions = {}
+
+
+def _check_shape(path: Path | None, spec: TensorSpec, shape: tuple[int, ...]) -> None:
+    """Static dims of the artifact's input must match the (NCHW) array given."""
+    want = list(spec.shape)
+    if spec.layout == "NHWC" and len(want) == 4:
+        want = [want[0], want[3], want[1], want[2]]
+    ok = len(want) == len(shape) and all(not isinstance(w, int) or w == s for w, s in zip(want, shape))
+    if not ok:
+        shown = [w if isinstance(w, int) else "N" for w in want]
+        raise InputError(path, f"input {spec.name!r} of shape {shown} (NCHW)", f"shape {list(shape)}")
+
+
+def _elem_types(proto: Any) -> dict[str, int]:
+    g = proto.graph
+    return {v.name: v.type.tensor_type.elem_type
+            for v in list(g.value_info) + list(g.output) + list(g.input) if v.type.HasField("tensor_type")}
+
+
+def _quantize_params(proto: Any) -> dict[str, tuple[float, int]]:
+    """Scale and zero point of every QuantizeLinear output with per-tensor parameters."""
+    from onnx import numpy_helper
+    inits = {t.name: t for t in proto.graph.initializer}
+    consts = {n.output[0]: next((a.t for a in n.attribute if a.name == "value"), None)
+              for n in proto.graph.node if n.op_type == "Constant"}
+
+    def value(name: str) -> np.ndarray | None:
+        t = inits.get(name) or consts.get(name)
+        return None if t is None else numpy_helper.to_array(t)
+
+    out = {}
+    for n in proto.graph.node:
+        if n.op_type != "QuantizeLinear" or len(n.input) < 2:
+            continue
+        scale = value(n.input[1])
+        zp = value(n.input[2]) if len(n.input) > 2 and n.input[2] else np.zeros((), np.int64)
+        if scale is not None and zp is not None and scale.size == 1 and zp.size == 1:
+            out[n.output[0]] = (float(scale.reshape(())), int(zp.reshape(())))
+    return out

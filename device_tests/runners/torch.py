@@ -1,0 +1,117 @@
+"""The reference runner: the PyTorch model itself, eager, float32, on CPU.
+
+It loads the ``pt`` artifact that ``mdeploy export`` writes (the weights as safetensors
+with the metadata that rebuilds the architecture), so ``verify`` needs nothing outside
+the export folder except, for a ``file.py:factory`` model, that file.
+
+Intermediates are the outputs of every module, captured by forward hooks and keyed by
+module call key (``exporters/layer_map.py``): the path for the first call, ``path#k``
+for the k-th later call. Hooks clone what they capture: an in-place activation
+(``ReLU(inplace=True)``) would otherwise overwrite the convolution output it follows.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from device_tests.runners.base import Runner
+from exporters.artifact import Artifact
+from exporters.layer_map import call_key
+
+
+class TorchRunner(Runner):
+    kind = "torch"
+    formats = ("pt",)
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.model: torch.nn.Module | None = None
+        self.meta: dict[str, Any] = {}
+        self._names: list[str] | None = None
+
+    @classmethod
+    def from_module(cls, model: torch.nn.Module, artifact: Artifact) -> "TorchRunner":
+        """Wrap a model already in memory (tests, the export stage) instead of a file."""
+        runner = cls()
+        runner.model = model.eval()
+        runner.artifact = artifact
+        return runner
+
+    def load(self, artifact: Artifact, root: str | Path | None = None) -> None:
+        from models.checkpoint import build_model
+        path = artifact.resolve(root) if root is not None else Path(artifact.path)
+        self.model, self.meta = build_model(None, checkpoint=path)
+        self.artifact = artifact
+
+    @property
+    def label(self) -> str:
+        return f"torch {torch.__version__} (eager, CPU)"
+
+    def _input(self, inputs: dict[str, np.ndarray]) -> torch.Tensor:
+        if len(inputs) != 1:
+            raise ValueError(f"the torch runner feeds one input tensor, got {len(inputs)}")
+        return torch.from_numpy(np.ascontiguousarray(next(iter(inputs.values())), dtype=np.float32))
+
+    def _names_out(self, n: int) -> list[str]:
+        specs = self.artifact.outputs if self.artifact else []
+        return [specs[i].name if i < len(specs) else f"output_{i}" for i in range(n)]
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        assert self.model is not None, "load() first"
+        from exporters.onnx import flatten_outputs
+        with torch.inference_mode():
+            outs = flatten_outputs(self.model(self._input(inputs)))
+        return {n: o.float().numpy() for n, o in zip(self._names_out(len(outs)), outs)}
+
+    def intermediate_names(self) -> list[str]:
+        """Module call keys in execution order (found by one forward on a zero input)."""
+        if self._names is None:
+            assert self.model is not None and self.artifact is not None, "load() first"
+            shape = [d if isinstance(d, int) else 1 for d in self.artifact.inputs[0].shape]
+            keys: list[str] = []
+            self._run_hooked({self.artifact.inputs[0].name: np.zeros(shape, np.float32)},
+                             lambda key, out: keys.append(key))
+            self._names = keys
+        return list(self._names)
+
+    def infer_intermediates(self, inputs: dict[str, np.ndarray],
+                            names: list[str] | None = None) -> dict[str, np.ndarray]:
+        wanted = set(names) if names is not None else None
+        found: dict[str, np.ndarray] = {}
+
+        def keep(key: str, out: torch.Tensor) -> None:
+            if wanted is None or key in wanted:
+                found[key] = out.detach().float().clone().numpy()
+
+        self._run_hooked(inputs, keep)
+        return found
+
+    def _run_hooked(self, inputs: dict[str, np.ndarray], sink) -> None:
+        assert self.model is not None, "load() first"
+        calls: dict[str, int] = {}
+        handles = []
+
+        def make_hook(path: str):
+            def hook(_mod: torch.nn.Module, _args: Any, out: Any) -> None:
+                if not isinstance(out, torch.Tensor):   # tuples/dicts: nothing to map
+                    return
+                i = calls.get(path, 0)
+                calls[path] = i + 1
+                sink(call_key(path, i), out)
+            return hook
+
+        for path, mod in self.model.named_modules():
+            if path:                                     # the root's output is the graph output
+                handles.append(mod.register_forward_hook(make_hook(path)))
+        try:
+            with torch.inference_mode():
+                self.model(self._input(inputs))
+        finally:
+            for h in handles:
+                h.remove()
+
+    def close(self) -> None:
+        self.model = None

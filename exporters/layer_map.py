@@ -1,0 +1,94 @@
+"""Which tensor of an artifact is the output of which PyTorch module: the layer map.
+
+The first-divergent-layer search (``device_tests/divergence.py``) compares a target
+runtime's intermediate tensors with PyTorch forward-hook outputs. It needs, for each
+artifact, ``artifact.extra["layer_map"]``: a dict *artifact tensor name -> module
+call key*. Every exporter records one in this format.
+
+A **module call key** is the module's path in ``model.named_modules()`` (``"features.3.conv.1"``)
+for its first call in a forward pass, and ``"<path>#<k>"`` for its k-th later call (a
+module applied twice, e.g. one ``self.relu`` reused, has two outputs to compare). The
+root module (path ``""``) is never a key: the graph outputs are compared already.
+
+For ONNX from ``torch.onnx.export(dynamo=True)``, each node carries the module scope it
+came from in ``metadata_props["pkg.torch.onnx.name_scopes"]`` (e.g. ``['', 'stem',
+'stem.1', 'conv2d']``). A tensor is the output of module M when a node inside M's scope
+produces it and a node outside M's scope (or the graph output) consumes it; if it leaves
+several nested modules at once (a ``Sequential`` and its last child), the innermost one
+names it, since that is the module a user would edit. Fused nodes keep the scope of the
+last op they replace (Conv+BatchNorm folded -> the BatchNorm), so a folded BatchNorm's
+output is compared, the bare convolution before it has no tensor to compare, and is
+simply absent from the map.
+"""
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from typing import Any
+
+NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+
+
+def call_key(path: str, index: int) -> str:
+    """The key of the ``index``-th call (0-based) of the module at ``path``."""
+    return path if index == 0 else f"{path}#{index}"
+
+
+def split_call_key(key: str) -> tuple[str, int]:
+    path, sep, idx = key.rpartition("#")
+    if sep and idx.isdigit():
+        return path, int(idx)
+    return key, 0
+
+
+def _scope_chain(node: Any) -> list[str] | None:
+    """Module paths enclosing ``node``, outermost first, root excluded; None if unknown."""
+    for prop in node.metadata_props:
+        if prop.key == NAME_SCOPES_KEY:
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return None
+            # The last element is the op itself, the first the root module ("").
+            return [s for s in scopes[:-1] if s]
+    return None
+
+
+def layer_map_from_onnx(model: Any) -> dict[str, str]:
+    """Tensor name -> module call key for an ONNX ``ModelProto`` exported by dynamo.
+
+    Returns an empty dict for a model without scope metadata (e.g. from the TorchScript
+    exporter or a third-party file); divergence search then reports nothing to match.
+    """
+    graph = model.graph
+    chains: dict[str, list[str]] = {}          # tensor -> scope chain of its producer
+    order: list[str] = []                      # produced tensors, in node (topological) order
+    consumers: dict[str, list[list[str]]] = defaultdict(list)
+    for node in graph.node:
+        chain = _scope_chain(node)
+        for name in node.input:
+            if name:
+                consumers[name].append(chain if chain is not None else [])
+        if chain is None:
+            continue
+        for name in node.output:
+            if name:
+                chains[name] = chain
+                order.append(name)
+    for out in graph.output:
+        consumers[out.name].append([])         # the graph's caller is outside every module
+
+    counts: dict[str, int] = defaultdict(int)
+    result: dict[str, str] = {}
+    for tensor in order:
+        chain = chains[tensor]
+        users = consumers.get(tensor, [])
+        if not chain or not users:
+            continue
+        # Innermost module that this tensor leaves: some consumer is not inside it.
+        owner = next((m for m in reversed(chain) if any(m not in u for u in users)), None)
+        if owner is None:
+            continue
+        result[tensor] = call_key(owner, counts[owner])
+        counts[owner] += 1
+    return result

@@ -1,0 +1,264 @@
+"""PyTorch -> ONNX through ``torch.onnx.export(dynamo=True)``, checked before it is kept.
+
+Why the dynamo exporter: it is the supported path in torch 2.x (the TorchScript one is
+frozen), it emits opset 18 cleanly, folds BatchNorm into the convolution, and records
+for every node the module scope it came from; that scope is what lets the parity check
+name the PyTorch module behind a diverging ONNX tensor (``exporters/layer_map.py``).
+
+Names are part of the contract and stable: one input ``"input"`` (float32 NCHW) and one
+output ``"logits"`` (float32, ``[batch, classes]``); a model with several outputs gets
+``"logits"``, ``"output_1"``, ``"output_2"``, ... With ``dynamic_batch`` the first
+dimension is the symbol ``"batch"``; every other dimension is fixed at export.
+
+A file is written only after ``onnx.checker.check_model(full_check=True)`` (which also
+runs strict shape inference) accepts it; the saved graph carries the inferred shapes
+(``value_info``) so that runners can expose any intermediate tensor with its type.
+Weights are embedded; only a model over protobuf's 2 GB limit gets an external data file,
+``<name>.data`` beside the ``.onnx``, referenced by a relative path inside the folder.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from exporters.artifact import Artifact, TensorSpec, sha256_of, size_of
+from exporters.fileio import atomic_write_bytes
+from exporters.layer_map import NAME_SCOPES_KEY, layer_map_from_onnx
+from models.errors import InputError
+
+DEFAULT_OPSET = 18
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+BATCH_DIM = "batch"
+_PROTOBUF_LIMIT = 2_000_000_000 - 64_000_000   # headroom for the graph itself
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter logs warnings (torchvision ops it skips, FutureWarnings) and, when
+    tracing fails, dumps whole FX graphs to stderr; below ``pipeline/`` nothing prints,
+    and the failure itself becomes one ``InputError`` line. Logging is muted for the
+    duration (process-wide: an export is not concurrent with other work here)."""
+    import io
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def _example_input(input_shape: Sequence[int], dynamic_batch: bool) -> torch.Tensor:
+    shape = list(input_shape)
+    if dynamic_batch and shape[0] == 1:
+        # torch.export specialises size-1 dimensions; trace with 2 so "batch" stays symbolic.
+        shape[0] = 2
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(*shape, generator=gen)
+
+
+def _output_names(n: int, output_name: str) -> list[str]:
+    return [output_name] + [f"output_{i}" for i in range(1, n)]
+
+
+def _layout(ndim: int) -> str:
+    return {4: "NCHW", 2: "NC"}.get(ndim, "ANY")
+
+
+def flatten_outputs(out: Any) -> list[torch.Tensor]:
+    """The tensors of a model's output in the order the exporter numbers graph outputs
+    (nested tuples/lists/dicts depth-first)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in flatten_outputs(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in flatten_outputs(o)]
+    return []
+
+
+def export_onnx(model: nn.Module, out_path: str | Path, input_shape: Sequence[int], *,
+                opset: int = DEFAULT_OPSET, dynamic_batch: bool = False, simplify: bool = False,
+                input_name: str = INPUT_NAME, output_name: str = OUTPUT_NAME) -> Artifact:
+    """Export ``model`` (any ``nn.Module`` taking one NCHW tensor) to ``out_path``.
+
+    ``input_shape`` is ``(N, C, H, W)``; N is the fixed batch unless ``dynamic_batch``.
+    The returned ``Artifact.path`` is the file name: the caller's export folder is the
+    file's folder. ``extra`` records the opset, the export time and the ``layer_map``.
+    A model that ``torch.export`` cannot trace raises ``InputError`` naming the cause.
+    """
+    import onnx
+
+    out_path = Path(out_path)
+    if len(input_shape) != 4:
+        raise InputError("input shape", "(N, C, H, W)", repr(tuple(input_shape)))
+    model = model.eval()
+    x = _example_input(input_shape, dynamic_batch)
+    with torch.no_grad():
+        outputs = flatten_outputs(model(x))
+    if not outputs:
+        raise InputError(type(model).__name__, "a model returning tensors", "no tensor output")
+    out_names = _output_names(len(outputs), output_name)
+    dyn = ({0: torch.export.Dim(BATCH_DIM, min=1, max=4096)},) if dynamic_batch else None
+
+    t0 = time.perf_counter()
+    try:
+        with _quiet_exporter(), torch.no_grad():
+            program = torch.onnx.export(model, (x,), dynamo=True, opset_version=max(opset, DEFAULT_OPSET),
+                                        input_names=[input_name], output_names=out_names,
+                                        dynamic_shapes=dyn, optimize=True, verbose=False)
+    except Exception as exc:  # torch.export / onnxscript raise many types
+        raise InputError(type(model).__name__, "a model torch.onnx.export(dynamo=True) can export",
+                         _one_line(exc)) from exc
+    proto = program.model_proto
+    layer_map = layer_map_from_onnx(proto)
+    _strip_node_metadata(proto)
+    if opset < DEFAULT_OPSET:
+        proto = _downgrade(proto, opset)
+    if simplify:
+        proto = _simplify(proto)
+    names = {o for n in proto.graph.node for o in n.output}
+    layer_map = {t: m for t, m in layer_map.items() if t in names}
+    proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    proto.producer_name = "mdeploy (torch.onnx dynamo)"
+    export_seconds = time.perf_counter() - t0
+
+    _save_checked(proto, out_path)
+
+    in_shape: list[int | str] = list(input_shape)
+    if dynamic_batch:
+        in_shape[0] = BATCH_DIM
+    out_specs = []
+    for name, t in zip(out_names, outputs):
+        shape: list[int | str] = list(t.shape)
+        if dynamic_batch and shape:
+            shape[0] = BATCH_DIM
+        out_specs.append(TensorSpec(name, shape, "float32", _layout(t.ndim)))
+    return Artifact(
+        path=out_path.name, format="onnx", precision="fp32",
+        inputs=[TensorSpec(input_name, in_shape, "float32", "NCHW")], outputs=out_specs,
+        sha256=sha256_of(out_path), size_bytes=_size_with_data(out_path),
+        tool="torch.onnx.export(dynamo=True)", tool_version=torch.__version__,
+        extra={"opset": opset, "dynamic_batch": dynamic_batch, "simplified": simplify,
+               "onnx_version": onnx.__version__, "export_seconds": round(export_seconds, 3),
+               "external_data": _data_file(out_path).exists(), "layer_map": layer_map},
+    )
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: first line`` of an exporter error and of its cause (the cause says why)."""
+    import re
+
+    def first(e: BaseException) -> str:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+        return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
+
+    cause = exc.__cause__ or exc.__context__
+    return first(exc) + (f" (cause: {first(cause)})" if cause is not None else "")
+
+
+def _downgrade(proto: Any, opset: int) -> Any:
+    """Opsets below 18: the dynamo exporter only writes 18+, so convert with ONNX's version
+    converter (tensor names survive, so the layer map does). Some ops have no adapter
+    (ReduceMean 18 -> 17 fails in onnx 1.23): then say so rather than keep 18 silently,
+    which is what ``torch.onnx.export`` itself does."""
+    import onnx
+    from onnx import version_converter
+    try:
+        converted = version_converter.convert_version(proto, opset)
+        onnx.checker.check_model(converted, full_check=True)
+    except Exception as exc:  # RuntimeError from the C++ adapters, ValidationError
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise InputError("opset", f"an opset this model converts to ({DEFAULT_OPSET} or later always "
+                         "works)", f"{opset}: {first}") from None
+    return converted
+
+
+def _simplify(proto: Any) -> Any:
+    """onnxsim: constant folding and redundant-node removal, checked by onnxsim itself on
+    random inputs; a failed check keeps the unsimplified graph out of the folder."""
+    import io
+
+    import onnxsim
+    with _quiet_exporter(), contextlib.redirect_stdout(io.StringIO()):   # it prints progress
+        simplified, ok = onnxsim.simplify(proto, check_n=1)
+    if not ok:
+        raise RuntimeError("onnxsim produced a graph whose outputs differ from the original")
+    return simplified
+
+
+def _strip_node_metadata(proto: Any) -> None:
+    """Drop the exporter's per-node stack traces and FX dumps: they hold the exporting
+    machine's file paths (nothing to ship to an app) and triple a small model's size.
+    The module scopes stay, so the layer map can be rebuilt from the file alone."""
+    for node in proto.graph.node:
+        keep = [(p.key, p.value) for p in node.metadata_props if p.key in _KEPT_NODE_METADATA]
+        del node.metadata_props[:]
+        for k, v in keep:
+            entry = node.metadata_props.add()
+            entry.key, entry.value = k, v
+
+
+_KEPT_NODE_METADATA = (NAME_SCOPES_KEY, "pkg.torch.onnx.class_hierarchy")
+
+
+def _data_file(onnx_path: Path) -> Path:
+    return onnx_path.with_name(onnx_path.name + ".data")
+
+
+def _size_with_data(onnx_path: Path) -> int:
+    data = _data_file(onnx_path)
+    return size_of(onnx_path) + (size_of(data) if data.exists() else 0)
+
+
+def _save_checked(proto: Any, out_path: Path) -> None:
+    """Check, then write atomically; over 2 GB, weights go to ``<name>.data`` beside it."""
+    import onnx
+    weight_bytes = sum(int(np.prod(t.dims)) * 4 for t in proto.graph.initializer)
+    if weight_bytes < _PROTOBUF_LIMIT:
+        onnx.checker.check_model(proto, full_check=True)
+        atomic_write_bytes(out_path, proto.SerializeToString())
+        return
+    # Too large for one protobuf: save into a temporary sibling folder under the final
+    # names (the .onnx refers to its data file by name), check from disk, move both in.
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
+    try:
+        staged = tmp / out_path.name
+        onnx.save_model(proto, staged, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=_data_file(out_path).name, size_threshold=1024)
+        onnx.checker.check_model(str(staged), full_check=True)
+        os.replace(tmp / _data_file(out_path).name, _data_file(out_path))
+        os.replace(staged, out_path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_onnx(path: str | Path, *, load_weights: bool = True) -> Any:
+    """Read an ONNX file; a missing, truncated or foreign file is an ``InputError``.
+
+    External data is only read from inside the model's folder (``onnx.load`` refuses
+    locations that escape it, and ``checker`` is not needed to enforce that).
+    """
+    import onnx
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "an ONNX model file", "no such file")
+    try:
+        return onnx.load(str(path), load_external_data=load_weights)
+    except Exception as exc:  # DecodeError, ValidationError, OSError
+        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise InputError(path, "a valid ONNX model", f"{type(exc).__name__}: {msg}".rstrip(": ")) from None
