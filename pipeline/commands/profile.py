@@ -19,11 +19,11 @@ def _csv(text: str) -> list[str]:
 
 
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
-    from device_tests.catalog import CATALOG
-    from device_tests.devices import SPEC_FORMS
+    from device_tests.catalog import CATALOG       # light: no runtime or torch import at parse time
     p = sub.add_parser("profile", parents=[common], help="latency, memory and per-op time on devices",
                        description="Profile each artifact of an export folder on one or more devices. "
-                                   f"Devices: {SPEC_FORMS}.")
+                                   "Devices: local | qemu-aarch64[:CPU] | adb://SERIAL[?benchmark_model=PATH] "
+                                   "| ssh://[user@]host[:port][?python=PATH&identity=KEY&known_hosts=FILE].")
     p.add_argument("folder", help="an export folder (with manifest.json)")
     p.add_argument("--device", action="append", default=None, metavar="SPEC",
                    help="where to profile (repeatable; default: local)")
