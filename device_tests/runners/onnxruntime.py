@@ -197,8 +197,8 @@ def _check_shape(path: Path | None, spec: TensorSpec, shape: tuple[int, ...]) ->
         want = [want[0], want[3], want[1], want[2]]
     ok = len(want) == len(shape) and all(not isinstance(w, int) or w == s for w, s in zip(want, shape))
     if not ok:
-        shown = [w if isinstance(w, int) else "N" for w in want]
-        raise InputError(path, f"input {spec.name!r} of shape {shown} (NCHW)", f"shape {list(shape)}")
+        shown = ", ".join(str(w) if isinstance(w, int) else "N" for w in want)
+        raise InputError(path, f"input {spec.name!r} of shape [{shown}] (NCHW)", f"shape {list(shape)}")
 
 
 def _elem_types(proto: Any) -> dict[str, int]:

@@ -1,0 +1,111 @@
+"""First-divergent-layer search: which layer's output first leaves the tolerance.
+
+Runtime-independent by construction: it needs from each side only the ``Runner``
+interface (``intermediate_names()`` in execution order, ``infer_intermediates()``) and a
+*layer map* from that runner's tensor names to PyTorch module call keys
+(``exporters/layer_map.py``), found in ``runner.artifact.extra["layer_map"]``. A runner
+whose artifact has no layer map (the torch runner) is taken to name its intermediates by
+module call key already. So the same search works for torch vs ONNX Runtime, torch vs
+LiteRT, ONNX fp32 vs ONNX int8, and any runtime added later, with no ``if`` on kinds.
+
+The layers compared are those both sides can expose (a Conv folded into its BatchNorm
+has no tensor of its own; the BatchNorm does), walked in the target's execution order.
+Each gets the ``error_metrics`` of the comparator; a layer fails when it breaks the
+per-layer criteria of the pair's ``Tolerance`` (range-relative error for fp32, SNR for
+quantized). The first failing layer is *the first divergent layer*: its PyTorch module
+path and its tensor name in the artifact are what a user needs to find the cause. When
+no single layer fails although the outputs do, the error accumulates gradually (e.g.
+fp16 over a deep net): the per-layer curve (``layers``) shows where it grows.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from device_tests.compare import LayerError, Tolerance, error_metrics, feed_for
+from device_tests.runners.base import Runner
+
+
+@dataclass
+class Divergence:
+    """The per-layer error curve of one pair, and its first failing layer (if any)."""
+
+    layers: list[LayerError] = field(default_factory=list)
+    first: LayerError | None = None
+    samples: int = 0
+    note: str = ""
+
+    def summary(self) -> dict[str, Any] | None:
+        """The ``first_divergent`` entry of a ``PairReport``."""
+        if self.first is None:
+            return None
+        f = self.first
+        return {"layer": f.module, "tensor": f.tensor, "index": f.index, "max_abs": f.max_abs,
+                "max_rel": f.max_rel, "cosine": f.cosine, "snr_db": f.snr_db}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"first": self.summary(), "samples": self.samples, "note": self.note,
+                "layers": [asdict(x) for x in self.layers]}
+
+
+def layer_keys(runner: Runner) -> dict[str, str]:
+    """Module call key -> this runner's tensor name, for the tensors it can expose."""
+    available = runner.intermediate_names()
+    lmap = (runner.artifact.extra.get("layer_map") if runner.artifact is not None else None) or None
+    if lmap is None:
+        return {n: n for n in available}
+    have = set(available)
+    out: dict[str, str] = {}
+    for tensor, key in lmap.items():
+        if tensor in have and key not in out:
+            out[key] = tensor
+    return out
+
+
+def find_first_divergent(reference: Runner, target: Runner, inputs: Mapping[str, np.ndarray],
+                         tolerance: Tolerance) -> Divergence:
+    """Compare every matched layer of ``target`` against ``reference`` on ``inputs``."""
+    ref_keys = layer_keys(reference)
+    tgt_keys = layer_keys(target)
+    tensor_to_key = {t: k for k, t in tgt_keys.items()}
+    order = [t for t in target.intermediate_names() if t in tensor_to_key and tensor_to_key[t] in ref_keys]
+    samples = len(next(iter(inputs.values()))) if inputs else 0
+    if not order:
+        has_map = bool(target.artifact is not None and target.artifact.extra.get("layer_map"))
+        why = ("no layer of the target matches a module of the reference" if has_map
+               else "the target's artifact records no layer map (extra['layer_map'])")
+        return Divergence(samples=samples, note=f"no layers to compare: {why}")
+    ref_vals = reference.infer_intermediates(feed_for(reference, inputs),
+                                             [ref_keys[tensor_to_key[t]] for t in order])
+    tgt_vals = target.infer_intermediates(feed_for(target, inputs), order)
+
+    div = Divergence(samples=samples)
+    skipped = 0
+    for tensor in order:
+        key = tensor_to_key[tensor]
+        r, t = ref_vals.get(ref_keys[key]), tgt_vals.get(tensor)
+        if r is None or t is None or r.size != t.size:
+            skipped += 1
+            continue
+        m = error_metrics(r, t)
+        layer = LayerError(index=len(div.layers), module=key, tensor=tensor, shape=list(r.shape),
+                           max_abs=m["max_abs"], mean_abs=m["mean_abs"], max_rel=m["max_rel"],
+                           cosine=m["cosine"], snr_db=m["snr_db"], passed=tolerance.layer_passes(m))
+        div.layers.append(layer)
+        if div.first is None and not layer.passed:
+            div.first = layer
+    notes = []
+    if skipped:
+        notes.append(f"{skipped} matched layer(s) skipped (value missing or size differs)")
+    if div.first is None and div.layers:
+        notes.append("no single layer exceeds the per-layer tolerance: the error accumulates")
+    div.note = "; ".join(notes)
+    return div
+
+
+def worst_samples(ref: np.ndarray, out: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` samples whose outputs differ most: where to look for a cause."""
+    d = np.abs(np.asarray(out, np.float64) - np.asarray(ref, np.float64)).reshape(len(ref), -1).max(1)
+    return np.sort(np.argsort(-d, kind="stable")[:k])
