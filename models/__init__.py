@@ -12,7 +12,7 @@ import importlib as _importlib
 
 for _mod in (
     "densenet", "mixer", "mobilenet", "repvgg", "resnext", "shift", "shufflenet",
-    "squeezenet", "xception",
+    "sparse_shift", "squeezenet", "xception",
 ):
     try:
         _importlib.import_module(f"models.{_mod}")

@@ -12,6 +12,21 @@ Module names follow the authors' code (``stage0..4``, ``rbr_dense``,
 training-form and deploy-form checkpoints load as they are. The ``g2``/``g4``
 variants use grouped 3x3 and 1x1 convs on the layers the official code lists as
 ``optional_groupwise_layers`` (layer indices 2, 4, ..., 26; the stem is 0).
+
+``quant_friendly=True`` (or the ``qarepvgg_*`` names) builds QARepVGG blocks
+(Chu et al. 2022, "Make RepVGG Greater Again: A Quantization-aware Approach"):
+plain RepVGG loses badly under int8 post-training quantization (ImageNet
+RepVGG-A0: 72.4% fp32, 52.2% int8 PTQ; QARepVGG-A0: 72.2% / 70.4%, their Table 1
+and Fig. 1) because the identity and 1x1 branches' BNs scale each branch by an
+unbounded gamma/std, which after fusion puts outlier values into the 3x3 kernel
+and widens the activation range. QARepVGG removes the BN from the identity and
+1x1 branches and adds one BN after the sum (module names as in the authors'
+YOLOv6 ``QARepVGGBlock``: ``rbr_1x1`` a bias-free conv, ``rbr_identity`` an
+``nn.Identity``, ``bn`` the post-sum BN). A bias on the 1x1 conv (the paper's
+intermediate variant) is omitted: the post-BN subtracts the batch mean and so
+cancels any per-channel constant before it. The deploy form is the same single
+3x3 conv with bias as plain RepVGG's (the post-BN folds into it), so a deployed
+QARepVGG loads into ``create_model("repvgg_*", deploy=True)``.
 """
 from __future__ import annotations
 
@@ -50,20 +65,28 @@ class RepVGGBlock(nn.Module):
 
     Built with ``deploy=True`` it holds only ``rbr_reparam``, the fused 3x3 conv
     with bias; ``reparameterize()`` turns a trained block into that form in place.
+    With ``quant_friendly=True`` it is a QARepVGG block: ReLU(BN(3x3 conv+BN +
+    1x1 conv + identity)), see the module docstring.
     """
 
     def __init__(self, in_chs: int, out_chs: int, stride: int = 1, groups: int = 1,
-                 deploy: bool = False) -> None:
+                 deploy: bool = False, quant_friendly: bool = False) -> None:
         super().__init__()
         self.in_chs, self.out_chs, self.stride, self.groups = in_chs, out_chs, stride, groups
-        self.deploy = deploy
+        self.deploy, self.quant_friendly = deploy, quant_friendly
         self.nonlinearity = nn.ReLU()
         if deploy:
             self.rbr_reparam = nn.Conv2d(in_chs, out_chs, 3, stride, 1, groups=groups, bias=True)
+            return
+        has_identity = in_chs == out_chs and stride == 1
+        self.rbr_dense = _conv_bn(in_chs, out_chs, 3, stride, 1, groups)
+        if quant_friendly:
+            self.rbr_1x1: nn.Module = nn.Conv2d(in_chs, out_chs, 1, stride, 0, groups=groups,
+                                                bias=False)
+            self.rbr_identity: nn.Module | None = nn.Identity() if has_identity else None
+            self.bn = nn.BatchNorm2d(out_chs)
         else:
-            self.rbr_identity = (nn.BatchNorm2d(in_chs) if in_chs == out_chs and stride == 1
-                                 else None)
-            self.rbr_dense = _conv_bn(in_chs, out_chs, 3, stride, 1, groups)
+            self.rbr_identity = nn.BatchNorm2d(in_chs) if has_identity else None
             self.rbr_1x1 = _conv_bn(in_chs, out_chs, 1, stride, 0, groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,22 +95,36 @@ class RepVGGBlock(nn.Module):
         out = self.rbr_dense(x) + self.rbr_1x1(x)
         if self.rbr_identity is not None:
             out = out + self.rbr_identity(x)
+        if self.quant_friendly:
+            out = self.bn(out)
         return self.nonlinearity(out)
+
+    def _identity_kernel(self, like: torch.Tensor) -> torch.Tensor:
+        """The identity as a (grouped) 3x3 kernel: channel i reads its own index in its group."""
+        in_per_group = self.in_chs // self.groups
+        ident = torch.zeros_like(like)
+        idx = torch.arange(self.in_chs, device=like.device)
+        ident[idx, idx % in_per_group, 1, 1] = 1.0
+        return ident
 
     @torch.no_grad()
     def fused_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The 3x3 kernel and bias equal to the three branches with BN in eval mode."""
+        """The 3x3 kernel and bias equal to the block's branches with BN in eval mode."""
         kernel, bias = _fuse_bn(self.rbr_dense.conv.weight, self.rbr_dense.bn)
+        if self.quant_friendly:
+            kernel = kernel + nn.functional.pad(self.rbr_1x1.weight, [1, 1, 1, 1])
+            if self.rbr_identity is not None:
+                kernel = kernel + self._identity_kernel(kernel)
+            # post-BN: y = (k * x + b - mean) * g / s + beta
+            std = (self.bn.running_var + self.bn.eps).sqrt()
+            scale = self.bn.weight / std
+            return (kernel * scale.reshape(-1, 1, 1, 1),
+                    (bias - self.bn.running_mean) * scale + self.bn.bias)
         k1, b1 = _fuse_bn(self.rbr_1x1.conv.weight, self.rbr_1x1.bn)
         kernel = kernel + nn.functional.pad(k1, [1, 1, 1, 1])   # 1x1 at the centre tap
         bias = bias + b1
         if self.rbr_identity is not None:
-            # identity as a (grouped) 3x3 conv: channel i reads its own index within its group
-            in_per_group = self.in_chs // self.groups
-            ident = torch.zeros_like(kernel)
-            idx = torch.arange(self.in_chs, device=kernel.device)
-            ident[idx, idx % in_per_group, 1, 1] = 1.0
-            ki, bi = _fuse_bn(ident, self.rbr_identity)
+            ki, bi = _fuse_bn(self._identity_kernel(kernel), self.rbr_identity)
             kernel, bias = kernel + ki, bias + bi
         return kernel, bias
 
@@ -102,12 +139,14 @@ class RepVGGBlock(nn.Module):
         conv.weight.copy_(kernel)
         conv.bias.copy_(bias)
         del self.rbr_dense, self.rbr_1x1, self.rbr_identity
+        if self.quant_friendly:
+            del self.bn
         self.rbr_reparam = conv
         self.deploy = True
 
     def extra_repr(self) -> str:
         return (f"{self.in_chs}, {self.out_chs}, stride={self.stride}, groups={self.groups}, "
-                f"deploy={self.deploy}")
+                f"deploy={self.deploy}" + (", quant_friendly=True" if self.quant_friendly else ""))
 
 
 class RepVGG(nn.Module):
@@ -115,13 +154,15 @@ class RepVGG(nn.Module):
 
     Stage widths are ``int(64 a), int(128 a), int(256 a), int(512 b)`` for the paper's
     width multipliers ``(a, a, a, b)``; the stem has ``min(64, int(64 a))`` channels.
-    ``groups_map`` maps a layer index (stem = 0) to the groups of that block's convs.
+    ``groups_map`` maps a layer index (stem = 0) to the groups of that block's convs;
+    ``quant_friendly`` makes every block a QARepVGG block.
     """
 
     def __init__(self, num_blocks: Sequence[int], width_multiplier: Sequence[float],
                  num_classes: int = 1000, in_chans: int = 3,
                  groups_map: dict[int, int] | None = None,
-                 deploy: bool = False, drop_rate: float = 0.0) -> None:
+                 deploy: bool = False, drop_rate: float = 0.0,
+                 quant_friendly: bool = False) -> None:
         super().__init__()
         if len(num_blocks) != 4 or len(width_multiplier) != 4:
             raise ValueError("RepVGG takes four stage depths and four width multipliers")
@@ -130,7 +171,9 @@ class RepVGG(nn.Module):
             raise ValueError("the stem block (layer 0) cannot be grouped")
         self.num_classes = num_classes
         in_planes = min(64, int(64 * width_multiplier[0]))
-        self.stage0 = RepVGGBlock(in_chans, in_planes, stride=2, deploy=deploy)
+        self.quant_friendly = quant_friendly
+        self.stage0 = RepVGGBlock(in_chans, in_planes, stride=2, deploy=deploy,
+                                  quant_friendly=quant_friendly)
         layer_idx = 1
         stage_bases = (64, 128, 256, 512)
         for s, (depth, base, mult) in enumerate(zip(num_blocks, stage_bases, width_multiplier)):
@@ -138,7 +181,8 @@ class RepVGG(nn.Module):
             blocks = []
             for j in range(depth):
                 blocks.append(RepVGGBlock(in_planes, planes, stride=2 if j == 0 else 1,
-                                          groups=groups_map.get(layer_idx, 1), deploy=deploy))
+                                          groups=groups_map.get(layer_idx, 1), deploy=deploy,
+                                          quant_friendly=quant_friendly))
                 in_planes = planes
                 layer_idx += 1
             self.add_module(f"stage{s + 1}", nn.Sequential(*blocks))
@@ -234,3 +278,27 @@ def repvgg_tiny(num_classes: int = 1000, in_chans: int = 3, deploy: bool = False
     """
     return _repvgg((2, 2, 2, 1), (0.25, 0.25, 0.25, 0.25), {2: 2, 4: 2, 6: 2}, num_classes,
                    in_chans, deploy, **kw)
+
+
+_QA_PAPER = "Chu et al. 2022, Make RepVGG Greater Again: A Quantization-aware Approach"
+
+
+@register_model(input_size=224, small_input_size=32, paper=_QA_PAPER)
+def qarepvgg_a0(num_classes: int = 1000, in_chans: int = 3, deploy: bool = False,
+                **kw) -> RepVGG:
+    """QARepVGG-A0: RepVGG-A0 with QARepVGG blocks; deploys to RepVGG-A0's 8,309,384 params.
+
+    Training form 9,103,304 params (RepVGG-A0: 9,108,968; the blocks with an identity
+    branch have two BNs instead of three). Published ImageNet top-1 (Chu et al. 2022, Table 1): 72.2% fp32,
+    70.4% int8 PTQ, against RepVGG-A0's 72.4% and 52.2%.
+    """
+    return _repvgg(_A, (0.75, 0.75, 0.75, 2.5), None, num_classes, in_chans, deploy,
+                   quant_friendly=True, **kw)
+
+
+@register_model(input_size=32, small_input_size=32, paper=_QA_PAPER)
+def qarepvgg_tiny(num_classes: int = 1000, in_chans: int = 3, deploy: bool = False,
+                  **kw) -> RepVGG:
+    """``repvgg_tiny`` with QARepVGG blocks (same deploy form), for fast int8 comparisons."""
+    return _repvgg((2, 2, 2, 1), (0.25, 0.25, 0.25, 0.25), {2: 2, 4: 2, 6: 2}, num_classes,
+                   in_chans, deploy, quant_friendly=True, **kw)
