@@ -40,6 +40,14 @@ class NotProfilable(Exception):
     """This artifact cannot be profiled here (format without a local runtime, ...)."""
 
 
+class ProfileError(RuntimeError):
+    """The runtime refused the model (e.g. a delegate failed to prepare): said, not hidden."""
+
+
+def _prepare_error(runtime: str, path: str, exc: Exception) -> ProfileError:
+    return ProfileError(f"{runtime} could not prepare {Path(path).name}: {' '.join(str(exc).split())[:300]}")
+
+
 @dataclass
 class LatencyStats:
     """Per-inference wall time in milliseconds; ``std`` is the population standard deviation
@@ -350,7 +358,10 @@ def profile_onnxruntime(path: str, *, runs: int, warmup: int, threads: int | Non
     with PeakMemory() as mem:
         mark(MARK_INIT_BEGIN)
         t0 = time.perf_counter()
-        session = _ort_session(path, threads)
+        try:
+            session = _ort_session(path, threads)
+        except Exception as exc:   # ORT raises its own Fail/InvalidGraph/... types
+            raise _prepare_error("onnxruntime", path, exc) from None
         init_ms = (time.perf_counter() - t0) * 1e3
         mark(MARK_INIT_END)
         feed = _ort_feed(session)
@@ -399,8 +410,11 @@ def profile_litert(path: str, *, runs: int, warmup: int, threads: int | None,
     with PeakMemory() as mem:
         mark(MARK_INIT_BEGIN)
         t0 = time.perf_counter()
-        interp = Interpreter(model_path=path, num_threads=threads if threads else None)
-        interp.allocate_tensors()
+        try:
+            interp = Interpreter(model_path=path, num_threads=threads if threads else None)
+            interp.allocate_tensors()
+        except (RuntimeError, ValueError) as exc:
+            raise _prepare_error(label, path, exc) from None
         init_ms = (time.perf_counter() - t0) * 1e3
         mark(MARK_INIT_END)
         for n, d in enumerate(interp.get_input_details()):

@@ -14,7 +14,7 @@ from typing import Any, Callable
 from device_tests.catalog import Estimate, estimate_model
 from device_tests.devices import Device, DeviceError, parse_device
 from device_tests.devices.base import DeviceUnavailable
-from device_tests.profile import NotProfilable, Profile
+from device_tests.profile import NotProfilable, Profile, ProfileError
 from exporters.artifact import Artifact, Manifest
 from models.errors import InputError
 
@@ -83,7 +83,7 @@ def profile_folder(folder: str | Path, opts: ProfileOptions,
                 result.profiles.append(device.profile(art, folder, runs=opts.runs, warmup=opts.warmup,
                                                       threads=opts.threads, op_profile=opts.op_profile,
                                                       **extra))
-            except (NotProfilable, DeviceUnavailable, DeviceError) as exc:
+            except (NotProfilable, ProfileError, DeviceUnavailable, DeviceError) as exc:
                 result.skipped.append(Skipped(art.key, device.spec, " ".join(str(exc).split())[:400]))
     return result
 
