@@ -33,13 +33,21 @@ class VerifySection(_Section):
     samples: int = Field(200, ge=1, description="held-out images run through every runtime")
 
 
+class ProfileSection(_Section):
+    devices: list[str] = Field(default_factory=lambda: ["local"])
+    runs: int = Field(30, ge=1)
+    warmup: int = Field(3, ge=0)
+
+
 class RunConfig(_Section):
     name: str = "default"
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(
         model="mobilenet_v2", model_kwargs={"width_mult": 0.35}, data="mnist", epochs=5))
     export: ExportSection = Field(default_factory=ExportSection)
     verify: VerifySection = Field(default_factory=VerifySection)
-    stages: list[str] = Field(default_factory=lambda: ["train", "export", "verify", "report"])
+    profile: ProfileSection = Field(default_factory=ProfileSection)
+    checkpoint: str | None = Field(None, description="start from these weights instead of training")
+    stages: list[str] = Field(default_factory=lambda: ["train", "export", "verify", "profile", "report"])
 
 
 def load_config(path: str | Path | None) -> RunConfig:

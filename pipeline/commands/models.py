@@ -13,6 +13,7 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, ui) -> int:
+    import torch
     from rich.table import Table
 
     from models import create_model, list_models, model_entry
@@ -26,9 +27,15 @@ def run(args: argparse.Namespace, ui) -> int:
             entry = model_entry(name)
             size = args.input_size or entry.input_size
             prog.update(task, status=name)
-            c = count_complexity(create_model(name, num_classes=args.num_classes), size)
-            rows.append({"name": name, "family": entry.family, "params": c.params,
-                         "macs": c.macs, "input_size": size, "paper": entry.paper})
+            with torch.device("meta"):     # shapes only: no weights allocated, no arithmetic done
+                model = create_model(name, num_classes=args.num_classes)
+                try:
+                    macs: int | None = count_complexity(model, size).macs
+                except RuntimeError:      # e.g. MLP-Mixer is built for one resolution
+                    macs = None
+            rows.append({"name": name, "family": entry.family,
+                         "params": sum(p.numel() for p in model.parameters()),
+                         "macs": macs, "input_size": size, "paper": entry.paper})
             prog.advance(task)
     if args.json:
         ui.emit_json(rows)
@@ -38,7 +45,7 @@ def run(args: argparse.Namespace, ui) -> int:
                       ("MMACs", "right"), ("input", "right")):
         table.add_column(col, justify=just)
     for r in rows:
-        table.add_row(r["name"], r["family"], f"{r['params']:,}", f"{r['macs'] / 1e6:,.1f}",
+        table.add_row(r["name"], r["family"], f"{r['params']:,}", f"{r['macs'] / 1e6:,.1f}" if r["macs"] is not None else "n/a",
                       str(r["input_size"]))
     ui.table(table)
     return 0

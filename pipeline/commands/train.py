@@ -62,6 +62,21 @@ def config_from_args(args: argparse.Namespace):
                          f"{err['msg'].lower()}", repr(err.get("input"))) from None
 
 
+def progress_printer(ui, prog, model: str):
+    """A training progress callback: a bar over steps, one line per epoch."""
+    task = prog.add_task(f"training {model}", total=None, status="")
+
+    def on_progress(phase: str, step: int, total: int, info: dict) -> None:
+        if phase == "train":
+            prog.update(task, completed=step, total=total,
+                        status=f"epoch {info['epoch']} loss {info['loss']:.3f}")
+        else:
+            ui.info(f"epoch {step}/{total}: train loss {info['train_loss']:.4f} "
+                    f"acc {info['train_acc']:.4f} | val loss {info['val_loss']:.4f} "
+                    f"acc {info['val_acc']:.4f} | {info['seconds']:.1f}s")
+    return on_progress
+
+
 def run(args: argparse.Namespace, ui) -> int:
     import os
 
@@ -72,20 +87,8 @@ def run(args: argparse.Namespace, ui) -> int:
     rank = int(os.environ.get("RANK", "0"))
     quiet_rank = rank != 0
     with ui.progress() as prog:
-        task = prog.add_task(f"training {cfg.model}", total=None, status="")
-
-        def on_progress(phase: str, step: int, total: int, info: dict) -> None:
-            if quiet_rank:
-                return
-            if phase == "train":
-                prog.update(task, completed=step, total=total,
-                            status=f"epoch {info['epoch']} loss {info['loss']:.3f}")
-            else:
-                ui.info(f"epoch {step}/{total}: train loss {info['train_loss']:.4f} "
-                        f"acc {info['train_acc']:.4f} | val loss {info['val_loss']:.4f} "
-                        f"acc {info['val_acc']:.4f} | {info['seconds']:.1f}s")
-
-        result = train(cfg, args.out, force=args.force, progress=on_progress)
+        result = train(cfg, args.out, force=args.force,
+                       progress=None if quiet_rank else progress_printer(ui, prog, cfg.model))
     if quiet_rank:
         return 0
     summary = {"checkpoint": str(result.checkpoint), "best_epoch": result.best_epoch,
