@@ -1,0 +1,179 @@
+"""Core ML runner: real ``MLModel.predict`` on macOS, the NumPy MIL interpreter elsewhere.
+
+Which one ran is never in doubt: ``label`` says ``coreml (macOS predict, ...)`` or
+``coreml (numpy MIL interpreter, Linux)``, and verify reports carry the label. The
+backend is chosen by ``platform.system()`` (``backend="auto"``) or forced with
+``backend="predict"`` / ``backend="interpreter"`` (the interpreter runs on macOS too,
+which is how the interpreter itself is checked against the device).
+
+Inputs follow the runner contract (float32 NCHW, *normalised* as the PyTorch model
+expects). For an image-input artifact the runner inverts the normalisation recorded
+in ``artifact.extra["image_input"]`` back to pixel values, ``pixel = (x * std + mean) /
+pixel_scale``, in the model's channel order:
+
+* on macOS those pixels are rounded to 8 bits and passed as a PIL image (what Core ML
+  accepts for an image input; Core ML reorders RGB to BGR itself when the model says
+  BGR). Inputs that came from 8-bit images (every data set, every camera frame)
+  survive the round trip exactly; arbitrary float inputs are quantised to 1/255 steps;
+* the interpreter is fed the float pixels as they are: the ``ImageType`` scale/bias
+  are ordinary ``mul``/``add`` ops at the start of the program, so it computes what
+  the program computes on those values.
+
+Intermediates (``infer_intermediates``) are every MIL variable of the program, float32
+NCHW as MIL lays them out. ``predict`` exposes only the outputs, so on macOS the
+intermediates come from the interpreter and the label says so.
+
+Options: ``backend`` (auto | predict | interpreter), ``compute_units`` (ALL | CPU_ONLY |
+CPU_AND_GPU | CPU_AND_NE; predict only).
+"""
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device_tests.runners.base import Runner
+from exporters.artifact import Artifact
+from models.errors import InputError
+
+BACKENDS = ("auto", "predict", "interpreter")
+COMPUTE_UNITS = ("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")
+
+
+def on_macos() -> bool:
+    return platform.system() == "Darwin"
+
+
+class CoreMLRunner(Runner):
+    kind = "coreml"
+    formats = ("mlpackage",)
+
+    def __init__(self, backend: str = "auto", compute_units: str = "ALL", **options: Any) -> None:
+        super().__init__(backend=backend, compute_units=compute_units, **options)
+        if backend not in BACKENDS:
+            raise InputError("coreml backend", " | ".join(BACKENDS), repr(backend))
+        if compute_units not in COMPUTE_UNITS:
+            raise InputError("coreml compute units", " | ".join(COMPUTE_UNITS), repr(compute_units))
+        self.backend = ("predict" if on_macos() else "interpreter") if backend == "auto" else backend
+        self.compute_units = compute_units
+        self.path: Path | None = None
+        self._mlmodel: Any = None
+        self._interp: Any = None
+
+    # -- loading -----------------------------------------------------------------------
+
+    def load(self, artifact: Artifact, root: str | Path | None = None) -> None:
+        self.path = artifact.resolve(root) if root is not None else Path(artifact.path)
+        if not self.path.exists():
+            raise InputError(self.path, "a Core ML package", "no such file or folder")
+        self.artifact = artifact
+        if self.backend == "predict":
+            if not on_macos():
+                raise InputError("coreml backend predict", "macOS (Core ML runs only on Apple platforms)",
+                                 f"{platform.system()}; use backend 'interpreter'")
+            from exporters.coreml import quiet_coremltools
+            with quiet_coremltools():
+                import coremltools as ct
+            self._mlmodel = ct.models.MLModel(str(self.path),
+                                              compute_units=getattr(ct.ComputeUnit, self.compute_units))
+        else:
+            self._interpreter()
+
+    def _interpreter(self) -> Any:
+        if self._interp is None:
+            from device_tests.mil_interpreter import MILInterpreter
+            from device_tests.mil_program import load_program
+            assert self.path is not None, "load() first"
+            self._interp = MILInterpreter(load_program(self.path))
+        return self._interp
+
+    @property
+    def label(self) -> str:
+        if self.backend == "predict":
+            return (f"coreml (macOS predict, compute units {self.compute_units}; "
+                    "intermediates: numpy MIL interpreter)")
+        return f"coreml (numpy MIL interpreter, {platform.system() or 'unknown OS'})"
+
+    # -- feeding -------------------------------------------------------------------------
+
+    @property
+    def _image(self) -> dict[str, Any] | None:
+        return (self.artifact.extra.get("image_input") if self.artifact is not None else None) or None
+
+    def _single_input(self, inputs: dict[str, np.ndarray]) -> tuple[str, np.ndarray]:
+        assert self.artifact is not None, "load() first"
+        if len(inputs) != 1:
+            raise InputError(self.artifact.path, "one input tensor", f"{len(inputs)} inputs")
+        name = self.artifact.inputs[0].name
+        x = np.asarray(next(iter(inputs.values())), np.float32)
+        if x.ndim != 4:
+            raise InputError(self.artifact.path, f"input {name!r} as float32 NCHW", f"shape {list(x.shape)}")
+        return name, x
+
+    def to_pixels(self, x: np.ndarray) -> np.ndarray:
+        """Normalised NCHW -> pixel values (model channel order), inverting the folding."""
+        img = self._image
+        assert img is not None
+        c = x.shape[1]
+        std = np.asarray(img["std"], np.float64).reshape(1, c, 1, 1)
+        mean = np.asarray(img["mean"], np.float64).reshape(1, c, 1, 1)
+        return ((x.astype(np.float64) * std + mean) / float(img["pixel_scale"])).astype(np.float32)
+
+    def _feed_interpreter(self, name: str, x: np.ndarray) -> dict[str, np.ndarray]:
+        return {name: self.to_pixels(x) if self._image else x}
+
+    def _feed_predict(self, name: str, x: np.ndarray) -> dict[str, Any]:
+        if not self._image:
+            return {name: x}
+        from PIL import Image
+        pix = np.clip(np.rint(self.to_pixels(x)), 0, 255).astype(np.uint8)[0]     # (C, H, W)
+        if self._image["color_layout"] == "GRAYSCALE":
+            return {name: Image.fromarray(pix[0], mode="L")}
+        hwc = pix.transpose(1, 2, 0)
+        if self._image["color_layout"] == "BGR":
+            hwc = hwc[..., ::-1]                  # PIL holds RGB; Core ML makes BGR from it
+        return {name: Image.fromarray(np.ascontiguousarray(hwc), mode="RGB")}
+
+    # -- running -----------------------------------------------------------------------
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        name, x = self._single_input(inputs)
+        assert self.artifact is not None
+        per_sample = self.artifact.inputs[0].shape[0] == 1
+        chunks = [x[i:i + 1] for i in range(len(x))] if per_sample else [x]
+        outs: dict[str, list[np.ndarray]] = {s.name: [] for s in self.artifact.outputs}
+        for chunk in chunks:
+            if self.backend == "predict":
+                res = self._mlmodel.predict(self._feed_predict(name, chunk))
+            else:
+                res = self._interpreter().run(self._feed_interpreter(name, chunk))
+            for spec in self.artifact.outputs:
+                if spec.name not in res:
+                    raise InputError(self.artifact.path, f"an output {spec.name!r}", f"outputs {sorted(res)}")
+                outs[spec.name].append(np.asarray(res[spec.name], np.float32))
+        return {k: np.concatenate(v) for k, v in outs.items()}
+
+    def intermediate_names(self) -> list[str]:
+        from device_tests.mil_program import NUMPY_DTYPES
+        interp = self._interpreter()
+        return [n for n in interp.intermediate_names()              # tensors, not the classifier's
+                if interp.program.vars[n].shape is not None and interp.program.vars[n].dtype in NUMPY_DTYPES]
+
+    def infer_intermediates(self, inputs: dict[str, np.ndarray],
+                            names: list[str] | None = None) -> dict[str, np.ndarray]:
+        name, x = self._single_input(inputs)
+        interp = self._interpreter()
+        wanted = names if names is not None else self.intermediate_names()
+        parts: dict[str, list[np.ndarray]] = {n: [] for n in wanted}
+        for i in range(len(x)):
+            res = interp.run(self._feed_interpreter(name, x[i:i + 1]), keep=wanted)
+            for n in wanted:
+                if n in res:
+                    parts[n].append(np.asarray(res[n], np.float32))
+        return {n: np.concatenate(v) for n, v in parts.items() if v}
+
+    def close(self) -> None:
+        self._mlmodel = None
+        self._interp = None

@@ -1,0 +1,128 @@
+"""Every registered model through PyTorch -> Core ML (ML Program), fp32 and fp16, run by
+the NumPy MIL interpreter against PyTorch; and the MIL ops of every zoo program against
+the interpreter's op table. ``make test-zoo`` (marker ``zoo``).
+
+Each model is built at its registered small input size, 3 channels, 10 classes, with
+random weights and BatchNorm statistics drawn away from their (0, 1) defaults (so a
+wrong epsilon or a mis-folded BatchNorm shows), in eval mode; the tensor-input variant
+is converted (the image variant adds two elementwise ops, tested in
+``tests/test_coreml_export.py``).
+
+Tolerances are the comparator's defaults (``device_tests/compare.py``): fp32 max |d| on
+the logits <= 1e-5 x max(1, max |logit|) (float32 rounding is relative: random-weight
+deep nets give logits above 1), fp16 SNR >= 40 dB and top-1 agreement >= 0.99. The
+measured errors are printed by ``test_report`` (run with ``-s`` to see them).
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from device_tests.compare import error_metrics, tolerance_for
+from device_tests.mil_interpreter import OP_TABLE, MILInterpreter
+from device_tests.mil_program import load_program
+from exporters.artifact import ModelCard, Preprocessing
+from exporters.coreml import export_coreml
+from models import create_model, list_models, model_entry
+
+pytestmark = pytest.mark.zoo
+
+SAMPLES = 4
+_RESULTS: dict[str, dict[str, float]] = {}
+_OPS: dict[str, list[str]] = {}
+
+
+def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """BatchNorm statistics and affine terms away from 0/1, deterministically."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(torch.rand(n, generator=gen) * 0.4 - 0.2)
+                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+                if m.affine:
+                    m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                    m.bias.copy_(torch.rand(n, generator=gen) * 0.4 - 0.2)
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def _model(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return randomize_bn(create_model(name, num_classes=10, in_chans=3)).eval()
+
+
+@pytest.fixture(scope="module")
+def zoo_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("zoo_coreml")
+
+
+def _converted(name: str, root: Path) -> dict[str, Path]:
+    """fp32 and fp16 packages of ``name`` (converted once per session)."""
+    out = root / name
+    paths = {p: out / f"{name}_{p}_tensor.mlpackage" for p in ("fp32", "fp16")}
+    if not all(p.exists() for p in paths.values()):
+        size = model_entry(name).small_input_size
+        pre = Preprocessing([size, size], [0.5, 0.5, 0.5], [0.25, 0.25, 0.25], "RGB")
+        export_coreml(_model(name), out, ["fp32", "fp16"], preprocessing=pre, input_kind="tensor",
+                      card=ModelCard(name))
+        for prec, p in paths.items():
+            assert p.exists(), f"{name}: no {prec} package written"
+    return paths
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_op_coverage(name, zoo_dir):
+    """Every MIL op of the zoo program is one the interpreter implements."""
+    ops: set[str] = set()
+    for path in _converted(name, zoo_dir).values():
+        ops |= set(load_program(path).op_types())
+    _OPS[name] = sorted(ops)
+    missing = sorted(op for op in ops if op not in OP_TABLE)
+    assert not missing, f"{name}: MIL ops the interpreter lacks: {missing}"
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_fp32_and_fp16_parity(name, zoo_dir):
+    size = model_entry(name).small_input_size
+    x = np.random.default_rng(0).standard_normal((SAMPLES, 3, size, size)).astype(np.float32)
+    with torch.no_grad():
+        ref = _model(name)(torch.from_numpy(x)).numpy()
+    scale = max(1.0, float(np.abs(ref).max()))
+    res: dict[str, float] = {"max_logit": scale}
+    outs = {}
+    for prec, path in _converted(name, zoo_dir).items():
+        interp = MILInterpreter(load_program(path))
+        outs[prec] = np.concatenate([interp.run({"input": x[i:i + 1]})["logits"] for i in range(SAMPLES)])
+        m = error_metrics(ref, outs[prec])
+        res[f"{prec}_max_abs"] = m["max_abs"]
+        res[f"{prec}_snr_db"] = m["snr_db"] if m["snr_db"] is not None else float("inf")
+    res["fp16_top1"] = float((outs["fp16"].argmax(1) == ref.argmax(1)).mean())
+    _RESULTS[name] = res
+    fp32_tol = tolerance_for("fp32").max_abs * scale
+    assert res["fp32_max_abs"] <= fp32_tol, (
+        f"{name} fp32: max abs {res['fp32_max_abs']:.3g} > {fp32_tol:.3g} (logits up to {scale:.3g})")
+    fp16 = tolerance_for("fp16")
+    assert res["fp16_snr_db"] >= fp16.min_snr_db, f"{name} fp16: SNR {res['fp16_snr_db']:.1f} dB"
+    assert res["fp16_top1"] >= fp16.min_top1, f"{name} fp16: top-1 agreement {res['fp16_top1']:.2f}"
+
+
+def test_report(capsys):
+    """The measured errors per model (a table on stdout with ``-s``)."""
+    if not _RESULTS:
+        pytest.skip("no parity results in this session")
+    lines = [f"{'model':24s} {'max|logit|':>10s} {'fp32 max|d|':>12s} {'fp16 max|d|':>12s} "
+             f"{'fp16 SNR dB':>11s} {'fp16 top1':>9s}"]
+    for name, r in sorted(_RESULTS.items()):
+        lines.append(f"{name:24s} {r['max_logit']:10.3g} {r['fp32_max_abs']:12.3g} {r['fp16_max_abs']:12.3g} "
+                     f"{r['fp16_snr_db']:11.1f} {r['fp16_top1']:9.2f}")
+    ops = sorted({op for v in _OPS.values() for op in v})
+    lines.append(f"MIL ops in the zoo programs ({len(ops)}): {', '.join(ops)}")
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))
+    assert len(lines) > 1
