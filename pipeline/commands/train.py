@@ -40,6 +40,13 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch intra-op threads")
     p.add_argument("--model-arg", action="append", type=_kv, default=[], metavar="KEY=VALUE",
                    help="keyword argument for the model factory (JSON value), e.g. width_mult=0.5")
+    p.add_argument("--shift-l1", type=float, default=d.shift_l1, metavar="LAMBDA",
+                   help="L1 penalty LAMBDA * sum(|dy|+|dx|) on sparse shift displacements, which "
+                        "drives them to zero (models with sparse shifts, e.g. fe_net_tiny; "
+                        "1e-3 is a good start)")
+    p.add_argument("--freeze-shifts-after", type=int, metavar="EPOCH",
+                   help="snap sparse shift displacements to integers after EPOCH and train the "
+                        "rest of the net around them")
     p.add_argument("--force", action="store_true", help="overwrite an existing output folder")
     p.set_defaults(func=run)
 
@@ -55,7 +62,8 @@ def config_from_args(args: argparse.Namespace):
             input_size=args.input_size, epochs=args.epochs, batch_size=args.batch_size,
             optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
             label_smoothing=args.label_smoothing, train_samples=args.train_samples,
-            augment=not args.no_augment, seed=args.seed, threads=args.threads)
+            augment=not args.no_augment, seed=args.seed, threads=args.threads,
+            shift_l1=args.shift_l1, freeze_shifts_after=args.freeze_shifts_after)
     except ValidationError as exc:
         err = exc.errors()[0]
         raise InputError("train options", f"--{'-'.join(map(str, err['loc'])).replace('_', '-')} "
@@ -94,9 +102,34 @@ def run(args: argparse.Namespace, ui) -> int:
     summary = {"checkpoint": str(result.checkpoint), "best_epoch": result.best_epoch,
                "val_acc": result.best_val_acc, "test_acc": result.test_acc,
                "world_size": result.world_size}
+    shifts = result.meta.get("sparse_shift")
+    if shifts:
+        summary["sparse_shift"] = shifts
     if args.json:
         ui.emit_json(summary)
-    else:
-        ui.result(f"best epoch {result.best_epoch}: val acc {result.best_val_acc:.4f}, "
-                  f"held-out test acc {result.test_acc:.4f} -> {result.checkpoint}")
+        return 0
+    if shifts:
+        show_shift_stats(ui, shifts)
+    ui.result(f"best epoch {result.best_epoch}: val acc {result.best_val_acc:.4f}, "
+              f"held-out test acc {result.test_acc:.4f} -> {result.checkpoint}")
     return 0
+
+
+def show_shift_stats(ui, shifts: dict) -> None:
+    """Per-layer and overall zero-displacement fractions and displacement histograms."""
+    def top(hist: dict, n: int = 4) -> str:
+        total = sum(hist.values()) or 1
+        return " ".join(f"{k}:{v / total:.0%}" for k, v in list(hist.items())[:n])
+
+    rows = [[layer["name"], str(layer["channels"]), f"{layer['zero_fraction']:.1%}",
+             str(layer["max_abs"]), top(layer["histogram"])] for layer in shifts["layers"]]
+    rows.append(["all", str(shifts["channels"]), f"{shifts['zero_fraction']:.1%}",
+                 str(max((layer["max_abs"] for layer in shifts["layers"]), default=0)),
+                 top(shifts["histogram"])])
+    from rich.table import Table
+    table = Table(title=f"sparse shifts (lambda {shifts['lambda']:g}): channels with zero displacement")
+    for col in ("layer", "channels", "zero", "max |d|", "most common (dy,dx)"):
+        table.add_column(col, justify="left" if col in ("layer", "most common (dy,dx)") else "right")
+    for row in rows:
+        table.add_row(*row)
+    ui.table(table)

@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -54,6 +54,8 @@ class TrainConfig(BaseModel):
     augment: bool = True
     seed: int = 0
     threads: int | None = Field(None, ge=1)
+    shift_l1: float = Field(0.0, ge=0, description="L1 penalty on sparse shift displacements")
+    freeze_shifts_after: int | None = Field(None, ge=0, description="freeze shifts after epoch N")
 
 
 @dataclass
@@ -65,6 +67,7 @@ class EpochLog:
     val_acc: float
     lr: float
     seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)    # what the hooks report
 
 
 @dataclass
@@ -79,6 +82,49 @@ class TrainResult:
 
 
 ProgressFn = Callable[[str, int, int, dict[str, Any]], None]   # (phase, step, total, info)
+
+
+class TrainHook(Protocol):
+    """What a training hook may implement (every method is optional, looked up by name):
+
+    * ``param_groups(model) -> list[dict]``: optimizer groups for some parameters, each
+      ``{"params": [...], "lr_scale": float, "weight_decay": float}`` (the rest of the
+      model keeps the config's settings; ``lr_scale`` multiplies the scheduled rate);
+    * ``on_epoch_start(model, epoch)`` (0-based epoch), e.g. freeze parameters;
+    * ``loss(model) -> Tensor | None``: a term added to the task loss (a regularizer);
+    * ``after_backward(model)``: edit gradients before the optimizer step;
+    * ``on_epoch_end(model, epoch) -> dict``: figures logged with the epoch;
+    * ``summary(model) -> dict``: merged into the checkpoint metadata at the end (after the
+      best weights are restored).
+
+    ``model`` is the bare model, never the DDP wrapper. Hooks keep method-specific
+    training out of the loop: the loop only calls these.
+    """
+
+
+def training_hooks(cfg: TrainConfig, model: nn.Module) -> list[Any]:
+    """The hooks a config asks for (or that the model needs to be reported on)."""
+    from quantize.shift import SparseShiftHook, has_sparse_shifts
+    hooks: list[Any] = []
+    shifts = has_sparse_shifts(model)
+    if (cfg.shift_l1 > 0 or cfg.freeze_shifts_after is not None) and not shifts:
+        from models.errors import InputError
+        flag = "--shift-l1" if cfg.shift_l1 > 0 else "--freeze-shifts-after"
+        raise InputError(flag, "a model with sparse shift layers (e.g. fe_net_tiny)", cfg.model)
+    if shifts:
+        hooks.append(SparseShiftHook(cfg.shift_l1, cfg.freeze_shifts_after))
+    return hooks
+
+
+def check_options(cfg: TrainConfig) -> None:
+    """Fail on options the model cannot take before any data is loaded (a shape-only
+    build on the meta device costs no memory)."""
+    with torch.device("meta"):
+        training_hooks(cfg, create_model(cfg.model, **cfg.model_kwargs))
+
+
+def _call(hooks: Sequence[Any], method: str, *args: Any) -> list[Any]:
+    return [getattr(h, method)(*args) for h in hooks if callable(getattr(h, method, None))]
 
 
 def _dist_info() -> tuple[int, int]:
@@ -112,16 +158,18 @@ def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 2
 
 
 def train(cfg: TrainConfig, out_dir: str | Path, *, force: bool = False,
-          progress: ProgressFn | None = None) -> TrainResult:
+          progress: ProgressFn | None = None, hooks: Sequence[Any] = ()) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.data``; keep the best-on-validation weights.
 
     Writes ``model.safetensors`` (with the metadata that export/verify need) and
     ``train_log.json`` into ``out_dir`` atomically. Under torchrun, only rank 0 writes.
+    ``hooks`` (see ``TrainHook``) come before the ones the config implies.
     """
     out_dir = Path(out_dir)
     rank, world = _dist_info()
     if rank == 0:
         check_writable_output(out_dir, force)
+    check_options(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -154,17 +202,21 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, force: bool = False,
     xte, yte = tensors(test_set)
 
     model = create_model(cfg.model, num_classes=len(tr.classes), in_chans=in_chans, **cfg.model_kwargs)
+    hooks = [*hooks, *training_hooks(cfg, model)]
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         net: nn.Module = DDP(model)
     else:
         net = model
-    params = [p for p in model.parameters() if p.requires_grad]
+    claimed = [g for groups in _call(hooks, "param_groups", model) for g in groups]
+    claimed_ids = {id(p) for g in claimed for p in g["params"]}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in claimed_ids]
+    groups = [{"params": params}, *claimed]
     if cfg.optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+        opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                                                      weight_decay=cfg.weight_decay, nesterov=True)
     else:
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     steps_per_epoch = len(_batches(len(ytr), cfg.batch_size, 0, cfg.seed))
     if steps_per_epoch == 0:
@@ -189,6 +241,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, force: bool = False,
     step = 0
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
+        _call(hooks, "on_epoch_start", model, epoch)
         net.train()
         run_loss, run_correct, seen = 0.0, 0, 0
         for bi, idx in enumerate(_batches(len(ytr), cfg.batch_size, epoch, cfg.seed)):
@@ -198,11 +251,13 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, force: bool = False,
                 xb = _augment(xb, gen)
             xb, yb = xb[rank::world], yb[rank::world]
             for g in opt.param_groups:
-                g["lr"] = lr_at(step)
+                g["lr"] = lr_at(step) * g.get("lr_scale", 1.0)
             out = net(xb)
             loss = F.cross_entropy(out, yb, label_smoothing=cfg.label_smoothing)
+            extra = [t for t in _call(hooks, "loss", model) if t is not None]
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss + sum(extra) if extra else loss).backward()
+            _call(hooks, "after_backward", model)
             opt.step()
             step += 1
             run_loss += loss.item() * len(yb)
@@ -211,8 +266,12 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, force: bool = False,
             if progress and rank == 0:
                 progress("train", step, total, {"epoch": epoch + 1, "loss": run_loss / seen})
         val_loss, val_acc = _evaluate(model, xva, yva)
+        logged: dict[str, Any] = {}
+        for figures in _call(hooks, "on_epoch_end", model, epoch):
+            logged.update(figures or {})
         history.append(EpochLog(epoch + 1, run_loss / max(1, seen), run_correct / max(1, seen),
-                                val_loss, val_acc, lr_at(step - 1), time.perf_counter() - t0))
+                                val_loss, val_acc, lr_at(step - 1), time.perf_counter() - t0,
+                                logged))
         if val_acc > best_acc:
             best_acc, best_epoch = val_acc, epoch + 1
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -222,6 +281,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, force: bool = False,
     assert best_state is not None
     model.load_state_dict(best_state)
     _, test_acc = _evaluate(model, xte, yte)
+    for summary in _call(hooks, "summary", model):
+        meta.update(summary or {})
     meta.update(best_epoch=best_epoch, val_acc=round(best_acc, 5), test_acc=round(test_acc, 5),
                 world_size=world)
     ckpt = out_dir / CHECKPOINT_NAME

@@ -1,0 +1,186 @@
+"""Training side of the sparse shift method (Chen et al. 2019, "All You Need is a Few
+Shifts"): the L1 shift penalty, freezing, and the sparsity statistics.
+
+The layer itself (integer forward, straight-through bilinear backward, deploy plan) is
+``models.sparse_shift.SparseShift``: models cannot import this package. Here:
+
+* ``shift_l1_penalty(model, lam)``: lambda * sum(|dy| + |dx|) over every sparse shift
+  layer. Displacements that shrink below 0.5 round to 0, and a channel with (0, 0) is
+  an identity that costs nothing at inference: the penalty buys sparsity, the
+  rounded forward makes the network train with the shifts it will deploy.
+* ``freeze_shifts(model)``: snap the displacements to their integers and stop updating
+  them, so the last epochs train the convs around the final, deployed shifts.
+* ``shift_statistics(model)``: per layer and overall, the fraction of channels with zero
+  displacement and the histogram of displacements.
+* ``SparseShiftHook``: all of the above as a training hook (``pipeline.stages.train``
+  calls ``loss``, ``on_epoch_start``, ``after_backward``, ``on_epoch_end``, ``summary``).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from models.sparse_shift import SparseShift
+
+# The lambda `mdeploy run` and the docs use; chosen from `python -m bench.sparse_shift`
+# (see that module's docstring for the sweep it was read from).
+DEFAULT_SHIFT_L1 = 1e-3
+SHIFT_LR_SCALE = 10.0
+
+
+def shift_layers(model: nn.Module) -> list[tuple[str, SparseShift]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, SparseShift)]
+
+
+def has_sparse_shifts(model: nn.Module) -> bool:
+    return any(isinstance(m, SparseShift) for m in model.modules())
+
+
+def shift_l1_penalty(model: nn.Module, lam: float) -> torch.Tensor | None:
+    """lambda * sum(|dy| + |dx|) over the trainable sparse shift layers (None if none)."""
+    terms = [m.dy.abs().sum() + m.dx.abs().sum() for _, m in shift_layers(model)
+             if not m.deploy and not m.frozen]
+    if not terms or lam == 0:
+        return None
+    return lam * torch.stack(terms).sum()
+
+
+@torch.no_grad()
+def freeze_shifts(model: nn.Module) -> int:
+    """Snap every trainable displacement to its rounded value and mark it frozen; returns
+    the number of layers frozen. Frozen displacements get no updates (``SparseShiftHook``
+    drops their gradients, which also keeps DDP's set of gradients unchanged)."""
+    count = 0
+    for _, m in shift_layers(model):
+        if m.deploy or m.frozen:
+            continue
+        disp = m.displacements().to(m.dy.dtype)
+        m.dy.copy_(disp[:, 0])
+        m.dx.copy_(disp[:, 1])
+        m.frozen = True
+        count += 1
+    return count
+
+
+def drop_frozen_grads(model: nn.Module) -> None:
+    for _, m in shift_layers(model):
+        if m.frozen and not m.deploy:
+            m.dy.grad = None
+            m.dx.grad = None
+
+
+@dataclass
+class ShiftLayerStats:
+    name: str
+    channels: int
+    zero: int                           # channels with displacement (0, 0)
+    histogram: dict[str, int]           # "dy,dx" -> channels, most common first
+    max_abs: int                        # largest |dy| or |dx|
+
+    @property
+    def zero_fraction(self) -> float:
+        return self.zero / self.channels if self.channels else 1.0
+
+
+@dataclass
+class ShiftStats:
+    layers: list[ShiftLayerStats] = field(default_factory=list)
+
+    @property
+    def channels(self) -> int:
+        return sum(s.channels for s in self.layers)
+
+    @property
+    def zero(self) -> int:
+        return sum(s.zero for s in self.layers)
+
+    @property
+    def zero_fraction(self) -> float:
+        return self.zero / self.channels if self.channels else 1.0
+
+    @property
+    def histogram(self) -> dict[str, int]:
+        total: Counter[str] = Counter()
+        for s in self.layers:
+            total.update(s.histogram)
+        return dict(total.most_common())
+
+    def axis_histogram(self) -> dict[int, int]:
+        """Displacement values along either axis -> count (each channel counted twice)."""
+        total: Counter[int] = Counter()
+        for key, n in self.histogram.items():
+            dy, dx = (int(v) for v in key.split(","))
+            total[dy] += n
+            total[dx] += n
+        return dict(sorted(total.items()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"channels": self.channels, "zero": self.zero,
+                "zero_fraction": round(self.zero_fraction, 6), "histogram": self.histogram,
+                "layers": [{**asdict(s), "zero_fraction": round(s.zero_fraction, 6)}
+                           for s in self.layers]}
+
+
+def _key(dy: int, dx: int) -> str:
+    return f"{dy},{dx}"
+
+
+def shift_statistics(model: nn.Module) -> ShiftStats:
+    """The displacements every sparse shift layer applies now (rounded, as deployed)."""
+    layers = []
+    for name, m in shift_layers(model):
+        disp = m.displacements().tolist()
+        hist = Counter(_key(dy, dx) for dy, dx in disp)
+        layers.append(ShiftLayerStats(
+            name=name, channels=len(disp), zero=hist.get(_key(0, 0), 0),
+            histogram=dict(hist.most_common()),
+            max_abs=max((max(abs(dy), abs(dx)) for dy, dx in disp), default=0)))
+    return ShiftStats(layers)
+
+
+class SparseShiftHook:
+    """Training hook: L1 penalty ``lam``, freezing from epoch ``freeze_after`` (1-based:
+    ``freeze_after=3`` trains displacements in epochs 1-3 and freezes them for the rest),
+    statistics after every epoch and at the end.
+
+    Displacements get their own optimizer group: no weight decay (with lambda = 0 nothing
+    should pull them to zero, as in the active shift paper) and ``lr_scale`` times the
+    learning rate: an adaptive optimizer moves each parameter by about the learning rate a
+    step, and a displacement has to travel about 0.5 pixel before its rounded value
+    changes, which at the convs' rate takes more steps than a short run has.
+    """
+
+    name = "sparse_shift"
+
+    def __init__(self, lam: float = 0.0, freeze_after: int | None = None,
+                 lr_scale: float = SHIFT_LR_SCALE) -> None:
+        if lam < 0:
+            raise ValueError(f"the L1 shift penalty must be >= 0, not {lam}")
+        self.lam, self.freeze_after, self.lr_scale = lam, freeze_after, lr_scale
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        params = [p for _, m in shift_layers(model) if not m.deploy for p in (m.dy, m.dx)]
+        return [{"params": params, "lr_scale": self.lr_scale, "weight_decay": 0.0}] if params else []
+
+    def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
+        """``epoch`` is 0-based."""
+        if self.freeze_after is not None and epoch >= self.freeze_after:
+            freeze_shifts(model)
+
+    def loss(self, model: nn.Module) -> torch.Tensor | None:
+        return shift_l1_penalty(model, self.lam)
+
+    def after_backward(self, model: nn.Module) -> None:
+        drop_frozen_grads(model)
+
+    def on_epoch_end(self, model: nn.Module, epoch: int) -> dict[str, Any]:
+        stats = shift_statistics(model)
+        return {"shift_zero_fraction": round(stats.zero_fraction, 6)}
+
+    def summary(self, model: nn.Module) -> dict[str, Any]:
+        return {self.name: {"lambda": self.lam, "freeze_after": self.freeze_after,
+                            **shift_statistics(model).to_dict()}}
