@@ -74,6 +74,11 @@ COMPRESSIONS: dict[str, Compression] = {
 }
 
 
+# What ``mdeploy export --formats coreml --precisions ...`` offers (any pruneNN works in Python).
+PRECISIONS: tuple[str, ...] = (*COMPUTE_PRECISIONS, *COMPRESSIONS)
+DEFAULT_PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
+
+
 def compression(name: str) -> Compression:
     """A scheme by precision name; ``prune<NN>`` for any sparsity from 1 to 99 %."""
     if name in COMPRESSIONS:
