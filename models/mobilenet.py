@@ -120,7 +120,7 @@ class MobileNetV1(nn.Module):
     """
 
     def __init__(self, num_classes: int = 1000, in_chans: int = 3, width_mult: float = 1.0,
-                 drop_rate: float = 0.001, min_depth: int = 8) -> None:
+                 drop_rate: float = 0.001, min_depth: int = 8, stem_stride: int = 2) -> None:
         super().__init__()
         _check_width("mobilenet_v1", width_mult)
 
@@ -128,7 +128,7 @@ class MobileNetV1(nn.Module):
             return max(int(c * width_mult), min_depth)
 
         chs = depth(32)
-        self.stem = ConvBNAct(in_chans, chs, 3, stride=2)
+        self.stem = ConvBNAct(in_chans, chs, 3, stride=stem_stride)
         blocks = []
         for out_chs, stride in _V1_BLOCKS:
             blocks.append(DepthwiseSeparable(chs, depth(out_chs), stride))
@@ -157,15 +157,18 @@ class MobileNetV2(nn.Module):
 
     Channels round to multiples of 8; the 1280-channel head is not narrowed below
     width 1.0 (the paper, Sec. 6.1: it keeps the small models' accuracy up).
+    ``stem_stride=1`` is the usual small-input (CIFAR/MNIST) adaptation: the network's
+    output stride drops from 32 to 16, so a 28x28 digit still has 2x2 features at the
+    end; parameters are unchanged, MACs grow about 4x.
     """
 
     def __init__(self, num_classes: int = 1000, in_chans: int = 3, width_mult: float = 1.0,
                  se: bool = False, se_ratio: float = 0.25, drop_rate: float = 0.2,
-                 round_nearest: int = 8) -> None:
+                 round_nearest: int = 8, stem_stride: int = 2) -> None:
         super().__init__()
         _check_width("mobilenet_v2", width_mult)
         chs = make_divisible(32 * width_mult, round_nearest)
-        self.stem = ConvBNAct(in_chans, chs, 3, stride=2, act_layer=nn.ReLU6)
+        self.stem = ConvBNAct(in_chans, chs, 3, stride=stem_stride, act_layer=nn.ReLU6)
         blocks = []
         for t, c, n, s in _V2_BLOCKS:
             out_chs = make_divisible(c * width_mult, round_nearest)

@@ -160,3 +160,16 @@ def test_full_size_forward():
     with torch.no_grad():
         out = model(torch.randn(1, 3, 224, 224))
     assert out.shape == (1, 1000) and torch.isfinite(out).all()
+
+
+def test_stem_stride_one_keeps_params_and_quadruples_macs():
+    """The small-input variant used by `mdeploy run` on 28x28 MNIST."""
+    from models import create_model
+    from models.complexity import count_complexity
+    a = count_complexity(create_model("mobilenet_v2", width_mult=0.35), 64)
+    b = count_complexity(create_model("mobilenet_v2", width_mult=0.35, stem_stride=1), 64)
+    assert a.params == b.params
+    fc = 1280 * 1000                            # the classifier does not see the spatial size
+    assert b.macs == 4 * (a.macs - fc) + fc     # every conv works on 4x the positions
+    out = create_model("mobilenet_v2", num_classes=10, in_chans=1, width_mult=0.35, stem_stride=1)
+    assert out.eval()(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
