@@ -141,6 +141,7 @@ class MILInterpreter:
                     self.consts[var.name] = _to_declared(val, var, op)
             else:
                 self.plan.append(op)
+        self._last = self._last_use()
 
     def intermediate_names(self) -> list[str]:
         """Every variable a computing op produces, in execution order."""
@@ -160,7 +161,7 @@ class MILInterpreter:
             env[var.name] = x.astype(NUMPY_DTYPES.get(var.dtype, np.float32))
         keep_all = keep == "*"
         wanted = set(self.program.outputs) | (set() if keep is None or keep_all else set(keep))
-        last_use = self._last_use()
+        last_use = self._last
         out: dict[str, Any] = {}
         for i, op in enumerate(self.plan):
             try:
@@ -542,10 +543,18 @@ _unary("atan", np.arctan)
 _unary("logical_not", np.logical_not)
 
 
+def _erf64(x: np.ndarray) -> np.ndarray:
+    """erf in float64 (SciPy's vectorised one when present; it is, with scikit-learn)."""
+    try:
+        from scipy.special import erf
+    except ImportError:                                   # pragma: no cover
+        return np.vectorize(math.erf, otypes=[np.float64])(x)
+    return erf(x)
+
+
 @register("erf")
 def _erf(c: OpCall) -> np.ndarray:
-    x = c.f("x")
-    return np.vectorize(math.erf, otypes=[np.float64])(x.astype(np.float64)).astype(np.float32)
+    return _erf64(c.f("x").astype(np.float64)).astype(np.float32)
 
 
 @register("rsqrt")
@@ -626,7 +635,7 @@ def _gelu(c: OpCall) -> np.ndarray:
     x = c.f("x")
     mode = c.scalar("mode", "EXACT")
     if mode == "EXACT":
-        erf = np.vectorize(math.erf, otypes=[np.float64])(x.astype(np.float64) / math.sqrt(2.0))
+        erf = _erf64(x.astype(np.float64) / math.sqrt(2.0))
         return (0.5 * x.astype(np.float64) * (1.0 + erf)).astype(np.float32)
     if mode == "TANH_APPROXIMATION":
         inner = np.float32(math.sqrt(2.0 / math.pi)) * (x + np.float32(0.044715) * x ** 3)
