@@ -1,0 +1,402 @@
+"""ONNX -> TFLite (LiteRT): fp32, fp16 weights, dynamic-range int8, full-integer int8
+(float I/O) and full-integer int8 with int8 input and output.
+
+Route (see TOOLCHAIN.md): onnx2tf turns the ONNX graph into a TensorFlow SavedModel
+with NHWC activations (its layout handling is the reason to use it); TensorFlow's
+own ``TFLiteConverter.from_saved_model`` then writes every precision, with our
+representative dataset for the integer kinds (onnx2tf's own quantized outputs were
+wrong for dynamic range and take calibration data in its own format). onnx2tf is
+run in a subprocess behind ``_onnx2tf``: its many options, its console output and
+its global TensorFlow state stay out of this process and out of our API.
+
+Every ``.tflite`` carries TFLite app metadata (``exporters.tflite_metadata``), the
+ONNX input/output names, and is described by an ``Artifact`` with the real input
+layout (NHWC unless NCHW was asked for), dtypes, int8 scale/zero point, size, hash,
+op list, delegate fallbacks and a ``layer_map`` for the first-divergent-layer search.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from exporters.artifact import Artifact, ModelCard, Preprocessing, TensorSpec, sha256_of, size_of
+from exporters.fileio import atomic_write_bytes
+from exporters.layer_map import layer_map_from_onnx
+from exporters.onnx import load_onnx
+from exporters.tflite_metadata import image_classifier_metadata, pack_model, populate
+from exporters.tflite_ops import delegate_fallbacks, graph_ops, op_counts
+from models.errors import InputError
+
+PRECISIONS = ("fp32", "fp16", "dynamic", "int8", "int8-io")
+DEFAULT_PRECISIONS = ("fp32", "fp16")        # the integer kinds need calibration data: asked for explicitly
+INTEGER_PRECISIONS = ("int8", "int8-io")
+LAYOUTS = ("NHWC", "NCHW")
+ONNX2TF_TIMEOUT_S = 1800
+# onnx2tf feeds this file (20 NHWC RGB images, downloaded if absent) through the ONNX
+# and TF graphs to settle layouts for 3-channel inputs; we write it from real inputs.
+ONNX2TF_SAMPLE_FILE = "calibration_image_sample_data_20x128x128x3_float32.npy"
+
+# fp32 layer matching between ONNX Runtime and LiteRT: the same float32 math in a
+# different order (NHWC kernels, fused BN) agrees to ~1e-6 relative; 1e-4 separates
+# "the same tensor" from "a different tensor" with a wide margin.
+MATCH_RTOL = 1e-4
+
+
+class ConversionError(InputError):
+    """The model could not be converted; ``found`` carries the converter's own message."""
+
+
+def export_tflite(onnx_path: str | Path, out_dir: str | Path, precisions: Iterable[str], *,
+                  preprocessing: Preprocessing, labels: list[str] | None = None,
+                  card: ModelCard | None = None, calibration: np.ndarray | None = None,
+                  layout: str = "NHWC", random_calibration: bool = False,
+                  root: str | Path | None = None) -> list[Artifact]:
+    """Convert ``onnx_path`` into one ``.tflite`` per precision in ``out_dir``.
+
+    ``calibration`` is float32 NCHW model inputs, already preprocessed (see
+    ``quantize.calibration.load_calibration``); the integer precisions refuse to run
+    without it unless ``random_calibration`` is set (then uniform random pixels,
+    normalised, are used and the artifact says so). ``layout`` is the input layout of
+    the ``.tflite`` (apps want NHWC). Artifact paths are relative to ``root``
+    (default: ``out_dir``).
+    """
+    precisions = _check_precisions(precisions)
+    if layout not in LAYOUTS:
+        raise InputError("layout", " or ".join(LAYOUTS), repr(layout))
+    onnx_path, out_dir = Path(onnx_path), Path(out_dir)
+    root = Path(root) if root is not None else out_dir
+    card = card or ModelCard(name=onnx_path.stem)
+
+    model = load_onnx(onnx_path)
+    in_name, in_shape, out_names = _io_signature(model, onnx_path, preprocessing)
+    calib, calib_source = _calibration(calibration, in_shape, preprocessing, precisions, random_calibration)
+
+    with tempfile.TemporaryDirectory(prefix="mdeploy-tflite-") as tmp:
+        work = Path(tmp)
+        saved_model = _onnx2tf(model, work, input_name=in_name, input_shape=in_shape,
+                               keep_nchw=(layout == "NCHW"), sample=calib)
+        raw = {p: _rename_io(_convert(saved_model, p, calib, layout), [in_name], out_names)
+               for p in dict.fromkeys(["fp32", *precisions])}     # fp32 always: the layer map needs it
+    sample = calib[:1] if calib is not None else _sample_input(in_shape, preprocessing)
+    layer_map = _layer_map(model, raw["fp32"], sample, layout)
+    tool_version = _tool_version()
+    artifacts = []
+    for precision in precisions:
+        data = raw[precision]
+        ins, outs = _tensor_specs(data, layout)
+        md = image_classifier_metadata(card, preprocessing, input_name=in_name, output_name=out_names[0],
+                                       input_dtype=ins[0].dtype, labels=labels)
+        data = populate(data, md)
+        path = out_dir / f"{onnx_path.stem}_{precision}.tflite"
+        atomic_write_bytes(path, data)
+        ops = graph_ops(data)
+        names = _tensor_names(data)
+        extra: dict[str, Any] = {
+            "ops": op_counts(ops),
+            "delegates": delegate_fallbacks(ops, int8_activations=precision in INTEGER_PRECISIONS),
+            "layer_map": {k: v for k, v in layer_map.items() if k in names},
+            "intermediate_layout": "NHWC",
+            "metadata": {"schema": "TFLite Metadata (tflite-support metadata_schema.fbs)",
+                         "associated_files": sorted(md.file_contents)},
+            "weights": {"fp32": "float32", "fp16": "float16", "dynamic": "int8",
+                        "int8": "int8", "int8-io": "int8"}[precision],
+        }
+        if precision in INTEGER_PRECISIONS:
+            extra["calibration"] = {"samples": int(len(calib)), "source": calib_source}
+        artifacts.append(Artifact(
+            path=str(path.resolve().relative_to(root.resolve())), format="tflite", precision=precision,
+            inputs=ins, outputs=outs, sha256=sha256_of(path), size_bytes=size_of(path),
+            tool="onnx2tf + tf.lite.TFLiteConverter", tool_version=tool_version, extra=extra))
+    return artifacts
+
+
+# ---------------------------------------------------------------- arguments
+
+
+def _check_precisions(precisions: Iterable[str]) -> list[str]:
+    out = []
+    for p in precisions:
+        if p not in PRECISIONS:
+            raise InputError("precision", f"one of {', '.join(PRECISIONS)} for tflite", repr(p))
+        if p not in out:
+            out.append(p)
+    if not out:
+        raise InputError("precisions", f"at least one of {', '.join(PRECISIONS)}", "none")
+    return out
+
+
+def _io_signature(model: Any, path: Path, pre: Preprocessing) -> tuple[str, list[int], list[str]]:
+    init = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in init]
+    if len(inputs) != 1:
+        raise InputError(path, "an image model with one input", f"{len(inputs)} inputs")
+    dims = inputs[0].type.tensor_type.shape.dim
+    if len(dims) != 4:
+        raise InputError(path, "a 4-D (N, C, H, W) image input", f"{len(dims)}-D input {inputs[0].name!r}")
+    want = [1, pre.channels, *pre.input_size]
+    shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else want[i] for i, d in enumerate(dims)]
+    if shape[0] != 1:
+        raise InputError(path, "batch size 1 (or a dynamic batch) for a mobile model", f"batch {shape[0]}")
+    if shape[1:] != want[1:]:
+        raise InputError(path, f"an input of shape (N, {', '.join(map(str, want[1:]))}) as the preprocessing says",
+                         f"(N, {', '.join(map(str, shape[1:]))})")
+    return inputs[0].name, shape, [o.name for o in model.graph.output]
+
+
+def _calibration(calibration: np.ndarray | None, shape: list[int], pre: Preprocessing, precisions: list[str],
+                 random_calibration: bool) -> tuple[np.ndarray | None, str]:
+    needs = any(p in INTEGER_PRECISIONS for p in precisions)
+    if calibration is None:
+        if needs and not random_calibration:
+            raise InputError("calibration", f"calibration images for {', '.join(p for p in precisions if p in INTEGER_PRECISIONS)} "
+                             "(a data set, an image folder or .npy; random data only when asked for)", "none")
+        if needs:
+            rng = np.random.default_rng(0)
+            pixels = rng.uniform(0, 1, (64, *shape[1:])).astype(np.float32)
+            m = np.asarray(pre.mean, np.float32).reshape(1, -1, 1, 1)
+            s = np.asarray(pre.std, np.float32).reshape(1, -1, 1, 1)
+            return (pixels - m) / s, "random uniform pixels (explicitly requested)"
+        return None, ""
+    x = np.asarray(calibration)
+    if x.ndim != 4 or list(x.shape[1:]) != shape[1:] or len(x) == 0:
+        raise InputError("calibration", f"float32 model inputs of shape (N, {', '.join(map(str, shape[1:]))})",
+                         f"shape {tuple(x.shape)}")
+    if not np.issubdtype(x.dtype, np.floating) or not np.isfinite(x).all():
+        raise InputError("calibration", "finite floating-point model inputs", f"dtype {x.dtype}")
+    return np.ascontiguousarray(x, dtype=np.float32), "caller"
+
+
+def _sample_input(shape: list[int], pre: Preprocessing) -> np.ndarray:
+    """A deterministic mid-grey-ish input for layer matching when no real image is given."""
+    rng = np.random.default_rng(0)
+    pixels = rng.uniform(0, 1, shape).astype(np.float32)
+    m = np.asarray(pre.mean, np.float32).reshape(1, -1, 1, 1)
+    s = np.asarray(pre.std, np.float32).reshape(1, -1, 1, 1)
+    return (pixels - m) / s
+
+
+# ---------------------------------------------------------------- onnx2tf
+
+
+def _onnx2tf(model: Any, work: Path, *, input_name: str, input_shape: list[int], keep_nchw: bool,
+             sample: np.ndarray | None) -> Path:
+    """The SavedModel onnx2tf makes from ``model``; raises ``ConversionError`` with its message.
+
+    onnx2tf overwrites the ONNX file it reads, so it gets its own single-file copy; it
+    runs ``onnxsim`` from PATH, so this interpreter's ``bin`` goes first on PATH.
+    """
+    import onnx
+    src = work / "model.onnx"
+    onnx.save(model, str(src))
+    out = work / "saved_model"
+    if input_shape[1] == 3:
+        imgs = sample if sample is not None else np.random.default_rng(0).uniform(0, 1, (20, *input_shape[1:]))
+        imgs = np.resize(imgs.astype(np.float32), (20, *input_shape[1:]))   # repeats to 20 images
+        np.save(work / ONNX2TF_SAMPLE_FILE, imgs.transpose(0, 2, 3, 1))
+    cmd = [sys.executable, "-m", "onnx2tf", "-i", str(src), "-o", str(out), "-osd", "-n",
+           "-ois", f"{input_name}:{','.join(map(str, input_shape))}"]
+    if keep_nchw:
+        cmd += ["-k", input_name]
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    env["CUDA_VISIBLE_DEVICES"] = "-1"
+    try:
+        proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=ONNX2TF_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise ConversionError("onnx2tf", f"a conversion within {ONNX2TF_TIMEOUT_S} s", "a timeout") from None
+    if proc.returncode != 0 or not (out / "saved_model.pb").exists():
+        raise ConversionError("onnx2tf", "a model onnx2tf can convert", _converter_message(proc.stdout + proc.stderr))
+    return out
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _converter_message(log: str) -> str:
+    """The converter's own words: its ERROR lines, else the last exception line."""
+    lines = [_ANSI.sub("", ln).strip() for ln in log.splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith(("W0000", "I0000", "WARNING: All log"))]
+    errors = [ln for ln in lines if "ERROR" in ln or re.match(r"^\w+(Error|Exception)\b", ln)]
+    picked = errors[-3:] if errors else lines[-3:]
+    return " | ".join(picked)[:800] or "onnx2tf failed without a message"
+
+
+# ---------------------------------------------------------------- TFLite converter
+
+
+def _convert(saved_model: Path, precision: str, calib: np.ndarray | None, layout: str) -> bytes:
+    tf = _tf()
+    conv = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
+    if precision != "fp32":
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    if precision == "fp16":
+        conv.target_spec.supported_types = [tf.float16]
+    if precision in INTEGER_PRECISIONS:
+        data = calib.transpose(0, 2, 3, 1) if layout == "NHWC" else calib
+
+        def representative() -> Iterable[list[np.ndarray]]:
+            for i in range(len(data)):
+                yield [np.ascontiguousarray(data[i:i + 1])]
+
+        conv.representative_dataset = representative
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]   # fail, never fall back to float
+        if precision == "int8-io":
+            conv.inference_input_type = tf.int8
+            conv.inference_output_type = tf.int8
+    try:
+        return bytes(conv.convert())
+    except Exception as exc:  # the converter raises ConverterError and friends
+        msg = str(exc).strip().splitlines()
+        raise ConversionError("tf.lite.TFLiteConverter", f"a {precision} conversion",
+                              f"{type(exc).__name__}: {' | '.join(msg[-3:])[:800]}") from None
+
+
+def _tf():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tensorflow as tf
+    return tf
+
+
+def _tool_version() -> str:
+    from importlib import metadata
+    parts = []
+    for dist, label in (("onnx2tf", "onnx2tf"), ("tensorflow-cpu", "tensorflow"), ("tensorflow", "tensorflow")):
+        try:
+            v = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+        if not any(p.startswith(label + " ") for p in parts):
+            parts.append(f"{label} {v}")
+    return ", ".join(parts)
+
+
+# ---------------------------------------------------------------- flatbuffer edits and specs
+
+
+def _rename_io(model: bytes, in_names: list[str], out_names: list[str]) -> bytes:
+    """Give the input/output tensors and the signature the ONNX names (``input``,
+    ``logits``), as apps and our manifest call them; the converter's names are
+    ``serving_default_input:0`` / ``PartitionedCall:0`` / ``output_0``."""
+    from ai_edge_litert import schema_py_generated as fb
+    m = fb.ModelT.InitFromPackedBuf(bytearray(model), 0)
+    sg = m.subgraphs[0]
+    if len(sg.inputs) != len(in_names) or len(sg.outputs) != len(out_names):
+        raise ConversionError("tflite", f"{len(in_names)} inputs and {len(out_names)} outputs",
+                              f"{len(sg.inputs)} and {len(sg.outputs)}")
+    for idx, name in zip(list(sg.inputs) + list(sg.outputs), in_names + out_names):
+        sg.tensors[idx].name = name
+    for sig in m.signatureDefs or []:
+        for tmap, names in ((sig.inputs, in_names), (sig.outputs, out_names)):
+            for tm in tmap or []:
+                pos = (list(sg.inputs) if tmap is sig.inputs else list(sg.outputs)).index(tm.tensorIndex)
+                tm.name = names[pos]
+    return pack_model(m)
+
+
+_DTYPES = {0: "float32", 1: "float16", 2: "int32", 3: "uint8", 4: "int64", 9: "int8", 7: "int16"}
+
+
+def _tensor_specs(model: bytes, layout: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    from ai_edge_litert import schema_py_generated as fb
+    m = fb.Model.GetRootAs(model, 0)
+    sg = m.Subgraphs(0)
+
+    def spec(idx: int, is_input: bool) -> TensorSpec:
+        t = sg.Tensors(idx)
+        shape = [int(d) for d in t.ShapeAsNumpy()] if t.ShapeLength() else []
+        q = t.Quantization()
+        scale = zp = None
+        if q is not None and q.ScaleLength() == 1:
+            scale, zp = float(q.Scale(0)), int(q.ZeroPoint(0))
+        lay = (layout if is_input else "NHWC") if len(shape) == 4 else ("NC" if len(shape) == 2 else "ANY")
+        return TensorSpec(t.Name().decode(), shape, _DTYPES.get(t.Type(), str(t.Type())), lay, scale, zp)
+
+    ins = [spec(int(i), True) for i in sg.InputsAsNumpy()]
+    outs = [spec(int(i), False) for i in sg.OutputsAsNumpy()]
+    return ins, outs
+
+
+def _tensor_names(model: bytes) -> set[str]:
+    from ai_edge_litert import schema_py_generated as fb
+    sg = fb.Model.GetRootAs(model, 0).Subgraphs(0)
+    return {sg.Tensors(i).Name().decode() for i in range(sg.TensorsLength())}
+
+
+# ---------------------------------------------------------------- layer map
+
+
+def _layer_map(model: Any, tflite: bytes, sample: np.ndarray, layout: str) -> dict[str, str]:
+    """TFLite tensor name -> torch module call key (``exporters.layer_map``), by
+    matching values against ONNX Runtime.
+
+    onnx2tf renames, fuses (conv+BN+ReLU6 is one tensor) and transposes (NHWC), so
+    names cannot be matched; values can: a TFLite op output (NHWC -> NCHW when 4-D)
+    that equals a module's ONNX output on a real input *is* that module's output.
+    """
+    targets = layer_map_from_onnx(model)        # ONNX tensor -> module call key
+    if not targets:
+        return {}
+    onnx_vals = _onnx_values(model, sample, list(targets))
+    tfl_vals = _tflite_values(tflite, sample, layout)
+    out: dict[str, str] = {}
+    used: set[str] = set()
+    for tname, v in tfl_vals.items():
+        best, best_err = None, None
+        for oname, ref in onnx_vals.items():
+            if oname in used or ref.shape != v.shape or float(ref.std()) < 1e-6:
+                continue
+            err = float(np.max(np.abs(ref - v)))
+            if err <= MATCH_RTOL * max(1.0, float(np.max(np.abs(ref)))) and (best_err is None or err < best_err):
+                best, best_err = oname, err
+        if best is not None:
+            used.add(best)
+            out[tname] = targets[best]
+    return out
+
+
+def _onnx_values(model: Any, x: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+    import onnx
+    import onnxruntime as ort
+    m = onnx.shape_inference.infer_shapes(model)
+    known = {vi.name: vi for vi in list(m.graph.value_info) + list(m.graph.output)}
+    have = {o.name for o in m.graph.output}
+    names = [n for n in names if n in known and known[n].type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
+    if not names:
+        return {}
+    for n in names:
+        if n not in have:
+            m.graph.output.append(known[n])
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    outs = sess.run(names, {sess.get_inputs()[0].name: x.astype(np.float32)})
+    return {n: v for n, v in zip(names, outs) if isinstance(v, np.ndarray) and v.dtype == np.float32}
+
+
+def _tflite_values(model: bytes, x: np.ndarray, layout: str) -> dict[str, np.ndarray]:
+    """Every float op output of ``model`` on ``x`` (4-D ones as NCHW), in execution order."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    it = Interpreter(model_content=model, experimental_preserve_all_tensors=True,
+                     experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    it.allocate_tensors()
+    d = it.get_input_details()[0]
+    it.set_tensor(d["index"], np.ascontiguousarray(x.transpose(0, 2, 3, 1) if layout == "NHWC" else x))
+    it.invoke()
+    details = {t["index"]: t for t in it.get_tensor_details()}
+    out: dict[str, np.ndarray] = {}
+    for op in graph_ops(model):
+        for idx in op["outputs"]:
+            t = details.get(idx)
+            if t is None or t["dtype"] != np.float32:
+                continue
+            v = it.get_tensor(idx)
+            out[t["name"]] = v.transpose(0, 3, 1, 2) if v.ndim == 4 else v
+    return out
