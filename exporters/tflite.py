@@ -44,8 +44,9 @@ ONNX2TF_TIMEOUT_S = 1800
 ONNX2TF_SAMPLE_FILE = "calibration_image_sample_data_20x128x128x3_float32.npy"
 
 # fp32 layer matching between ONNX Runtime and LiteRT: the same float32 math in a
-# different order (NHWC kernels, fused BN) agrees to ~1e-6 relative; 1e-4 separates
-# "the same tensor" from "a different tensor" with a wide margin.
+# different order (NHWC kernels, fused BN) agrees to ~1e-6 of the tensor's own range;
+# 1e-4 of that range separates "the same tensor" from "a different tensor" with a wide
+# margin, whatever the scale (an untrained net's late activations can be ~1e-5).
 MATCH_RTOL = 1e-4
 
 
@@ -346,19 +347,29 @@ def _layer_map(model: Any, tflite: bytes, sample: np.ndarray, layout: str) -> di
         return {}
     onnx_vals = _onnx_values(model, sample, list(targets))
     tfl_vals = _tflite_values(tflite, sample, layout)
+    return {t: targets[o] for t, o in match_tensors(tfl_vals, onnx_vals).items()}
+
+
+def match_tensors(candidates: dict[str, np.ndarray], references: dict[str, np.ndarray],
+                  rtol: float = MATCH_RTOL) -> dict[str, str]:
+    """candidate name -> reference name for values equal within ``rtol`` of the
+    reference's own range; greedy in candidate order, each reference used once, the
+    closest one winning. Constant references (all one value) match nothing: they
+    cannot tell tensors apart."""
+    scale = {n: float(np.max(np.abs(r))) if r.size else 0.0 for n, r in references.items()}
     out: dict[str, str] = {}
     used: set[str] = set()
-    for tname, v in tfl_vals.items():
+    for cname, v in candidates.items():
         best, best_err = None, None
-        for oname, ref in onnx_vals.items():
-            if oname in used or ref.shape != v.shape or float(ref.std()) < 1e-6:
+        for rname, ref in references.items():
+            if rname in used or ref.shape != v.shape or scale[rname] == 0.0 or float(ref.std()) == 0.0:
                 continue
-            err = float(np.max(np.abs(ref - v)))
-            if err <= MATCH_RTOL * max(1.0, float(np.max(np.abs(ref)))) and (best_err is None or err < best_err):
-                best, best_err = oname, err
+            err = float(np.max(np.abs(ref - v))) / scale[rname]
+            if err <= rtol and (best_err is None or err < best_err):
+                best, best_err = rname, err
         if best is not None:
             used.add(best)
-            out[tname] = targets[best]
+            out[cname] = best
     return out
 
 

@@ -35,6 +35,7 @@ FP32_ATOL = 1e-5
 FP16_RTOL = 2e-3
 PRE = Preprocessing(input_size=[32, 32], mean=[0.1307], std=[0.3081], channel_order="GRAY")
 LABELS = [str(i) for i in range(10)]
+TINY_BRANCHES = ("blocks.4.conv_pwl.1", "blocks.5.conv_pwl.1")
 CARD = ModelCard(name="tiny-mobilenet", description="MobileNetV2 0.35 on 32x32 digits",
                  version="0.3", author="mdeploy tests", license="Apache-2.0")
 
@@ -50,6 +51,12 @@ def _tiny_model() -> torch.nn.Module:
             mod.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
             mod.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
             mod.bias.data.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
+    # Two residual branches scaled to ~1e-5 (as in an untrained net's deep layers): the
+    # layer map must match tensors relative to their own range, not in absolute terms.
+    for name in TINY_BRANCHES:
+        bn = dict(m.named_modules())[name]
+        bn.weight.data.mul_(1e-5)
+        bn.bias.data.mul_(1e-5)
     return m
 
 
@@ -166,16 +173,31 @@ def test_layer_map_names_torch_modules(tiny):
         names = r.intermediate_names()
         vals = r.infer_intermediates({"input": x}, [n for n in names if n in lmap])
     assert len(vals) == len(lmap) >= 30
+    assert set(TINY_BRANCHES) <= set(lmap.values())
     for tensor, key in lmap.items():
-        if key in got:
+        if key in got:     # each within 1e-5 of its own range (the fp32 argument, per tensor)
             assert vals[tensor].shape == got[key].shape, key
-            assert np.abs(vals[tensor] - got[key]).max() <= FP32_ATOL * max(1.0, np.abs(got[key]).max()), key
+            assert np.abs(vals[tensor] - got[key]).max() <= FP32_ATOL * np.abs(got[key]).max(), key
     # quantized intermediates come back dequantized, NCHW, under the same names
     with LiteRTRunner() as r:
         r.load(tiny["arts"]["int8"], tiny["folder"])
         q = r.infer_intermediates({"input": x}, list(tiny["arts"]["int8"].extra["layer_map"]))
     some = next(t for t in q if q[t].ndim == 4)
     assert q[some].dtype == np.float32 and q[some].shape == vals[some].shape
+
+
+def test_tensor_matching_is_relative_to_each_tensors_range():
+    """Layer matching must not pair tiny unrelated tensors (an untrained net's deep
+    activations are ~1e-5: any absolute tolerance would pair them all)."""
+    from exporters.tflite import match_tensors
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((2, 1, 4, 4, 4)).astype(np.float32) * 1e-5
+    big = rng.standard_normal((1, 4, 4, 4)).astype(np.float32)
+    refs = {"onnx_a": a, "onnx_b": b, "onnx_big": big, "onnx_const": np.full_like(big, 3.0)}
+    cands = {"tfl_unrelated": rng.standard_normal((1, 4, 4, 4)).astype(np.float32) * 1e-5,
+             "tfl_b": b * (1 + 1e-6), "tfl_big": big + 1e-7, "tfl_a": a + 1e-12,
+             "tfl_const": np.full_like(big, 3.0)}
+    assert match_tensors(cands, refs) == {"tfl_b": "onnx_b", "tfl_big": "onnx_big", "tfl_a": "onnx_a"}
 
 
 def test_integer_kinds_refuse_missing_or_bad_calibration(tiny, tmp_path):
