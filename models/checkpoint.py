@@ -122,6 +122,8 @@ def build_model(spec: str | None, checkpoint: str | Path | None = None,
     architecture recorded in an mdeploy checkpoint; weights from ``checkpoint`` if given.
 
     Returns the model in eval mode and the checkpoint's metadata (merged with overrides).
+    A checkpoint whose metadata says ``reparameterized`` holds deploy-form weights: the
+    model is re-parameterized before they are loaded.
     """
     state, meta = load_checkpoint(checkpoint) if checkpoint else ({}, {})
     meta = {**meta, **{k: v for k, v in overrides.items() if v is not None}}
@@ -137,6 +139,11 @@ def build_model(spec: str | None, checkpoint: str | Path | None = None,
         model = create_model(spec, num_classes=int(meta.get("num_classes", 1000)),
                              in_chans=int(meta.get("in_chans", 3)), **kwargs)
     meta["model"] = spec
+    if meta.get("reparameterized"):
+        # deploy-form weights (fused RepVGG branches, frozen shift plans): fuse the freshly
+        # built model the same way first, so names and shapes match (models.reparam)
+        from models.reparam import reparameterize_model
+        model = reparameterize_model(model, inplace=True)
     if checkpoint:
         apply_state_dict(model, state, checkpoint)
     return model.eval(), meta
