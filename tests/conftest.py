@@ -10,18 +10,14 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-# The small MobileNetV2 that `mdeploy run` trains by default, at fewer epochs.
-TRAINED_MODEL = {"model": "mobilenet_v2", "model_kwargs": {"width_mult": 0.35}, "data": "mnist",
-                 "epochs": 3, "batch_size": 64, "seed": 0}
-
-
 @pytest.fixture(scope="session")
 def trained_mnist(tmp_path_factory) -> Path:
-    """Folder with ``model.safetensors`` of a small MobileNetV2 trained on bundled MNIST."""
-    from pipeline.stages.train import TrainConfig, train
+    """Path of ``model.safetensors``: exactly the model `mdeploy run` trains by default
+    (a small MobileNetV2 on the bundled MNIST), so tests see the accuracy users get."""
+    from pipeline.config import RunConfig
+    from pipeline.stages.train import train
     out = tmp_path_factory.mktemp("trained_mnist")
-    result = train(TrainConfig(**TRAINED_MODEL), out, force=True)
-    return result.checkpoint
+    return train(RunConfig().train, out, force=True).checkpoint
 
 
 @pytest.fixture
