@@ -3,8 +3,8 @@ the NumPy MIL interpreter against PyTorch; and the MIL ops of every zoo program 
 the interpreter's op table. ``make test-zoo`` (marker ``zoo``).
 
 Each model is built at its registered small input size, 3 channels, 10 classes, with
-random weights and BatchNorm statistics drawn away from their (0, 1) defaults (so a
-wrong epsilon or a mis-folded BatchNorm shows), in eval mode; the tensor-input variant
+random weights (none left at zero) and BatchNorm statistics drawn away from their
+(0, 1) defaults (so a wrong epsilon or a mis-folded BatchNorm shows), in eval mode; the tensor-input variant
 is converted (the image variant adds two elementwise ops, tested in
 ``tests/test_coreml_export.py``).
 
@@ -37,9 +37,14 @@ _OPS: dict[str, list[str]] = {}
 
 
 def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """BatchNorm statistics and affine terms away from 0/1, deterministically."""
+    """BatchNorm statistics and affine terms away from 0/1, and zero-initialised weights
+    (MLP-Mixer's head, as timm initialises it) made non-zero: all-zero logits would pass
+    any parity check and prove nothing."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2 and not p.any():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
         for m in model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 n = m.num_features
@@ -104,6 +109,7 @@ def test_fp32_and_fp16_parity(name, zoo_dir):
         res[f"{prec}_snr_db"] = m["snr_db"] if m["snr_db"] is not None else float("inf")
     res["fp16_top1"] = float((outs["fp16"].argmax(1) == ref.argmax(1)).mean())
     _RESULTS[name] = res
+    assert np.abs(ref).max() > 0, f"{name}: all-zero logits prove nothing"
     fp32_tol = tolerance_for("fp32").max_abs * scale
     assert res["fp32_max_abs"] <= fp32_tol, (
         f"{name} fp32: max abs {res['fp32_max_abs']:.3g} > {fp32_tol:.3g} (logits up to {scale:.3g})")
