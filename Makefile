@@ -19,7 +19,7 @@ venv: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/mdeploy run
 
-test: $(STAMP)
+test: $(STAMP) test-deps
 	$(PY) -m pytest
 
 test-zoo: $(STAMP)
