@@ -11,9 +11,9 @@ Efficient Convolutional Neural Networks for Image Classification", CVPR 2019).
   (``quantize.shift``) drives most of them to zero, and a channel whose displacement
   rounds to (0, 0) is the identity: it costs nothing at inference.
 * ``reparameterize()`` freezes the rounded displacements into a static plan, the deploy
-  form: channels grouped by displacement, moved by Pad + Slice + Concat
-  (``models.shift.shift_channel_groups``), still channels passed through untouched. The
-  exported graph of a deployed layer has no multiply, no interpolation and no gather.
+  form: channels split into runs of one displacement, each moved by one Pad (negative on
+  the side it leaves, i.e. a crop), still channels passed through untouched, one Concat.
+  The exported graph of a deployed layer has no multiply, no interpolation and no gather.
   The plan is the module's extra state (an int64 (C, 2) tensor in the state dict), so a
   deploy-form state dict loads into a model built with ``deploy=True``.
 * ``FEBlock``/``FENet``: the paper's fully-exploited computational block, made of 1x1
@@ -37,6 +37,7 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from models.registry import register_model
 from models.shift import shift2d, shift_channel_groups
@@ -206,15 +207,23 @@ class SparseShift(nn.Module):
         self._segments = segments
 
     def _deploy_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Channels split into runs of one displacement; a run moves by one Pad whose
+        padding is negative on the side it leaves (a crop), a still run passes through;
+        one Concat. Under ``torch.jit.trace`` (Core ML's route: its ``pad`` takes no
+        negative padding) a moving segment is shifted by ``shift_channel_groups`` (one
+        Pad, Slices) instead. Both are exact: data movement only."""
         if not any(moving for moving, _ in self._segments):
             return x
-        sizes = [sum(n for _, n in runs) for _, runs in self._segments]
-        parts = torch.split(x, sizes, dim=-3) if len(sizes) > 1 else (x,)
-        out = []
-        for (moving, runs), part in zip(self._segments, parts):
-            if moving:
-                part = shift_channel_groups(part, [k for k, _ in runs], [n for _, n in runs])
-            out.append(part)
+        if torch.jit.is_tracing():
+            sizes = [sum(n for _, n in runs) for _, runs in self._segments]
+            parts = torch.split(x, sizes, dim=-3) if len(sizes) > 1 else (x,)
+            out = [shift_channel_groups(part, [k for k, _ in runs], [n for _, n in runs])
+                   if moving else part for (moving, runs), part in zip(self._segments, parts)]
+        else:
+            runs = [run for _, seg in self._segments for run in seg]
+            parts = torch.split(x, [n for _, n in runs], dim=-3) if len(runs) > 1 else (x,)
+            out = [F.pad(part, (dx, -dx, dy, -dy)) if (dy, dx) != (0, 0) else part
+                   for ((dy, dx), _), part in zip(runs, parts)]
         return torch.cat(out, dim=-3) if len(out) > 1 else out[0]
 
     def get_extra_state(self) -> torch.Tensor:
