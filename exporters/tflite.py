@@ -219,15 +219,29 @@ def _onnx2tf(model: Any, work: Path, *, input_name: str, input_shape: list[int],
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_ONNX2TF_HINTS = ("The trace log", "input_onnx_file_path", "onnx_op_name", "Read this", "Alternatively",
+                  "If the input OP", "Also, for models")
 
 
 def _converter_message(log: str) -> str:
-    """The converter's own words: its ERROR lines, else the last exception line."""
+    """The converter's own words in one line: the ONNX node it failed on, its specific
+    ERROR lines (not its generic hints) and the final exception with its detail line."""
     lines = [_ANSI.sub("", ln).strip() for ln in log.splitlines()]
     lines = [ln for ln in lines if ln and not ln.startswith(("W0000", "I0000", "WARNING: All log"))]
-    errors = [ln for ln in lines if "ERROR" in ln or re.match(r"^\w+(Error|Exception)\b", ln)]
-    picked = errors[-3:] if errors else lines[-3:]
-    return " | ".join(picked)[:800] or "onnx2tf failed without a message"
+    node = next((m.group(1) for ln in lines if (m := re.search(r"onnx_op_name:\s*(\S+)", ln))), None)
+    errors = [ln.removeprefix("ERROR:").strip() for ln in lines
+              if ln.startswith("ERROR:") and not ln.removeprefix("ERROR:").strip().startswith(_ONNX2TF_HINTS)]
+    exc = [k for k, ln in enumerate(lines) if re.match(r"^[\w.]+(Error|Exception)\b", ln)]
+    parts = [f"at ONNX node {node}"] if node else []
+    parts += errors[-2:]
+    if exc:
+        k = exc[-1]
+        parts.append(lines[k])
+        if lines[k].endswith(").") and k + 1 < len(lines) and not lines[k + 1].startswith("Call arguments"):
+            parts.append(lines[k + 1])                # Keras wraps the real reason on the next line
+    if not parts:
+        parts = lines[-3:]
+    return " | ".join(dict.fromkeys(parts))[:600] or "onnx2tf failed without a message"
 
 
 # ---------------------------------------------------------------- TFLite converter
