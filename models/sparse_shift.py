@@ -145,6 +145,8 @@ class SparseShift(nn.Module):
     by ``quantize.shift.freeze_shifts``: the trainer then stops updating them.
     """
 
+    export_needs_deploy = True      # real-valued displacements cannot be traced into a graph
+
     def __init__(self, channels: int, max_shift: int = 2, init_range: float = 1.0,
                  deploy: bool = False) -> None:
         super().__init__()

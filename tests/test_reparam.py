@@ -266,3 +266,27 @@ def test_deploy_tflite_and_coreml_have_one_conv_per_block_no_add_and_fp32_parity
     interp = MILInterpreter(load_program(str(tmp_path / "cm" / cml.path)))
     out = np.concatenate([interp.run({"input": x[i:i + 1].numpy()})["logits"] for i in range(len(x))])
     assert np.abs(out - ref).max() <= tol(ref)
+
+
+def test_export_writes_the_deploy_form_by_default_and_warns_without_it(cli, tmp_path):
+    """``mdeploy export`` fuses by default and records it; ``--no-reparam`` keeps the
+    branches with a warning; ``verify``'s reference (the ``pt`` artifact) is the same form."""
+    import onnx
+
+    from exporters.artifact import Manifest
+    from models.checkpoint import build_model
+    code, _, err = cli("export", "repvgg_tiny", "--num-classes", "10", "--out", str(tmp_path / "fused"))
+    assert code == 0, err
+    manifest = Manifest.load(tmp_path / "fused")
+    assert manifest.source["reparameterized"] is True and manifest.source["reparameterizable_modules"] == 8
+    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "fused" / "model.onnx")).graph.node)
+    assert ops["Conv"] == 8 and "Add" not in ops
+    reference, meta = build_model(None, tmp_path / "fused" / "model.safetensors")
+    assert meta["reparameterized"] and not is_reparameterizable(reference)
+
+    code, _, err = cli("export", "repvgg_tiny", "--num-classes", "10", "--no-reparam",
+                       "--out", str(tmp_path / "branches"))
+    assert code == 0 and "--no-reparam" in err
+    assert Manifest.load(tmp_path / "branches").source["reparameterized"] is False
+    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "branches" / "model.onnx")).graph.node)
+    assert ops["Conv"] > 8 and ops["Add"] > 0

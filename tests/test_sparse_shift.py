@@ -271,3 +271,9 @@ def test_deployed_shift_in_tflite_and_coreml_is_data_movement_with_zero_error(tm
     for i in range(len(x)):
         out = list(interp.run({"input": x[i:i + 1]}).values())[0]
         assert np.array_equal(out, ref[i:i + 1])
+
+
+def test_export_refuses_the_training_form_of_sparse_shifts(cli, tmp_path):
+    code, _, err = cli("export", "fe_net_tiny", "--num-classes", "10", "--in-chans", "1", "--no-reparam",
+                       "--out", str(tmp_path / "x"))
+    assert code == 2 and "deploy form" in err
