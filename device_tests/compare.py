@@ -128,21 +128,26 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
 }
 
 
+def tolerance_row(precision: str) -> str:
+    """Which row of ``DEFAULT_TOLERANCES`` a precision label falls under."""
+    p = precision.lower()
+    if p in DEFAULT_TOLERANCES:
+        return p
+    if p.startswith(("fp32", "float32")):
+        return "fp32"
+    if p.startswith(("fp16", "float16")):
+        return "fp16"
+    if "a16" in p or "int16" in p:
+        return "w8a16"
+    return "int8"
+
+
 def tolerance_for(precision: str, overrides: Mapping[str, Mapping[str, float | None]] | None = None
                   ) -> Tolerance:
     """The default row for ``precision`` (``fp16-io`` -> fp16, ``uint8`` -> int8, ...), then
     overrides: ``{"*": {...}}`` for every precision, ``{"fp16": {...}}`` for one."""
     p = precision.lower()
-    if p in DEFAULT_TOLERANCES:
-        key = p
-    elif p.startswith(("fp32", "float32")):
-        key = "fp32"
-    elif p.startswith(("fp16", "float16")):
-        key = "fp16"
-    elif "a16" in p or "int16" in p:
-        key = "w8a16"
-    else:
-        key = "int8"
+    key = tolerance_row(p)
     tol = DEFAULT_TOLERANCES[key]
     overrides = overrides or {}
     for scope in ("*", key, p):
@@ -261,32 +266,41 @@ def check_inputs(runner: Runner, inputs: Mapping[str, np.ndarray]) -> None:
                              f"shape {list(x.shape)}")
 
 
+def run_batched(runner: Runner, feeds: Mapping[str, np.ndarray], call: Any = None, *,
+                batch_size: int = 32, progress: Any = None) -> dict[str, np.ndarray]:
+    """``call(feed)`` (default ``runner.infer``) over ``feeds`` in batches the runner accepts:
+    a static-batch artifact gets exactly its batch (a short last batch is padded and the
+    padding dropped again), a dynamic one ``batch_size``. Results are concatenated."""
+    call = call or runner.infer
+    n = len(next(iter(feeds.values())))
+    step = _batch_limit(runner, batch_size)
+    static = _batch_limit(runner, 0) == step
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in range(0, n, step):
+        batch = {k: v[start:start + step] for k, v in feeds.items()}
+        real = len(next(iter(batch.values())))
+        if static and real < step:
+            batch = {k: np.concatenate([v, np.repeat(v[-1:], step - real, 0)]) for k, v in batch.items()}
+        for name, y in call(feed_for(runner, batch)).items():
+            parts.setdefault(name, []).append(np.asarray(y)[:real])
+        if progress:
+            progress(min(n, start + step), n)
+    return {name: np.concatenate(p) for name, p in parts.items()}
+
+
 def run_all(runners: Mapping[str, Runner], inputs: np.ndarray | Mapping[str, np.ndarray], *,
             batch_size: int = 32, progress: Any = None) -> RunResults:
-    """Every runner on the same inputs, in batches (a static-batch artifact gets its own
-    batch size; a short last batch is padded and the padding dropped again).
-
-    ``progress(key, done, total)`` is called after each batch, if given.
-    """
+    """Every runner on the same inputs (``run_batched``); ``progress(key, done, total)``
+    is called after each batch, if given. Input shapes are checked against every
+    artifact first, so a mismatch is one ``InputError`` before any runtime starts."""
     feeds = {"input": inputs} if isinstance(inputs, np.ndarray) else dict(inputs)
-    n = len(next(iter(feeds.values())))
     for runner in runners.values():
         check_inputs(runner, feeds)
     results = RunResults()
     for key, runner in runners.items():
-        step = _batch_limit(runner, batch_size)
-        chunks: dict[str, list[np.ndarray]] = {}
         t0 = time.perf_counter()
-        for start in range(0, n, step):
-            batch = {k: v[start:start + step] for k, v in feeds.items()}
-            real = len(next(iter(batch.values())))
-            if real < step and _batch_limit(runner, 0) == step:      # static batch: pad
-                batch = {k: np.concatenate([v, np.repeat(v[-1:], step - real, 0)]) for k, v in batch.items()}
-            for name, y in runner.infer(feed_for(runner, batch)).items():
-                chunks.setdefault(name, []).append(np.asarray(y)[:real])
-            if progress:
-                progress(key, min(n, start + step), n)
-        results.outputs[key] = {name: np.concatenate(parts) for name, parts in chunks.items()}
+        step = (lambda done, n, key=key: progress(key, done, n)) if progress else None
+        results.outputs[key] = run_batched(runner, feeds, batch_size=batch_size, progress=step)
         results.seconds[key] = time.perf_counter() - t0
     return results
 
@@ -338,6 +352,8 @@ class PairReport:
     first_divergent: dict[str, Any] | None = None
     layers: list[LayerError] | None = None
     divergence_note: str = ""
+    fp64_check: dict[str, float] | None = None   # failing fp32 pairs: distance of each side to float64
+    diagnosis: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return _finite(asdict(self))

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from device_tests.compare import LayerError, Tolerance, error_metrics, feed_for
+from device_tests.compare import LayerError, Tolerance, error_metrics, run_batched
 from device_tests.runners.base import Runner
 
 
@@ -77,9 +77,9 @@ def find_first_divergent(reference: Runner, target: Runner, inputs: Mapping[str,
         why = ("no layer of the target matches a module of the reference" if has_map
                else "the target's artifact records no layer map (extra['layer_map'])")
         return Divergence(samples=samples, note=f"no layers to compare: {why}")
-    ref_vals = reference.infer_intermediates(feed_for(reference, inputs),
-                                             [ref_keys[tensor_to_key[t]] for t in order])
-    tgt_vals = target.infer_intermediates(feed_for(target, inputs), order)
+    ref_names = [ref_keys[tensor_to_key[t]] for t in order]
+    ref_vals = run_batched(reference, inputs, lambda f: reference.infer_intermediates(f, ref_names))
+    tgt_vals = run_batched(target, inputs, lambda f: target.infer_intermediates(f, order))
 
     div = Divergence(samples=samples)
     skipped = 0

@@ -84,12 +84,19 @@ class OnnxRuntimeRunner(Runner):
         self._check_io_names()
 
     def _check_io_names(self) -> None:
+        """The file must be the one the manifest describes: input names and static dims."""
         assert self.artifact is not None
-        have = {i.name for i in self.session.get_inputs()}
+        have = {i.name: i for i in self.session.get_inputs()}
         for spec in self.artifact.inputs:
             if spec.name not in have:
                 raise InputError(self.path, f"an input named {spec.name!r} (as the manifest says)",
                                  f"inputs {sorted(have)}")
+            real = list(have[spec.name].shape)
+            clash = len(real) != len(spec.shape) or any(
+                isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(real, spec.shape))
+            if clash:
+                raise InputError(self.path, f"input {spec.name!r} of shape {spec.shape} (as the manifest says)",
+                                 f"shape {[d if isinstance(d, int) else str(d) for d in real]} in the file")
 
     @property
     def label(self) -> str:

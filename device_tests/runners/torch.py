@@ -23,37 +23,58 @@ from exporters.layer_map import call_key
 
 
 class TorchRunner(Runner):
+    """Options: ``dtype`` ``"float32"`` (default) or ``"float64"``. The float64 run is not
+    a deployment target: it is exact arithmetic's stand-in, to tell how far fp32 rounding
+    alone moves this model's outputs (its outputs are returned as float64)."""
+
     kind = "torch"
     formats = ("pt",)
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
+        dtype = str(options.get("dtype", "float32"))
+        if dtype not in ("float32", "float64"):
+            from models.errors import InputError
+            raise InputError("torch.dtype", "float32 or float64", repr(dtype))
+        self.dtype = torch.float64 if dtype == "float64" else torch.float32
         self.model: torch.nn.Module | None = None
         self.meta: dict[str, Any] = {}
         self._names: list[str] | None = None
 
     @classmethod
-    def from_module(cls, model: torch.nn.Module, artifact: Artifact) -> "TorchRunner":
+    def from_module(cls, model: torch.nn.Module, artifact: Artifact, **options: Any) -> "TorchRunner":
         """Wrap a model already in memory (tests, the export stage) instead of a file."""
-        runner = cls()
+        runner = cls(**options)
         runner.model = model.eval()
         runner.artifact = artifact
+        runner._cast()
         return runner
+
+    def _cast(self) -> None:
+        if self.model is not None and self.dtype != torch.float32:
+            import copy
+            self.model = copy.deepcopy(self.model).to(self.dtype)
 
     def load(self, artifact: Artifact, root: str | Path | None = None) -> None:
         from models.checkpoint import build_model
         path = artifact.resolve(root) if root is not None else Path(artifact.path)
         self.model, self.meta = build_model(None, checkpoint=path)
         self.artifact = artifact
+        self._cast()
 
     @property
     def label(self) -> str:
-        return f"torch {torch.__version__} (eager, CPU)"
+        tail = ", float64" if self.dtype == torch.float64 else ""
+        return f"torch {torch.__version__} (eager, CPU{tail})"
 
     def _input(self, inputs: dict[str, np.ndarray]) -> torch.Tensor:
         if len(inputs) != 1:
             raise ValueError(f"the torch runner feeds one input tensor, got {len(inputs)}")
-        return torch.from_numpy(np.ascontiguousarray(next(iter(inputs.values())), dtype=np.float32))
+        x = np.ascontiguousarray(next(iter(inputs.values())), dtype=np.float32)
+        return torch.from_numpy(x).to(self.dtype)
+
+    def _out(self, t: torch.Tensor) -> np.ndarray:
+        return t.detach().to(torch.float64 if self.dtype == torch.float64 else torch.float32).clone().numpy()
 
     def _names_out(self, n: int) -> list[str]:
         specs = self.artifact.outputs if self.artifact else []
@@ -64,7 +85,7 @@ class TorchRunner(Runner):
         from exporters.onnx import flatten_outputs
         with torch.inference_mode():
             outs = flatten_outputs(self.model(self._input(inputs)))
-        return {n: o.float().numpy() for n, o in zip(self._names_out(len(outs)), outs)}
+        return {n: self._out(o) for n, o in zip(self._names_out(len(outs)), outs)}
 
     def intermediate_names(self) -> list[str]:
         """Module call keys in execution order (found by one forward on a zero input)."""
@@ -84,7 +105,7 @@ class TorchRunner(Runner):
 
         def keep(key: str, out: torch.Tensor) -> None:
             if wanted is None or key in wanted:
-                found[key] = out.detach().float().clone().numpy()
+                found[key] = self._out(out)
 
         self._run_hooked(inputs, keep)
         return found

@@ -1,9 +1,102 @@
-"""`mdeploy export` (placeholder until its module is written)."""
+"""`mdeploy export [MODEL] --out DIR`: a model to ONNX (and TFLite, Core ML) with a manifest.
+
+MODEL is a registry name (``mobilenet_v2``), ``path/to/file.py:factory`` (a function
+returning an ``nn.Module``), or omitted when ``--checkpoint`` is an mdeploy checkpoint
+(which names its architecture). The work is ``pipeline.stages.export.export_model``.
+"""
 from __future__ import annotations
 
 import argparse
 
+from pipeline.commands.train import _kv
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
 
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("export", parents=[common], help="(not yet available)")
-    p.set_defaults(func=lambda args, ui: (ui.error("export is not implemented yet"), 1)[1])
+    p = sub.add_parser(
+        "export", parents=[common], help="export a model to ONNX / TFLite / Core ML with a manifest",
+        description="Export a model into a folder: model.safetensors (the PyTorch reference), "
+                    "the requested formats and manifest.json (shapes, preprocessing, labels, "
+                    "hashes, versions). ONNX has one input 'input' (float32 NCHW) and one output "
+                    "'logits'.")
+    p.add_argument("model", nargs="?", help="registry name, path/to/file.py:factory, or omitted with "
+                                            "an mdeploy --checkpoint")
+    p.add_argument("--out", required=True, help="output folder (built atomically)")
+    p.add_argument("--formats", type=_csv, default=("onnx",),
+                   help="comma list of onnx, tflite, coreml (default onnx)")
+    p.add_argument("--precisions", type=_csv, help="for tflite/coreml: comma list, e.g. fp32,fp16,int8")
+    p.add_argument("--checkpoint", help="weights: mdeploy .safetensors, or a .pt/.pth state dict")
+    p.add_argument("--input-size", type=int, help="N for an N x N input (default: the checkpoint's, "
+                                                  "else the model's own)")
+    p.add_argument("--labels", help="class names: a text file (one per line) or a JSON list")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--dynamic-batch", action="store_true", help="symbolic batch dimension in ONNX")
+    p.add_argument("--simplify", action="store_true", help="run onnxsim on the ONNX graph")
+    p.add_argument("--num-classes", type=int, help="registry models without a checkpoint (default 1000)")
+    p.add_argument("--in-chans", type=int, help="registry models without a checkpoint (default 3)")
+    p.add_argument("--model-arg", action="append", type=_kv, default=[], metavar="KEY=VALUE",
+                   help="keyword argument for a registry model factory, e.g. width_mult=0.35")
+    p.add_argument("--calibration", help="calibration data for quantized precisions "
+                                         "(default: the checkpoint's data set)")
+    p.add_argument("--no-reparam", action="store_true",
+                   help="keep re-parameterizable blocks (RepVGG branches) in their training form "
+                        "instead of the fused deploy form (default: fuse)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace, ui) -> int:
+    from models.errors import InputError
+    from pipeline.stages.export import ExportOptions, export_model, read_labels
+
+    if args.model is None and args.checkpoint is None:
+        raise InputError("mdeploy export", "MODEL, or --checkpoint of an mdeploy checkpoint", "neither")
+    for flag, value in (("--input-size", args.input_size), ("--opset", args.opset),
+                        ("--num-classes", args.num_classes), ("--in-chans", args.in_chans)):
+        if value is not None and value < 1:
+            raise InputError(flag, "a positive number", str(value))
+    opts = ExportOptions(
+        formats=args.formats, precisions=args.precisions, input_size=args.input_size,
+        opset=args.opset, dynamic_batch=args.dynamic_batch, simplify=args.simplify,
+        labels=read_labels(args.labels) if args.labels else None, num_classes=args.num_classes,
+        in_chans=args.in_chans, model_kwargs=dict(args.model_arg), calibration=args.calibration,
+        force=args.force, reparameterize=not args.no_reparam)
+    with ui.status("exporting"):
+        result = export_model(args.model, args.out, checkpoint=args.checkpoint, options=opts,
+                              progress=ui.info)
+    for warning in result.warnings:
+        ui.warn(warning)
+    m = result.manifest
+    if args.json:
+        ui.emit_json({"folder": str(result.folder), "seconds": result.seconds, "manifest": m.to_dict()})
+        return 0
+    from rich import box
+    from rich.table import Table
+    pre = m.preprocessing
+    classes = m.artifacts[0].outputs[0].shape[-1] if m.artifacts and m.artifacts[0].outputs else "?"
+    table = Table(title=f"{m.model} -> {result.folder}: {pre.channel_order} "
+                        f"{pre.input_size[0]}x{pre.input_size[1]} input, {classes} classes", box=box.SIMPLE_HEAD)
+    for col, just in (("artifact", "left"), ("file", "left"), ("input", "left"), ("size", "right"),
+                      ("sha256", "left")):
+        table.add_column(col, justify=just)
+    for a in m.artifacts:
+        shape = "x".join(str(d) for d in a.inputs[0].shape) if a.inputs else ""
+        table.add_row(a.key, a.path, f"{a.inputs[0].dtype} {shape}" if a.inputs else "",
+                      _size(a.size_bytes), a.sha256[:12])
+    ui.table(table)
+    times = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
+    ui.result(f"wrote {len(m.artifacts)} artifacts and manifest.json to {result.folder}"
+              + (f" ({times})" if times else ""))
+    return 0
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+

@@ -1,0 +1,306 @@
+"""The verify stage: the same inputs through PyTorch and every artifact of an export folder.
+
+Used by ``mdeploy verify`` and ``mdeploy run``. Inputs are real images where possible:
+the held-out (test) split of the data set recorded in the checkpoint's metadata
+(``source.data`` in the manifest, e.g. ``mnist``), or what the user gives (a bundled set
+name, ``.npy``/``.npz``, an image folder); random pixels only as the last resort, with a
+note saying so. Each artifact's pair against the PyTorch reference gets a ``PairReport``;
+a failing pair gets its first divergent layer and per-layer error curve.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from device_tests.compare import ParityReport, compare, run_all, run_batched, tolerance_for, tolerance_row
+from device_tests.divergence import find_first_divergent, worst_samples
+from device_tests.runners.base import Runner, runner_for
+from exporters.artifact import Artifact, Manifest, Preprocessing, sha256_of
+from models.datasets import BUNDLED, load_dataset, to_model_input
+from models.errors import InputError
+
+DEFAULT_SAMPLES = 100          # 1% resolution on top-1 agreement, seconds on CPU for small models
+DIVERGENCE_SAMPLES = 4         # the worst-differing inputs are enough to localise a fault
+NPZ_INPUT_KEYS = ("inputs", "images", "x")
+NPZ_LABEL_KEYS = ("labels", "y")
+
+
+@dataclass
+class VerifyOptions:
+    inputs: str | None = None              # FILE (.npy/.npz) | DIR | mnist | digits; None: from metadata
+    samples: int = DEFAULT_SAMPLES
+    tolerances: dict[str, dict[str, float | None]] = field(default_factory=dict)  # scope -> overrides
+    runners: tuple[str, ...] | None = None  # runner kinds to verify (None: every artifact)
+    runner_options: dict[str, dict[str, Any]] = field(default_factory=dict)        # kind -> options
+    divergence: bool = True
+    divergence_samples: int = DIVERGENCE_SAMPLES
+    batch_size: int = 32
+    seed: int = 0
+
+
+@dataclass
+class VerifyInputs:
+    x: np.ndarray                    # float32 NCHW, preprocessed
+    labels: np.ndarray | None
+    source: str
+    random: bool = False
+
+
+@dataclass
+class VerifyResult:
+    report: ParityReport
+    divergences: dict[str, Any] = field(default_factory=dict)   # target key -> Divergence
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.report.passed
+
+
+Progress = Callable[[str], None]
+
+
+# -- inputs -------------------------------------------------------------------
+
+def _expected_shape(pre: Preprocessing) -> list[int | str]:
+    return ["N", pre.channels, *pre.input_size]
+
+
+def _from_images(images: np.ndarray, labels: np.ndarray | None, pre: Preprocessing, source: str
+                 ) -> VerifyInputs:
+    x = to_model_input(images, tuple(pre.input_size), tuple(pre.mean), tuple(pre.std), pre.channels)
+    return VerifyInputs(x, labels, source)
+
+
+def _read_array_file(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as exc:  # ValueError (pickled object arrays), OSError, zipfile errors
+        raise InputError(path, "a .npy/.npz array file (no pickled objects)",
+                         f"{type(exc).__name__}: {str(exc)[:160]}") from None
+    if isinstance(data, np.ndarray):
+        return data, None
+    with data:
+        keys = list(data.keys())
+        key = next((k for k in NPZ_INPUT_KEYS if k in keys), keys[0] if len(keys) == 1 else None)
+        if key is None:
+            raise InputError(path, f"an array named {' or '.join(NPZ_INPUT_KEYS)}", f"keys {keys}")
+        lkey = next((k for k in NPZ_LABEL_KEYS if k in keys), None)
+        return data[key], (np.asarray(data[lkey]).astype(np.int64).reshape(-1) if lkey else None)
+
+
+def _from_array(path: Path, pre: Preprocessing) -> VerifyInputs:
+    arr, labels = _read_array_file(path)
+    if labels is not None and len(labels) != len(arr):
+        raise InputError(path, f"{len(arr)} labels (one per input)", f"{len(labels)}")
+    if np.issubdtype(arr.dtype, np.floating):
+        want = _expected_shape(pre)
+        if arr.ndim != 4 or list(arr.shape[1:]) != want[1:]:
+            raise InputError(path, f"preprocessed model inputs of shape {want} (float NCHW), or uint8 "
+                             f"images (N, H, W[, C])", f"{arr.dtype} array of shape {list(arr.shape)}")
+        return VerifyInputs(arr.astype(np.float32), labels, str(path))
+    if arr.dtype == np.uint8:
+        if arr.ndim == 3:
+            arr = arr[..., None]
+        if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
+            raise InputError(path, "uint8 images of shape (N, H, W) or (N, H, W, 1|3)",
+                             f"shape {list(arr.shape)}")
+        return _from_images(arr, labels, pre, str(path))
+    raise InputError(path, "float32 model inputs or uint8 images", f"dtype {arr.dtype}")
+
+
+def _from_folder(path: Path, pre: Preprocessing) -> VerifyInputs:
+    split = "test" if any((path / s).is_dir() for s in ("test", "val")) else "all"
+    try:
+        s = load_dataset(path, split)
+        return _from_images(s.images, s.labels, pre, f"{path} ({split})")
+    except InputError as exc:
+        if "class" not in exc.expected:      # not an ImageFolder layout: try a flat folder
+            raise
+    return _from_images(_flat_images(path), None, pre, str(path))
+
+
+def _flat_images(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    from models.datasets import IMAGE_SUFFIXES
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise InputError(path, "images, or one sub-folder of images per class", "no images")
+    arrays, size, mode = [], None, None
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                mode = mode or ("L" if im.mode in ("L", "1", "I;16", "I") else "RGB")
+                im = im.convert(mode)
+                size = size or im.size
+                arr = np.asarray(im.resize(size) if im.size != size else im, dtype=np.uint8)
+        except (UnidentifiedImageError, OSError) as exc:
+            raise InputError(f, "a readable image", f"{type(exc).__name__}: {exc}") from None
+        arrays.append(arr[..., None] if arr.ndim == 2 else arr)
+    return np.stack(arrays)
+
+
+def load_inputs(spec: str | None, manifest: Manifest, samples: int | None, seed: int = 0
+                ) -> VerifyInputs:
+    """Preprocessed model inputs (and labels when known) for verification."""
+    pre = manifest.preprocessing
+    data = spec or manifest.source.get("data")
+    if data is None:
+        rng = np.random.default_rng(seed)
+        h, w = pre.input_size
+        pixels = rng.integers(0, 256, (samples or DEFAULT_SAMPLES, h, w, pre.channels), dtype=np.uint8)
+        res = _from_images(pixels, None, pre, "random pixels")
+        res.random = True
+        return res
+    path = Path(str(data))
+    if str(data).lower() in BUNDLED:
+        s = load_dataset(str(data).lower(), "test")
+        s = s.subset(samples, seed=seed)
+        return _from_images(s.images, s.labels, pre, f"{str(data).lower()} (held-out test split)")
+    if path.suffix.lower() in (".npy", ".npz"):
+        if not path.is_file():
+            raise InputError(path, "an array file of inputs", "no such file")
+        res = _from_array(path, pre)
+    elif path.is_dir():
+        res = _from_folder(path, pre)
+    else:
+        raise InputError(path, f"a bundled data set ({', '.join(BUNDLED)}), a .npy/.npz file or an "
+                         "image folder", "no such file or folder" if not path.exists() else "a file of another kind")
+    if len(res.x) == 0:
+        raise InputError(path, "at least one input", "none")
+    if samples is not None and len(res.x) > samples:
+        idx = np.sort(np.random.default_rng(seed).choice(len(res.x), samples, replace=False))
+        res.x = res.x[idx]
+        res.labels = res.labels[idx] if res.labels is not None else None
+    return res
+
+
+# -- running ------------------------------------------------------------------
+
+FP64_MARGIN = 2.0   # both sides round: a target within 2x of PyTorch's own fp32 error is rounding
+
+
+def _fp64_check(report: ParityReport, results: Any, ref_art: Artifact, root: Path,
+                feeds: dict[str, np.ndarray], opts: VerifyOptions, say: Progress) -> None:
+    """For a failing fp32 pair, tell rounding from a fault: run the PyTorch reference in
+    float64 and measure how far fp32 PyTorch itself is from it. A model can be
+    ill-conditioned in fp32 (a BatchNorm with near-zero variance multiplies rounding by
+    1/sqrt(eps) ~ 316); then every fp32 runtime misses 1e-5, and the report says so
+    rather than pass it silently. The tolerance itself does not move."""
+    failing = [p for p in report.pairs if not p.passed and tolerance_row(p.precision) == "fp32"]
+    if not failing:
+        return
+    try:
+        runner = runner_for(ref_art)(**{**opts.runner_options.get("torch", {}), "dtype": "float64"})
+    except (InputError, TypeError):
+        return                                           # a reference without a float64 mode
+    say("measuring PyTorch's own fp32 rounding against float64")
+    with runner:
+        runner.load(ref_art, root)
+        exact = next(iter(run_batched(runner, feeds, batch_size=opts.batch_size).values()))
+    _, ref32 = results.output(report.pairs[0].reference)
+    own = float(np.abs(ref32.astype(np.float64) - exact).max())
+    for pair in failing:
+        _, t = results.output(pair.target)
+        tgt = float(np.abs(t.astype(np.float64) - exact).max())
+        pair.fp64_check = {"reference_vs_fp64": own, "target_vs_fp64": tgt}
+        if tgt <= FP64_MARGIN * own:
+            closer = " (closer to exact than the reference)" if tgt < own else ""
+            pair.diagnosis = (f"fp32 rounding, not a fault: PyTorch fp32 itself is {own:.3g} from float64 "
+                              f"and {pair.target} {tgt:.3g}{closer}; this model amplifies rounding (look for "
+                              f"BatchNorm layers with near-zero running variance). To accept it: "
+                              f"--tolerance fp32:max_abs={FP64_MARGIN * own:.2g}")
+        else:
+            pair.diagnosis = (f"{pair.target} is {tgt:.3g} from float64 where PyTorch fp32 is {own:.3g}: "
+                              f"beyond fp32 rounding, a real divergence")
+
+
+def _open(artifact: Artifact, root: Path, options: dict[str, dict[str, Any]]) -> Runner:
+    cls = runner_for(artifact)
+    runner = cls(**options.get(cls.kind, {}))
+    runner.load(artifact, root)
+    return runner
+
+
+def verify_folder(folder: str | Path, options: VerifyOptions | None = None,
+                  progress: Progress | None = None) -> VerifyResult:
+    """Verify every artifact of ``folder`` against its PyTorch reference."""
+    opts = options or VerifyOptions()
+    say = progress or (lambda msg: None)
+    root = Path(folder)
+    manifest = Manifest.load(root)
+    refs = manifest.find("pt")
+    if not refs:
+        raise InputError(root / "manifest.json", "a pt reference artifact (written by mdeploy export)",
+                         "none")
+    ref_art = refs[0]
+    targets = [a for a in manifest.artifacts if a is not ref_art and a.format != "pt"]
+    notes: list[str] = []
+    for art in [ref_art, *targets]:
+        path = art.resolve(root)
+        if not path.exists():
+            raise InputError(path, f"the {art.key} artifact listed in the manifest", "no such file")
+        if art.sha256 and sha256_of(path) != art.sha256:
+            notes.append(f"{art.path} changed since export (sha256 differs from the manifest)")
+    if opts.samples is not None and opts.samples < 1:
+        raise InputError("--samples", "a positive number", str(opts.samples))
+
+    inputs = load_inputs(opts.inputs, manifest, opts.samples, opts.seed)
+    if inputs.random:
+        notes.append("no data set recorded in the checkpoint and no --inputs: random pixels used; "
+                     "agreement on noise says little about real images")
+
+    runners: dict[str, Runner] = {}
+    try:
+        say(f"loading the PyTorch reference ({ref_art.path})")
+        runners[ref_art.key] = _open(ref_art, root, opts.runner_options)
+        for art in targets:
+            try:
+                cls = runner_for(art)
+            except KeyError:
+                notes.append(f"{art.key}: no runner for format {art.format!r} here; skipped")
+                continue
+            if opts.runners is not None and cls.kind not in opts.runners:
+                continue
+            say(f"loading {art.key} ({cls.kind})")
+            key = art.key if art.key not in runners else f"{art.key}:{art.path}"
+            runners[key] = _open(art, root, opts.runner_options)
+        keys = list(runners)
+        say(f"running {len(inputs.x)} inputs through {', '.join(keys)}")
+        results = run_all(runners, {ref_art.inputs[0].name: inputs.x}, batch_size=opts.batch_size)
+
+        report = ParityReport(inputs={"source": inputs.source, "samples": int(len(inputs.x)),
+                                      "shape": list(inputs.x.shape), "labels": inputs.labels is not None,
+                                      "random": inputs.random},
+                              runners={k: r.label for k, r in runners.items()})
+        divergences: dict[str, Any] = {}
+        ref_key = keys[0]
+        for key in keys[1:]:
+            art = runners[key].artifact
+            assert art is not None
+            tol = tolerance_for(art.precision, opts.tolerances)
+            pair = compare(results, ref_key, key, tol, labels=inputs.labels, precision=art.precision)
+            pair.reference_runner, pair.target_runner = runners[ref_key].label, runners[key].label
+            pair.target_path = art.path
+            if not pair.passed and opts.divergence:
+                say(f"searching the first divergent layer of {key}")
+                _, r = results.output(ref_key)
+                _, t = results.output(key)
+                idx = worst_samples(r, t, opts.divergence_samples)
+                div = find_first_divergent(runners[ref_key], runners[key],
+                                           {ref_art.inputs[0].name: inputs.x[idx]}, tol)
+                pair.first_divergent = div.summary()
+                pair.layers = div.layers
+                pair.divergence_note = div.note
+                divergences[key] = div
+            report.pairs.append(pair)
+        _fp64_check(report, results, ref_art, root, {ref_art.inputs[0].name: inputs.x}, opts, say)
+    finally:
+        for r in runners.values():
+            r.close()
+    report.notes = notes
+    return VerifyResult(report, divergences, notes)
