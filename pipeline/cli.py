@@ -12,7 +12,7 @@ import importlib
 import os
 import sys
 
-COMMANDS = ("run", "doctor", "models", "train", "export", "verify", "profile")
+COMMANDS = ("run", "doctor", "models", "train", "export", "quantize", "verify", "profile")
 
 
 class _Parser(argparse.ArgumentParser):

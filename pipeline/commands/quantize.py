@@ -1,0 +1,157 @@
+"""`mdeploy quantize DIR --out DIR2`: post-training quantization of an export folder.
+
+``--target snapdragon`` writes QDQ ONNX models for ONNX Runtime's QNN execution provider
+(w8a8 and w8a16) and ``--target generic`` one for ORT's CPU EP; both also write the
+full-integer TFLite (int8 in and out). Prints the accuracy cost against float, the
+float fixes applied, the most sensitive layers and Qualcomm's published reference
+points; ``--json`` prints the same as data. The work is
+``pipeline.stages.quantize.quantize_folder``.
+"""
+from __future__ import annotations
+
+import argparse
+
+from pipeline.commands.export import _csv, _size
+
+TOP_LAYERS = 10
+
+
+def add_parser(sub, common: argparse.ArgumentParser) -> None:
+    from quantize.float_fixes import FIXES
+    from quantize.onnx_ptq import CALIBRATION_METHODS, TARGETS
+    p = sub.add_parser(
+        "quantize", parents=[common], help="post-training quantize an export folder (Snapdragon QNN, ORT, TFLite)",
+        description="Calibrate on real images and write quantized models into a new folder with its own "
+                    "manifest (verify it with `mdeploy verify DIR2`): QDQ ONNX for ONNX Runtime's QNN "
+                    "execution provider (--target snapdragon: w8a8 and w8a16, symmetric per-channel int8 "
+                    "weights) or its CPU EP (--target generic), and a full-integer TFLite (int8 input and "
+                    "output). Reports float vs quantized accuracy on the held-out split, top-1 agreement, "
+                    "SNR, sizes and per-layer sensitivity.")
+    p.add_argument("folder", help="an export folder (manifest.json, model.safetensors, model.onnx)")
+    p.add_argument("--out", required=True, help="output folder (built atomically)")
+    p.add_argument("--target", choices=tuple(TARGETS), default="snapdragon",
+                   help="snapdragon: QNN EP w8a8 + w8a16; generic: ORT CPU int8 (default snapdragon)")
+    p.add_argument("--calib", help="calibration data: mnist | digits | image folder | .npy/.npz "
+                                   "(default: the data set the checkpoint was trained on, train split)")
+    p.add_argument("--method", choices=CALIBRATION_METHODS, default="minmax",
+                   help="activation range calibration (default minmax)")
+    p.add_argument("--samples", type=int, default=200, help="calibration inputs (default 200)")
+    p.add_argument("--float-fixes", type=_csv, default=(), metavar="FIX,...",
+                   help=f"applied to the float model first: comma list of {', '.join(FIXES)} "
+                        "(BatchNorm folding, cross-layer equalization, high-bias absorption, bias correction)")
+    p.add_argument("--keep-float", metavar="N|LAYERS",
+                   help="keep the N most sensitive layers (or these comma-separated layers) in float")
+    p.add_argument("--w8a16-layers", metavar="N|LAYERS",
+                   help="16-bit activations for the N most sensitive layers (or these layers) in the 8-bit models")
+    p.add_argument("--no-tflite", action="store_true", help="skip the full-integer TFLite")
+    p.add_argument("--no-sensitivity", action="store_true", help="skip the per-layer sensitivity analysis")
+    p.add_argument("--sensitivity-mode", choices=("only", "exclude"), default="only",
+                   help="only: quantize one layer at a time; exclude: keep one layer float at a time")
+    p.add_argument("--sensitivity-samples", type=int, default=100,
+                   help="calibration inputs used by the sensitivity probes (default 100)")
+    p.add_argument("--top", type=int, default=TOP_LAYERS, help="sensitive layers shown (default 10)")
+    p.add_argument("--eval", dest="eval_data", help="held-out data for accuracy: mnist | digits | folder | "
+                                                    ".npy/.npz (default: the checkpoint's data, test split)")
+    p.add_argument("--eval-samples", type=int, default=1000, help="held-out inputs (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace, ui) -> int:
+    from pipeline.stages.quantize import QuantizeOptions, quantize_folder
+
+    opts = QuantizeOptions(
+        target=args.target, calibration=args.calib, method=args.method, samples=args.samples,
+        float_fixes=tuple(args.float_fixes), keep_float=args.keep_float, w8a16_layers=args.w8a16_layers,
+        tflite=not args.no_tflite, sensitivity=not args.no_sensitivity,
+        sensitivity_mode=args.sensitivity_mode, sensitivity_samples=args.sensitivity_samples,
+        eval_data=args.eval_data, eval_samples=args.eval_samples, force=args.force, seed=args.seed)
+    with ui.progress() as prog:
+        task = prog.add_task("sensitivity", total=None, status="", visible=False)
+
+        def on_layer(done: int, total: int, name: str) -> None:
+            prog.update(task, completed=done, total=total, status=name, visible=True)
+
+        result = quantize_folder(args.folder, args.out, opts, progress=ui.info, layer_progress=on_layer)
+    report = result.report
+    if args.json:
+        ui.emit_json({"folder": str(result.folder), "seconds": result.seconds,
+                      "report": report.to_dict(), "manifest": result.manifest.to_dict()})
+        return 0
+    show_report(ui, report, args.top)
+    times = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
+    ui.result(f"wrote {len(result.manifest.artifacts)} artifacts, manifest.json and quantization_report.json "
+              f"to {result.folder} ({times}); check them with `mdeploy verify {result.folder}`")
+    return 0
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def _db(x: float | None) -> str:
+    return "inf" if x is None else f"{x:.1f}"
+
+
+def _points(x: float | None) -> str:
+    return "-" if x is None else f"{x:+.2f} pt".replace("+0.00", "0.00").replace("-0.00", "0.00")
+
+
+def show_report(ui, report, top: int = TOP_LAYERS) -> None:
+    """The report as rich tables (also used by ``mdeploy run``)."""
+    from rich.table import Table
+
+    t = Table(title=f"{report.model} quantized for {report.target}: {report.eval_samples} held-out inputs "
+                    f"({report.eval_source})")
+    for col in ("artifact", "accuracy", "change", "top-1 agree", "SNR dB", "size", "smaller"):
+        t.add_column(col, justify="left" if col == "artifact" else "right")
+    t.add_row("float (PyTorch)", _pct(report.float_accuracy), "", "", "", _size(report.float_size_bytes or 0), "")
+    for v in report.variants:
+        change = None if v.drop_points is None else -v.drop_points
+        t.add_row(v.key, _pct(v.accuracy), _points(change), _pct(v.top1_agreement),
+                  ", ".join(_db(s) for s in v.snr_db.values()), _size(v.size_bytes),
+                  f"{v.size_ratio:.1f}x" if v.size_ratio else "")
+    ui.table(t)
+    cal = report.calibration
+    ui.result(f"calibration: {cal.get('samples')} inputs from {cal.get('source')}, {cal.get('method')} ranges; "
+              "size is against the float ONNX model")
+
+    if report.float_fixes:
+        f = Table(title="float fixes (applied to the PyTorch model before export and quantization)")
+        for col in ("fix", "changed", "logits change", "what"):
+            f.add_column(col, justify="right" if col in ("changed", "logits change") else "left")
+        for r in report.float_fixes:
+            what = r["note"] or ""
+            if r["details"]:
+                what = (r["details"][0] + (f" (+{len(r['details']) - 1} more)" if len(r["details"]) > 1 else "")
+                        + (f"; {what}" if what else ""))
+            change = "-" if r["max_abs_change"] is None else f"{r['max_abs_change']:.2g}"
+            f.add_row(r["name"], str(r["applied"]), change, what)
+        ui.table(f)
+
+    sens = report.sensitivity
+    if sens and sens["layers"] and top > 0:
+        label = "only this layer quantized" if sens["mode"] == "only" else "all but this layer quantized"
+        s = Table(title=f"most sensitive layers ({sens['profile']}, {label}; {sens['samples']} calibration "
+                        f"inputs; whole model {_db(sens['quantized']['snr_db'])} dB)")
+        for col in ("#", "layer", "op", "SNR dB", "top-1 agree"):
+            s.add_column(col, justify="left" if col in ("layer", "op") else "right")
+        for i, layer in enumerate(sens["layers"][:top], 1):
+            s.add_row(str(i), layer["layer"], layer["op_type"], _db(layer["snr_db"]), _pct(layer["top1_agreement"]))
+        ui.table(s)
+
+    if any(v.drop_points is not None for v in report.variants):
+        r = Table(title="accuracy drop next to Qualcomm's published figures (MobileNetV2, ImageNet top-1)")
+        for col in ("", "float", "quantized", "drop", "drop / float"):
+            r.add_column(col, justify="left" if not col else "right")
+        for ref in report.references:
+            r.add_row(ref.short, f"{ref.float_accuracy:.2f}%", f"{ref.quantized_accuracy:.2f}%",
+                      f"{ref.drop:.2f} pt", _pct(ref.relative_drop))
+        for v in report.variants:
+            if v.drop_points is not None:
+                r.add_row(f"ours: {v.key}", _pct(v.float_accuracy), _pct(v.accuracy), f"{v.drop_points:.2f} pt",
+                          _pct(v.relative_drop))
+        ui.table(r)
+    for note in report.notes:
+        ui.result(f"note: {note}")

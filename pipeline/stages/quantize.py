@@ -1,0 +1,290 @@
+"""The quantize stage: an export folder in, a folder of quantized artifacts out.
+
+Used by ``mdeploy quantize`` and ``mdeploy run``, without argparse: every choice is a
+``QuantizeOptions`` field. Reads the export folder's manifest, its PyTorch reference
+(``model.safetensors``) and its float ONNX; writes, in a new folder built atomically
+(``staged_output_dir``):
+
+* the QDQ ONNX model of each profile of the target (``quantize.onnx_ptq.TARGETS``):
+  ``snapdragon`` -> ``model_qnn_w8a8.onnx`` and ``model_qnn_w8a16.onnx`` (QNN EP),
+  ``generic`` -> ``model_int8.onnx`` (ORT CPU);
+* the full-integer TFLite with int8 input and output (``exporters.tflite``, ``int8-io``);
+* a copy of the PyTorch reference, so ``mdeploy verify DIR2`` checks every quantized file
+  against the model the user trained (not against a float-fixed variant of it);
+* ``manifest.json`` (the encodings of each QDQ model in its ``extra``) and
+  ``quantization_report.json`` (``quantize.report.QuantReport``).
+
+Data: calibration from ``--calib`` (default: the data set the checkpoint was trained
+on, its train split); accuracy on the held-out split (the verify stage's loader, the
+same preprocessing); per-layer sensitivity on calibration inputs, so the held-out split
+never influences a choice that is then measured on it.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from exporters.artifact import Artifact, Manifest, library_versions, size_of
+from exporters.fileio import atomic_write_text, staged_output_dir
+from models.errors import InputError
+
+REPORT_NAME = "quantization_report.json"
+DEFAULT_CALIBRATION_SAMPLES = 200
+DEFAULT_SENSITIVITY_SAMPLES = 100
+DEFAULT_EVAL_SAMPLES = 1000
+
+Progress = Callable[[str], None]
+LayerProgress = Callable[[int, int, str], None]
+
+
+@dataclass
+class QuantizeOptions:
+    target: str = "snapdragon"                 # snapdragon | generic
+    calibration: str | None = None             # data set name, folder, .npy/.npz; None: the checkpoint's
+    method: str = "minmax"                     # minmax | entropy | percentile
+    samples: int = DEFAULT_CALIBRATION_SAMPLES
+    float_fixes: tuple[str, ...] = ()          # from quantize.float_fixes.FIXES
+    keep_float: str | int | None = None        # N most sensitive layers, or names
+    w8a16_layers: str | int | None = None      # N most sensitive layers, or names
+    tflite: bool = True
+    sensitivity: bool = True
+    sensitivity_mode: str = "only"
+    sensitivity_samples: int = DEFAULT_SENSITIVITY_SAMPLES
+    eval_data: str | None = None               # None: the held-out split of the checkpoint's data
+    eval_samples: int | None = DEFAULT_EVAL_SAMPLES
+    force: bool = False
+    seed: int = 0
+
+
+@dataclass
+class QuantizeResult:
+    folder: Path
+    manifest: Manifest
+    report: Any                                # quantize.report.QuantReport
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _count_or_names(value: str | int | None) -> str | int | None:
+    if value is None or isinstance(value, int):
+        return value
+    text = str(value).strip()
+    return int(text) if text.isdigit() else (text or None)
+
+
+def _check_options(opts: QuantizeOptions) -> None:
+    from quantize.float_fixes import parse_fixes
+    from quantize.onnx_ptq import check_method, target_profiles
+    from quantize.sensitivity import MODES
+    target_profiles(opts.target)
+    check_method(opts.method)
+    parse_fixes(list(opts.float_fixes))
+    if opts.samples < 1:
+        raise InputError("--samples", "a positive number of calibration inputs", str(opts.samples))
+    if opts.sensitivity_samples < 1:
+        raise InputError("--sensitivity-samples", "a positive number", str(opts.sensitivity_samples))
+    if opts.eval_samples is not None and opts.eval_samples < 1:
+        raise InputError("--eval-samples", "a positive number", str(opts.eval_samples))
+    if opts.sensitivity_mode not in MODES:
+        raise InputError("--sensitivity-mode", f"one of {', '.join(MODES)}", repr(opts.sensitivity_mode))
+    for flag, value in (("--keep-float", opts.keep_float), ("--w8a16-layers", opts.w8a16_layers)):
+        if isinstance(value, int) and value < 0:
+            raise InputError(flag, "a count or a comma list of layer names", str(value))
+
+
+def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOptions | None = None,
+                    progress: Progress | None = None, layer_progress: LayerProgress | None = None
+                    ) -> QuantizeResult:
+    """Quantize the model of export folder ``folder`` into ``out_dir`` for ``options.target``."""
+    from exporters.onnx import export_onnx
+    from models.checkpoint import build_model
+    from quantize.calibration import load_calibration
+    from quantize.float_fixes import apply_float_fixes, parse_fixes
+    from quantize.onnx_ptq import PtqSession, check_method, target_profiles
+    from quantize.sensitivity import layer_sensitivity, pick_layers
+
+    opts = options or QuantizeOptions()
+    opts.keep_float = _count_or_names(opts.keep_float)
+    opts.w8a16_layers = _count_or_names(opts.w8a16_layers)
+    _check_options(opts)
+    say = progress or (lambda msg: None)
+    seconds: dict[str, float] = {}
+    root = Path(folder)
+    manifest = Manifest.load(root)
+    pre = manifest.preprocessing
+    refs = manifest.find("pt")
+    if not refs:
+        raise InputError(root / "manifest.json", "a pt reference artifact (written by mdeploy export)", "none")
+    ref_art = refs[0]
+    ref_path = ref_art.resolve(root)
+    if not ref_path.is_file():
+        raise InputError(ref_path, "the PyTorch reference listed in the manifest", "no such file")
+    profiles = target_profiles(opts.target)
+    method = check_method(opts.method)
+    fixes = parse_fixes(list(opts.float_fixes))
+
+    calib_source = opts.calibration or manifest.source.get("data")
+    if not calib_source:
+        raise InputError("--calib", "calibration data: a data set name (mnist, digits), an image folder, "
+                         ".npy or .npz", "none given and no data set recorded in the checkpoint")
+    say(f"reading {opts.samples} calibration inputs from {calib_source}")
+    calib = load_calibration(calib_source, pre, opts.samples, seed=opts.seed)
+
+    from pipeline.stages.verify import load_inputs
+    evaluation = load_inputs(opts.eval_data, manifest, opts.eval_samples, opts.seed)
+    notes: list[str] = []
+    if evaluation.random:
+        notes.append("no held-out data (none recorded and no --eval): random pixels; accuracy unknown, "
+                     "agreement on noise says little about real images")
+
+    model, meta = build_model(None, ref_path)
+    shape = (1, pre.channels, *pre.input_size)
+    with tempfile.TemporaryDirectory(prefix="mdeploy-quantize-") as tmp_name:
+        tmp = Path(tmp_name)
+        fix_result = None
+        onnx_arts = [a for a in manifest.find("onnx", "fp32") if not a.variant]
+        if fixes:
+            say(f"applying float fixes: {', '.join(fixes)}")
+            t0 = time.perf_counter()
+            fix_result = apply_float_fixes(model, fixes, calibration=calib,
+                                           per_channel=all(p.per_channel for p in profiles))
+            float_art = export_onnx(fix_result.model, tmp / "model.onnx", shape)
+            float_onnx = tmp / "model.onnx"
+            layer_map = fix_result.remap_layer_map(float_art.extra.get("layer_map", {}))
+            seconds["float_fixes"] = time.perf_counter() - t0
+        elif onnx_arts and onnx_arts[0].resolve(root).is_file():
+            float_art, float_onnx = onnx_arts[0], onnx_arts[0].resolve(root)
+            layer_map = dict(float_art.extra.get("layer_map", {}))
+        else:
+            say("exporting the float ONNX model from the PyTorch reference")
+            float_art = export_onnx(model, tmp / "model.onnx", shape)
+            float_onnx = tmp / "model.onnx"
+            layer_map = dict(float_art.extra.get("layer_map", {}))
+        float_size = size_of(float_onnx)
+
+        with staged_output_dir(out_dir, opts.force) as stage:
+            shutil.copyfile(ref_path, stage / ref_path.name)
+            pt_copy = Artifact.from_dict(ref_art.to_dict())
+            pt_copy.path = ref_path.name
+            artifacts: list[Artifact] = [pt_copy]
+            sensitivity = None
+            say("preparing and calibrating" + (" (ONNX Runtime QNN tooling)" if profiles[0].qnn else ""))
+            t0 = time.perf_counter()
+            with PtqSession(float_onnx, calib, qnn=profiles[0].qnn, calibration_source=str(calib_source),
+                            layer_map=layer_map) as session:
+                session.ranges(method)
+                seconds["calibration"] = time.perf_counter() - t0
+                needs_rank = isinstance(opts.keep_float, int) and opts.keep_float > 0 or \
+                    isinstance(opts.w8a16_layers, int) and opts.w8a16_layers > 0
+                if opts.sensitivity or needs_rank:
+                    say(f"per-layer sensitivity ({len(session.layers)} layers, "
+                        f"{min(opts.sensitivity_samples, len(calib))} inputs)")
+                    t0 = time.perf_counter()
+                    sensitivity = layer_sensitivity(session, profiles[0], calib[:opts.sensitivity_samples],
+                                                    method=method, mode=opts.sensitivity_mode,
+                                                    progress=layer_progress)
+                    seconds["sensitivity"] = time.perf_counter() - t0
+                keep = pick_layers(session, opts.keep_float, sensitivity)
+                wide = pick_layers(session, opts.w8a16_layers, sensitivity)
+                if keep and profiles[0].qnn:
+                    notes.append(f"{len(keep)} layer(s) kept in float: the QNN EP runs them on the CPU, "
+                                 "outside the HTP graph")
+                for profile in profiles:
+                    say(f"quantizing {profile.name}")
+                    t0 = time.perf_counter()
+                    art = session.quantize(profile, stage / f"{profile.file_stem}.onnx", method=method,
+                                           keep_float=keep, w16_layers=wide, root=stage)
+                    seconds[profile.name] = time.perf_counter() - t0
+                    artifacts.append(art)
+            if opts.tflite:
+                from exporters.tflite import export_tflite
+                say("converting the full-integer TFLite (int8 input and output)")
+                t0 = time.perf_counter()
+                made = export_tflite(float_onnx, stage, ["int8-io"], preprocessing=pre, labels=manifest.labels,
+                                     card=manifest.card, calibration=calib, root=stage)
+                for a in made:
+                    if fix_result is not None:
+                        a.extra["layer_map"] = fix_result.remap_layer_map(a.extra.get("layer_map", {}))
+                    a.extra["float_fixes"] = list(fixes)
+                    a.extra["calibration"] = {**a.extra.get("calibration", {}), "source": str(calib_source),
+                                              "method": "minmax (TFLiteConverter)"}
+                artifacts.extend(made)
+                seconds["tflite"] = time.perf_counter() - t0
+                if keep or wide:
+                    notes.append("mixed precision applies to the ONNX models only: the TFLite int8-io model is "
+                                 "full integer (TFLite has no per-layer float fallback in that mode)")
+            for a in artifacts[1:]:
+                if a.format == "onnx":
+                    a.extra["float_fixes"] = list(fixes)
+
+            say(f"measuring accuracy on {len(evaluation.x)} held-out inputs")
+            t0 = time.perf_counter()
+            report = _measure(stage, artifacts, evaluation, manifest, opts, float_size, notes)
+            seconds["evaluation"] = time.perf_counter() - t0
+            report.calibration = {"source": str(calib_source), "samples": int(len(calib)), "method": method,
+                                  "seed": opts.seed}
+            if fix_result is not None:
+                report.float_fixes = [r.to_dict() for r in fix_result.reports]
+                report.notes.append(f"float fixes changed the float32 logits by at most "
+                                    f"{fix_result.max_abs_change:.3g} on {min(32, len(calib))} calibration inputs")
+            if sensitivity is not None:
+                report.sensitivity = sensitivity.to_dict()
+            report.notes.extend(notes)
+            source = {**manifest.source, "quantized_from": str(root.resolve()),
+                      "quantization": {"target": opts.target, "method": method, "samples": int(len(calib)),
+                                       "calibration": str(calib_source), "float_fixes": list(fixes),
+                                       "keep_float": [l.module or l.name for l in keep],
+                                       "w8a16_layers": [l.module or l.name for l in wide]}}
+            out_manifest = Manifest(model=manifest.model, preprocessing=pre, card=manifest.card,
+                                    artifacts=artifacts, labels=manifest.labels, source=source,
+                                    versions=library_versions())
+            import json
+            atomic_write_text(stage / REPORT_NAME, json.dumps(report.to_dict(), indent=2, default=_json) + "\n")
+            out_manifest.save(stage)
+    return QuantizeResult(Path(out_dir), out_manifest, report, seconds)
+
+
+def _measure(stage: Path, artifacts: list[Artifact], evaluation: Any, manifest: Manifest,
+             opts: QuantizeOptions, float_size: int, notes: list[str]) -> Any:
+    """Run the reference and every quantized artifact on the held-out inputs."""
+    from device_tests.compare import run_all
+    from device_tests.runners.base import runner_for
+    from quantize.report import QuantReport, accuracy, measure_variant
+
+    runners = {}
+    try:
+        for art in artifacts:
+            cls = runner_for(art)
+            runner = cls()
+            runner.load(art, stage)
+            runners[art.key] = runner
+        results = run_all(runners, {artifacts[0].inputs[0].name: evaluation.x}, batch_size=32)
+    finally:
+        for r in runners.values():
+            r.close()
+    ref_key = artifacts[0].key
+    ref = results.outputs[ref_key]
+    report = QuantReport(model=manifest.model, target=opts.target,
+                         float_accuracy=accuracy(next(iter(ref.values())), evaluation.labels),
+                         float_size_bytes=float_size, eval_source=evaluation.source,
+                         eval_samples=int(len(evaluation.x)), calibration={})
+    for art in artifacts[1:]:
+        report.variants.append(measure_variant(art.key, art.path, art.precision, art.size_bytes, ref,
+                                               results.outputs[art.key], evaluation.labels, float_size))
+    return report
+
+
+def _json(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+__all__ = ["QuantizeOptions", "QuantizeResult", "REPORT_NAME", "quantize_folder"]

@@ -1,0 +1,187 @@
+"""The quantization report as data: what quantizing cost, next to published reference points.
+
+Built from arrays (float outputs, each variant's outputs, labels), so it knows nothing of
+runtimes: the pipeline runs the artifacts and hands the outputs over. The metrics are
+defined as in ``device_tests/compare.py`` (the verify stage's), restated here in NumPy
+because ``quantize/`` sits below ``device_tests/``:
+
+* ``snr_db = 10 log10(sum ref^2 / sum (out - ref)^2)`` per output, over all samples;
+* ``top1_agreement``: fraction of samples whose arg-max class is the float model's;
+* ``accuracy``: fraction of samples whose arg-max class is the label.
+
+The references are Qualcomm's own published figures for MobileNetV2 on ImageNet (top-1),
+as the project's issue 7 quotes them:
+
+* AIMET data-free quantization (Nagel et al. 2019: CLE + bias correction, W8A8):
+  71.72% float -> 71.08% int8, a drop of 0.64 points;
+* Qualcomm AI Hub's MobileNet-v2-Quantized as a w8a8 TFLite model: about 1.8 points
+  below float. AI Hub builds it from the AIMET model zoo's MobileNetV2 (its README), so
+  the float figure used for the relative drop is the same 71.72%.
+
+They are on ImageNet (1,000 classes) and ours on the user's data: the comparison that
+holds across tasks is the drop *relative to float accuracy* (``drop / float_accuracy``),
+which the report computes for both.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def snr_db(ref: np.ndarray, out: np.ndarray) -> float | None:
+    """Signal-to-noise ratio of ``out`` against ``ref`` in dB; None when identical."""
+    r = np.asarray(ref, np.float64)
+    d = np.asarray(out, np.float64).reshape(r.shape) - r
+    noise = float((d * d).sum())
+    if noise == 0.0:
+        return None
+    signal = float((r * r).sum())
+    return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+def top1_agreement(ref: np.ndarray, out: np.ndarray) -> float:
+    return float((np.asarray(ref).argmax(-1) == np.asarray(out).argmax(-1)).mean())
+
+
+def accuracy(out: np.ndarray, labels: np.ndarray | None) -> float | None:
+    if labels is None:
+        return None
+    return float((np.asarray(out).argmax(-1) == np.asarray(labels)).mean())
+
+
+# ---------------------------------------------------------------- references
+
+
+@dataclass(frozen=True)
+class ReferencePoint:
+    """A published float -> quantized accuracy pair (top-1, percent)."""
+
+    name: str
+    short: str
+    model: str
+    dataset: str
+    float_accuracy: float
+    quantized_accuracy: float
+    source: str
+
+    @property
+    def drop(self) -> float:
+        return round(self.float_accuracy - self.quantized_accuracy, 4)
+
+    @property
+    def relative_drop(self) -> float:
+        return self.drop / self.float_accuracy
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "drop": self.drop, "relative_drop": self.relative_drop}
+
+
+REFERENCES: tuple[ReferencePoint, ...] = (
+    ReferencePoint("AIMET data-free (CLE + bias correction), W8A8", "AIMET data-free W8A8", "MobileNetV2", "ImageNet",
+                   71.72, 71.08, "Qualcomm AIMET, data-free quantization (Nagel et al. 2019), as quoted in issue 7"),
+    ReferencePoint("Qualcomm AI Hub, w8a8 TFLite", "AI Hub w8a8 TFLite", "MobileNetV2", "ImageNet",
+                   71.72, 69.92, "Qualcomm AI Hub MobileNet-v2-Quantized: about 1.8 points below float "
+                   "(issue 7); float = the AIMET zoo model it is built from"),
+)
+
+
+# ---------------------------------------------------------------- the report
+
+
+@dataclass
+class VariantResult:
+    """One quantized artifact measured against the float model."""
+
+    key: str
+    path: str
+    precision: str
+    size_bytes: int
+    samples: int
+    accuracy: float | None
+    float_accuracy: float | None
+    top1_agreement: float
+    snr_db: dict[str, float | None]
+    size_ratio: float | None = None       # float size / this size
+
+    @property
+    def drop_points(self) -> float | None:
+        if self.accuracy is None or self.float_accuracy is None:
+            return None
+        return round(100.0 * (self.float_accuracy - self.accuracy), 4)
+
+    @property
+    def relative_drop(self) -> float | None:
+        if self.accuracy is None or not self.float_accuracy:
+            return None
+        return (self.float_accuracy - self.accuracy) / self.float_accuracy
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "drop_points": self.drop_points, "relative_drop": self.relative_drop}
+
+
+def measure_variant(key: str, path: str, precision: str, size_bytes: int, ref: Mapping[str, np.ndarray],
+                    out: Mapping[str, np.ndarray], labels: np.ndarray | None,
+                    float_size: int | None = None) -> VariantResult:
+    """Metrics of one variant's outputs (name -> array, in the float model's output order)."""
+    names = list(ref)
+    outs = list(out.values())
+    if len(outs) != len(names):
+        raise ValueError(f"{key}: {len(outs)} outputs, the float model has {len(names)}")
+    first_ref, first_out = ref[names[0]], outs[0]
+    return VariantResult(
+        key=key, path=path, precision=precision, size_bytes=int(size_bytes), samples=int(len(first_ref)),
+        accuracy=accuracy(first_out, labels), float_accuracy=accuracy(first_ref, labels),
+        top1_agreement=top1_agreement(first_ref, first_out),
+        snr_db={n: snr_db(ref[n], o) for n, o in zip(names, outs)},
+        size_ratio=(float_size / size_bytes) if float_size and size_bytes else None)
+
+
+@dataclass
+class QuantReport:
+    model: str
+    target: str
+    float_accuracy: float | None
+    float_size_bytes: int | None
+    eval_source: str
+    eval_samples: int
+    calibration: dict[str, Any]
+    variants: list[VariantResult] = field(default_factory=list)
+    float_fixes: list[dict[str, Any]] = field(default_factory=list)
+    sensitivity: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+    references: tuple[ReferencePoint, ...] = REFERENCES
+
+    def comparison(self) -> list[dict[str, Any]]:
+        """Each variant's drop next to each reference's, absolute and relative to float."""
+        rows = []
+        for v in self.variants:
+            if v.drop_points is None:
+                continue
+            for ref in self.references:
+                rel = v.relative_drop
+                rows.append({"variant": v.key, "drop_points": v.drop_points, "relative_drop": rel,
+                             "reference": ref.name, "reference_drop_points": ref.drop,
+                             "reference_relative_drop": ref.relative_drop,
+                             "at_least_as_good": rel is not None and rel <= ref.relative_drop})
+        return rows
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "target": self.target, "float_accuracy": self.float_accuracy,
+            "float_size_bytes": self.float_size_bytes, "eval_source": self.eval_source,
+            "eval_samples": self.eval_samples, "calibration": self.calibration,
+            "variants": [v.to_dict() for v in self.variants], "float_fixes": self.float_fixes,
+            "sensitivity": self.sensitivity, "notes": self.notes,
+            "references": [r.to_dict() for r in self.references], "comparison": self.comparison(),
+        }
+
+
+def worst_snr(snrs: Sequence[float | None]) -> float | None:
+    vals = [s for s in snrs if s is not None]
+    return min(vals) if vals else None

@@ -1,0 +1,151 @@
+"""Per-layer quantization sensitivity, and the layers mixed precision should protect.
+
+Two probes, as in AIMET's QuantAnalyzer (per-layer quantizer enablement/disablement):
+
+* ``only`` (default): quantize one layer and leave the rest in float; the output SNR
+  against the float model is the error that layer alone brings. Per-layer errors are
+  far apart (40-60 dB for a harmless layer, 20 dB for a bad one), so the ranking is
+  clear even on a hundred inputs, and, since independent quantization noises add in
+  power, it is also the ranking of what each layer contributes to the full int8 model.
+* ``exclude``: quantize everything but one layer; the SNR *gain* over the full int8
+  model is what keeping that layer in float buys. Closer to the decision being made,
+  but each gain is a small difference of two noisy figures.
+
+Every probe reuses the session's calibration (the same ranges as the final model) and
+ORT's quantizer restricted by ``nodes_to_quantize`` / ``nodes_to_exclude`` semantics, so
+a probe is the real QDQ arithmetic, run on ONNX Runtime's CPU EP.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from models.errors import InputError
+from quantize.onnx_ptq import Layer, PtqSession, QuantProfile, resolve_layers
+from quantize.report import accuracy, snr_db, top1_agreement
+
+MODES = ("only", "exclude")
+DEFAULT_SAMPLES = 200
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class LayerSensitivity:
+    layer: str                    # PyTorch module path when known, else the ONNX node name
+    node: str                     # ONNX node name
+    op_type: str
+    snr_db: float | None          # logits SNR vs float for this probe (None: identical)
+    top1_agreement: float
+    accuracy: float | None
+    score_db: float               # what the ranking sorts on: error brought (only) / gained (exclude)
+
+
+@dataclass
+class SensitivityReport:
+    mode: str
+    profile: str
+    method: str
+    samples: int
+    float_accuracy: float | None
+    quantized: dict[str, Any]                       # the full model: snr_db, top1_agreement, accuracy
+    layers: list[LayerSensitivity] = field(default_factory=list)   # most sensitive first
+    seconds: float = 0.0
+
+    def worst(self, n: int) -> list[str]:
+        """ONNX node names of the ``n`` most sensitive layers."""
+        return [x.node for x in self.layers[:max(0, n)]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _score(mode: str, snr: float | None, full_snr: float | None) -> float:
+    """Higher = more sensitive. ``only``: minus the SNR (the lower, the worse);
+    ``exclude``: the SNR gained by keeping the layer in float."""
+    big = 200.0                                         # "identical" stands for a very high SNR
+    s = big if snr is None else snr
+    if mode == "only":
+        return -s
+    f = big if full_snr is None else full_snr
+    return s - f
+
+
+def layer_sensitivity(session: PtqSession, profile: QuantProfile, x: np.ndarray,
+                      labels: np.ndarray | None = None, *, method: str = "minmax", mode: str = "only",
+                      layers: Sequence[Layer] | None = None, progress: Progress | None = None
+                      ) -> SensitivityReport:
+    """Rank ``layers`` (default: every layer of the session's model) by sensitivity."""
+    if mode not in MODES:
+        raise InputError("sensitivity mode", f"one of {', '.join(MODES)}", repr(mode))
+    if len(x) == 0:
+        raise InputError("sensitivity inputs", "at least one input", "none")
+    t0 = time.perf_counter()
+    layers = list(layers if layers is not None else session.layers)
+    work = session.work_dir / "sensitivity"
+    work.mkdir(exist_ok=True)
+    ref = run_onnx(session.model_path, session.input_name, x)
+    full_path = work / "full.onnx"
+    session.write(profile, full_path, method=method)
+    full = run_onnx(full_path, session.input_name, x)
+    full_snr = snr_db(ref, full)
+    report = SensitivityReport(
+        mode=mode, profile=profile.name, method=session.ranges(profile.range_method or method).method,
+        samples=int(len(x)), float_accuracy=accuracy(ref, labels),
+        quantized={"snr_db": full_snr, "top1_agreement": top1_agreement(ref, full),
+                   "accuracy": accuracy(full, labels)})
+    for i, layer in enumerate(layers):
+        if progress:
+            progress(i, len(layers), layer.module or layer.name)
+        path = work / "probe.onnx"
+        if mode == "only":
+            session.write(profile, path, method=method, only=[layer])
+        else:
+            session.write(profile, path, method=method, keep_float=[layer])
+        out = run_onnx(path, session.input_name, x)
+        snr = snr_db(ref, out)
+        report.layers.append(LayerSensitivity(
+            layer=layer.module or layer.name, node=layer.name, op_type=layer.op_type, snr_db=snr,
+            top1_agreement=top1_agreement(ref, out), accuracy=accuracy(out, labels),
+            score_db=_score(mode, snr, full_snr)))
+    if progress:
+        progress(len(layers), len(layers), "")
+    report.layers.sort(key=lambda r: -r.score_db)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def pick_layers(session: PtqSession, spec: str | int | Sequence[str] | None,
+                sensitivity: SensitivityReport | None) -> list[Layer]:
+    """Layers for mixed precision: a count (the most sensitive N) or names (ONNX nodes,
+    output tensors or PyTorch module paths)."""
+    if spec is None or spec == "" or spec == 0:
+        return []
+    if isinstance(spec, int) or (isinstance(spec, str) and spec.strip().isdigit()):
+        n = int(spec)
+        if n < 0:
+            raise InputError("layer count", "a non-negative number", str(n))
+        if sensitivity is None:
+            raise InputError("layer count", "a per-layer sensitivity run to pick the worst layers", "none")
+        return resolve_layers(sensitivity.worst(n), session.layers)
+    names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    return resolve_layers([n for n in names if n], session.layers)
+
+
+def run_onnx(path: str | Path, input_name: str, x: np.ndarray) -> np.ndarray:
+    """The first output of an ONNX model on ``x`` (batch 1 at a time: exported mobile models
+    have a fixed batch), on ONNX Runtime's CPU EP with its default optimisations."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    batch = sess.get_inputs()[0].shape[0]
+    step = batch if isinstance(batch, int) and batch > 0 else len(x)
+    outs = [sess.run(None, {input_name: np.ascontiguousarray(x[i:i + step], dtype=np.float32)})[0]
+            for i in range(0, len(x), step)]
+    return np.concatenate(outs)
