@@ -73,11 +73,21 @@ def run(args: argparse.Namespace, ui) -> int:
     if args.json:
         ui.emit_json({"folder": str(result.folder), "seconds": result.seconds, "manifest": m.to_dict()})
         return 0
+    table = artifacts_table(m, result.folder)
+    ui.table(table)
+    times = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
+    ui.result(f"wrote {len(m.artifacts)} artifacts and manifest.json to {result.folder}"
+              + (f" ({times})" if times else ""))
+    return 0
+
+
+def artifacts_table(m, folder):
+    """One row per artifact: key, file, input dtype/shape, size, hash (also used by `mdeploy run`)."""
     from rich import box
     from rich.table import Table
     pre = m.preprocessing
     classes = m.artifacts[0].outputs[0].shape[-1] if m.artifacts and m.artifacts[0].outputs else "?"
-    table = Table(title=f"{m.model} -> {result.folder}: {pre.channel_order} "
+    table = Table(title=f"{m.model} -> {folder}: {pre.channel_order} "
                         f"{pre.input_size[0]}x{pre.input_size[1]} input, {classes} classes", box=box.SIMPLE_HEAD)
     for col, just in (("artifact", "left"), ("file", "left"), ("input", "left"), ("size", "right"),
                       ("sha256", "left")):
@@ -86,11 +96,7 @@ def run(args: argparse.Namespace, ui) -> int:
         shape = "x".join(str(d) for d in a.inputs[0].shape) if a.inputs else ""
         table.add_row(a.key, a.path, f"{a.inputs[0].dtype} {shape}" if a.inputs else "",
                       _size(a.size_bytes), a.sha256[:12])
-    ui.table(table)
-    times = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
-    ui.result(f"wrote {len(m.artifacts)} artifacts and manifest.json to {result.folder}"
-              + (f" ({times})" if times else ""))
-    return 0
+    return table
 
 
 def _size(n: int) -> str:

@@ -40,7 +40,8 @@ ONNX_NAME = "model.onnx"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 GRAY_MEAN, GRAY_STD = (0.5,), (0.5,)
 _EXPORTER_MODULES = {"tflite": ("exporters.tflite", "export_tflite"),
-                     "coreml": ("exporters.coreml", "export_coreml")}
+                     # compressed variants (int8w, palette4/6, pruneNN) live with quantization
+                     "coreml": ("quantize.coreml", "export_coreml_variants")}
 
 
 @dataclass
