@@ -94,6 +94,7 @@ class PtqRow:
     agreement: float            # int8 top-1 == fp32 top-1
     sqnr_db: float              # 10 log10(|fp32|^2 / |int8 - fp32|^2) over the logits
     train_test_acc: float       # the trainer's own held-out figure (PyTorch, training form)
+    checkpoint: Path            # the trained training-form weights
 
     @property
     def drop(self) -> float:
@@ -140,7 +141,8 @@ def ptq_comparison(out_dir: str | Path, models: tuple[str, ...] = ("repvgg_tiny"
         f, q = logits["fp32"], logits["int8"]
         sqnr = 10 * np.log10(float((f ** 2).sum()) / max(float(((q - f) ** 2).sum()), 1e-30))
         rows.append(PtqRow(name, float((f.argmax(1) == y).mean()), float((q.argmax(1) == y).mean()),
-                           float((q.argmax(1) == f.argmax(1)).mean()), sqnr, result.test_acc))
+                           float((q.argmax(1) == f.argmax(1)).mean()), sqnr, result.test_acc,
+                           result.checkpoint))
     return rows
 
 
