@@ -101,7 +101,7 @@ def run(args: argparse.Namespace, ui) -> int:
                             "artifacts": [a.to_dict() for a in exp.manifest.artifacts],
                             "seconds": exp.seconds}
         record["stages"]["export"] = time.perf_counter() - t0
-        ui.table(artifacts_table(exp.manifest))
+        ui.table(artifacts_table(exp.manifest, export_dir))
 
     if "verify" in stages:
         from pipeline.commands.verify import layers_table, pairs_table
