@@ -28,6 +28,7 @@ from device_tests.mil_program import load_program
 from exporters.artifact import ModelCard, Preprocessing
 from exporters.coreml import export_coreml
 from models import create_model, list_models, model_entry
+from models.reparam import is_reparameterizable, reparameterize_model
 
 pytestmark = pytest.mark.zoo
 
@@ -59,7 +60,9 @@ def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 @functools.lru_cache(maxsize=None)
 def _model(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    return randomize_bn(create_model(name, num_classes=10, in_chans=3)).eval()
+    model = randomize_bn(create_model(name, num_classes=10, in_chans=3)).eval()
+    # what `mdeploy export` ships: the deploy form (sparse shifts only export in it)
+    return reparameterize_model(model) if is_reparameterizable(model) else model
 
 
 @pytest.fixture(scope="module")

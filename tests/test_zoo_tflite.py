@@ -22,6 +22,7 @@ from exporters.artifact import Preprocessing
 from exporters.onnx import export_onnx
 from exporters.tflite import ConversionError, export_tflite
 from models import create_model, list_models, model_entry
+from models.reparam import is_reparameterizable, reparameterize_model
 
 pytestmark = pytest.mark.zoo
 
@@ -46,6 +47,8 @@ def test_fp32_and_fp16_parity(name, tmp_path):
     size = model_entry(name).small_input_size
     torch.manual_seed(0)
     model = create_model(name, num_classes=10, in_chans=3).eval()
+    if is_reparameterizable(model):       # what `mdeploy export` ships: the deploy form
+        model = reparameterize_model(model)
     pre = Preprocessing([size, size], [0.5, 0.5, 0.5], [0.25, 0.25, 0.25], "RGB")
     export_onnx(model, tmp_path / "model.onnx", (1, 3, size, size))
     x = np.random.default_rng(0).standard_normal((4, 3, size, size)).astype(np.float32)
