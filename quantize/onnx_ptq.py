@@ -33,9 +33,10 @@ mixed-precision choice and per-layer sensitivity run reuses the same ranges:
 * ``entropy``: TensorRT's KL-divergence threshold. Through ``quantize_static`` ORT builds
   it on a 128-bin histogram with 128 quantized bins, which leaves exactly one candidate
   threshold: the full range, i.e. MinMax under another name. We collect ORT's histogram
-  with 512 bins and pick the threshold ourselves (``_entropy_range``: the same
-  criterion, vectorised), clipped to the observed range as ORT's percentile calibrator
-  does, so a ReLU output is not given a negative half it never uses.
+  with 2,048 bins and pick the threshold ourselves (``_entropy_range``: the same KL
+  criterion, vectorised, with the level count of the real uint8 grid), clipped to the
+  observed range as ORT's percentile calibrator does, so a ReLU output is not given a
+  negative half it never uses.
 
 16-bit activations use MinMax ranges whatever the method: with 65,536 levels the
 rounding step is negligible and clipping is the only error a narrower range adds.
@@ -58,8 +59,9 @@ from models.errors import InputError
 from quantize.calibration import CalibrationReader
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-ENTROPY_BINS = 512               # candidate thresholds: (512 - 128) / 2 = 192
-ENTROPY_QUANTIZED_BINS = 128     # ORT's and TensorRT's figure for 8-bit
+ENTROPY_BINS = 2048              # TensorRT's histogram size
+ENTROPY_LEVELS = 256             # uint8: 256 levels over the clipped range
+ENTROPY_CANDIDATES = 128         # thresholds tried per tensor (every k-th histogram edge)
 PERCENTILE = 99.999
 # Layers are the ops that own weights or mix activations; the activations ORT folds
 # into the preceding Q/DQ (removable ones) belong to the layer before them.
@@ -241,7 +243,7 @@ class PtqSession:
             self.model = onnx.load(str(self.model_path))
             self.input_name, self.input_shape = _single_input(self.model, self.float_onnx)
             self.calibration = _check_calibration(calibration, self.input_shape)
-            self.layer_map = {k: v for k, v in (layer_map or {}).items()}
+            self.layer_map = dict(layer_map or {})
             self.layers = graph_layers(self.model, self.layer_map)
         except BaseException:
             self.close()
@@ -268,14 +270,20 @@ class PtqSession:
         from exporters.onnx import load_onnx
         load_onnx(self.float_onnx, load_weights=False)       # a one-line error for a bad file
         out = self._work / "prepared.onnx"
-        with quiet_ort():
-            if self.qnn:
-                from onnxruntime.quantization.execution_providers.qnn import qnn_preprocess_model
-                if not qnn_preprocess_model(str(self.float_onnx), str(out)):
-                    shutil.copyfile(self.float_onnx, out)
-            else:
-                from onnxruntime.quantization.shape_inference import quant_pre_process
-                quant_pre_process(str(self.float_onnx), str(out), skip_symbolic_shape=True)
+        try:
+            with quiet_ort():
+                if self.qnn:
+                    from onnxruntime.quantization.execution_providers.qnn import qnn_preprocess_model
+                    if not qnn_preprocess_model(str(self.float_onnx), str(out)):
+                        shutil.copyfile(self.float_onnx, out)
+                else:
+                    from onnxruntime.quantization.shape_inference import quant_pre_process
+                    quant_pre_process(str(self.float_onnx), str(out), skip_symbolic_shape=True)
+        except Exception as exc:  # ORT's tools raise Fail, ValueError, onnx errors...
+            msg = " ".join(str(exc).split())[:300]
+            tool = "qnn_preprocess_model" if self.qnn else "quant_pre_process"
+            raise InputError(self.float_onnx, f"a model ONNX Runtime's {tool} accepts",
+                             f"{type(exc).__name__}: {msg}") from None
         return out
 
     def ranges(self, method: str) -> Ranges:
@@ -291,7 +299,7 @@ class PtqSession:
               "percentile": CalibrationMethod.Percentile}[method]
         extra: dict[str, Any] = {}
         if method == "entropy":
-            extra = {"num_bins": ENTROPY_BINS, "num_quantized_bins": ENTROPY_QUANTIZED_BINS}
+            extra = {"num_bins": ENTROPY_BINS}
         elif method == "percentile":
             extra = {"percentile": PERCENTILE}
         aug = self._work / f"augmented_{method}.onnx"
@@ -407,7 +415,6 @@ class PtqSession:
         import onnxruntime
         proto = onnx.load(str(path))
         enc = read_encodings(proto)
-        names = {o for n in proto.graph.node for o in n.output}
         root = Path(root) if root is not None else path.parent
         extra: dict[str, Any] = {
             "profile": profile.name,
@@ -418,7 +425,7 @@ class PtqSession:
                             "source": self.calibration_source},
             "mixed_precision": {"float": [l.module or l.name for l in keep_float],
                                 "w8a16": [l.module or l.name for l in w16] if profile.activation_bits == 8 else []},
-            "layer_map": {k: v for k, v in self.layer_map.items() if k in names},
+            "layer_map": qdq_layer_map(proto, self.layer_map),
             "opset": next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None),
         }
         ins = [TensorSpec(self.input_name, list(self.input_shape), "float32", "NCHW")]
@@ -434,17 +441,44 @@ class PtqSession:
                         tool_version=onnxruntime.__version__, variant=profile.variant, extra=extra)
 
 
+def qdq_layer_map(proto: Any, layer_map: dict[str, str]) -> dict[str, str]:
+    """The float model's layer map, moved onto what a QDQ graph's consumers see.
+
+    In a QDQ graph a layer's float tensor ``T`` is followed by ``Q -> DQ``; the value the
+    next layer reads (and the one to compare with PyTorch) is the DequantizeLinear output,
+    which also carries the clipping of a removed ReLU/Clip (ORT folds it into the range and
+    names the convolution's own output ``T``, so ``T`` itself is unclipped). Tensors left
+    in float keep their names.
+    """
+    consumers: dict[str, list[Any]] = {}
+    for n in proto.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    names = {o for n in proto.graph.node for o in n.output}
+    out: dict[str, str] = {}
+    for tensor, module in layer_map.items():
+        if tensor not in names:
+            continue
+        q = next((c for c in consumers.get(tensor, []) if c.op_type == "QuantizeLinear"), None)
+        dq = next((c for c in consumers.get(q.output[0], []) if c.op_type == "DequantizeLinear"), None) if q else None
+        out[dq.output[0] if dq is not None else tensor] = module
+    return out
+
+
 def _entropy_range(histogram: tuple, is_output: bool) -> dict[str, np.ndarray]:
     """KL-divergence range of one tensor from ORT's histogram ``(hist, edges, min, max, _)``.
 
-    The algorithm of TensorRT's int8 calibration (Migacz, GTC 2017), as ORT implements
-    it on a histogram symmetric about zero: for each candidate window of the histogram,
-    the reference ``p`` (outliers folded into the edge bins) is compared with ``q``, the
-    same window merged into ``ENTROPY_QUANTIZED_BINS`` levels; the window of smallest
-    KL(p || q) wins. Written with ``bincount`` instead of ORT's Python loops (100x
-    faster: the same thresholds in milliseconds per tensor). The window is then clipped to
-    the observed range, and a graph output keeps its observed range: clipping the logits
-    changes which class wins, which no histogram criterion sees.
+    The criterion of TensorRT's int8 calibration (Migacz, GTC 2017) on ORT's histogram,
+    which is symmetric about zero: for each candidate window ``[-t, t]``, the reference
+    ``p`` (outliers folded into the edge bins) is compared with ``q``, the same window
+    merged into as many levels as the real quantizer will have there, and the window of
+    smallest KL(p || q) wins. ORT models 128 levels over the whole window; a uint8 grid
+    has 256 levels over the clipped range, i.e. over ``[0, t]`` alone for a post-ReLU
+    tensor (512 over the symmetric window), so that is what is modelled here; 128 made
+    the criterion clip far too much. Written with ``bincount`` instead of ORT's Python
+    loops. The window is then clipped to the observed range, and a graph output keeps
+    its observed range: clipping the logits changes which class wins, which no
+    histogram criterion sees.
     """
     hist, edges, lo_obs, hi_obs = histogram[0], histogram[1], histogram[2], histogram[3]
     dtype = edges.dtype
@@ -452,21 +486,31 @@ def _entropy_range(histogram: tuple, is_output: bool) -> dict[str, np.ndarray]:
     if is_output or hist.sum() == 0:
         return {"lowest": lo_obs, "highest": hi_obs, "hist": hist, "bins": edges}
     h = hist.astype(np.float64)
-    n, nq = h.size, ENTROPY_QUANTIZED_BINS
-    zero, half = n // 2, nq // 2
+    n = h.size
+    zero = n // 2
+    one_sided = float(lo_obs) >= 0 or float(hi_obs) <= 0
+    nq = 2 * ENTROPY_LEVELS if one_sided else ENTROPY_LEVELS
+    if one_sided:
+        # The spike of exact zeros after a ReLU sits on a grid point (zero point 0): it costs
+        # nothing whatever the range, but merged with its neighbours in q it dominates the
+        # KL and drags the threshold down; it is left out of the criterion.
+        h[zero if float(lo_obs) >= 0 else zero - 1] = 0.0
     csum = np.concatenate([[0.0], np.cumsum(h)])
     best, best_window = np.inf, (0, n)
-    for i in range(half, zero + 1):
+    first = min(nq // 2, zero)
+    step = max(1, (zero - first) // ENTROPY_CANDIDATES)
+    for i in range(first, zero + 1, step):
         s, e = zero - i, min(zero + i + 1, n)
         sliced = h[s:e]
         p = sliced.copy()
         p[0] += csum[s]
         p[-1] += csum[n] - csum[e]
-        merged = max(1, sliced.size // nq)
-        idx = np.minimum(np.arange(sliced.size) // merged, nq - 1)   # the last level takes the rest
+        levels_n = min(nq, sliced.size)
+        merged = max(1, sliced.size // levels_n)
+        idx = np.minimum(np.arange(sliced.size) // merged, levels_n - 1)   # the last level takes the rest
         nonzero = p != 0
-        levels = np.bincount(idx, weights=sliced, minlength=nq)
-        counts = np.bincount(idx, weights=nonzero, minlength=nq)
+        levels = np.bincount(idx, weights=sliced, minlength=levels_n)
+        counts = np.bincount(idx, weights=nonzero, minlength=levels_n)
         q = np.where(nonzero, levels[idx] / np.maximum(counts[idx], 1), 0.0)
         kl = _kl(p, q)
         if kl < best:
