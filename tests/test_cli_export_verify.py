@@ -83,6 +83,7 @@ def test_verify_human_output_and_runner_options(exported, cli):
     assert "onnx/fp32" in out and "pass" in out and "opt=disable" in out and "threads=1" in out
 
 
+@pytest.mark.slow
 def test_gross_fault_exits_1_and_names_the_layer(exported, tmp_path, cli):
     folder = _copy(exported, tmp_path)
     lmap = Manifest.load(folder).find("onnx")[0].extra["layer_map"]
@@ -102,6 +103,7 @@ def test_gross_fault_exits_1_and_names_the_layer(exported, tmp_path, cli):
     assert code == 1 and "FAIL" in out and module in out and "first divergent" in out
 
 
+@pytest.mark.slow
 def test_subtle_fault_fails_at_the_tolerance_only(exported, tmp_path, cli):
     """One BatchNorm's epsilon 1e-3 instead of 1e-5: predictions unchanged, caught by fp32 bound."""
     from models.checkpoint import build_model
@@ -229,6 +231,7 @@ def test_onnx_whose_input_shape_differs_from_the_inputs(exported, tmp_path, cli)
     assert code == 2 and "model.onnx" in line and "28" in line and "32" in line
 
 
+@pytest.mark.slow
 def test_console_script_subprocess(ckpt, tmp_path):
     """The installed `mdeploy` entry point, as a user runs it."""
     exe = Path(sys.executable).parent / "mdeploy"
