@@ -83,6 +83,28 @@ def test_verify_human_output_and_runner_options(exported, cli):
     assert "onnx/fp32" in out and "pass" in out and "opt=disable" in out and "threads=1" in out
 
 
+def test_verify_reads_an_image_folder_with_labels(exported, tmp_path, cli):
+    """ImageFolder layout (one sub-folder per class): RGB files, resized and turned grey
+    by the same preprocessing as training; labels come from the folder names."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for cls in ("3", "7"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
+    code, out, err = cli("verify", str(exported), "--inputs", str(tmp_path / "imgs"), "--runners", "onnxruntime",
+                         "--json")
+    assert code == 0, err
+    doc = _json(out)
+    assert doc["inputs"]["samples"] == 4 and doc["inputs"]["labels"] and doc["inputs"]["shape"] == [4, 1, 28, 28]
+    assert doc["pairs"][0]["accuracy_reference"] is not None
+    from pipeline.stages.verify import load_inputs
+    inputs = load_inputs(str(tmp_path / "imgs"), Manifest.load(exported), None)
+    assert inputs.labels.tolist() == [3, 3, 7, 7], "folder names are the model's class names"
+    (tmp_path / "imgs" / "7").rename(tmp_path / "imgs" / "seven")
+    assert load_inputs(str(tmp_path / "imgs"), Manifest.load(exported), None).labels is None
+
+
 @pytest.mark.slow
 def test_gross_fault_exits_1_and_names_the_layer(exported, tmp_path, cli):
     folder = _copy(exported, tmp_path)

@@ -112,11 +112,24 @@ def _from_array(path: Path, pre: Preprocessing) -> VerifyInputs:
     raise InputError(path, "float32 model inputs or uint8 images", f"dtype {arr.dtype}")
 
 
-def _from_folder(path: Path, pre: Preprocessing) -> VerifyInputs:
+def _folder_labels(found: np.ndarray, classes: list[str], model_labels: list[str] | None
+                   ) -> np.ndarray | None:
+    """Folder class names -> the model's class indices. Folder ``7/`` is class ``"7"`` of
+    the model, not the second folder; without a name match there is no ground truth."""
+    if model_labels is None:
+        return found
+    index = {name: i for i, name in enumerate(model_labels)}
+    if not all(c in index for c in classes):
+        return None
+    return np.asarray([index[classes[i]] for i in found], np.int64)
+
+
+def _from_folder(path: Path, pre: Preprocessing, model_labels: list[str] | None = None) -> VerifyInputs:
     split = "test" if any((path / s).is_dir() for s in ("test", "val")) else "all"
     try:
         s = load_dataset(path, split)
-        return _from_images(s.images, s.labels, pre, f"{path} ({split})")
+        return _from_images(s.images, _folder_labels(s.labels, s.classes, model_labels), pre,
+                            f"{path} ({split})")
     except InputError as exc:
         if "class" not in exc.expected:      # not an ImageFolder layout: try a flat folder
             raise
@@ -166,7 +179,7 @@ def load_inputs(spec: str | None, manifest: Manifest, samples: int | None, seed:
             raise InputError(path, "an array file of inputs", "no such file")
         res = _from_array(path, pre)
     elif path.is_dir():
-        res = _from_folder(path, pre)
+        res = _from_folder(path, pre, manifest.labels)
     else:
         raise InputError(path, f"a bundled data set ({', '.join(BUNDLED)}), a .npy/.npz file or an "
                          "image folder", "no such file or folder" if not path.exists() else "a file of another kind")
