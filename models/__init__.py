@@ -14,8 +14,4 @@ for _mod in (
     "densenet", "mixer", "mobilenet", "repvgg", "resnext", "shift", "shufflenet",
     "sparse_shift", "squeezenet", "xception",
 ):
-    try:
-        _importlib.import_module(f"models.{_mod}")
-    except ModuleNotFoundError as _exc:  # a module not written yet
-        if _exc.name != f"models.{_mod}":
-            raise
+    _importlib.import_module(f"models.{_mod}")

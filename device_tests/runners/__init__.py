@@ -4,8 +4,4 @@ import importlib as _importlib
 from device_tests.runners.base import Runner, runner_class, runner_for  # noqa: F401
 
 for _mod in ("torch", "onnxruntime", "litert", "coreml"):
-    try:
-        _importlib.import_module(f"device_tests.runners.{_mod}")
-    except ModuleNotFoundError as _exc:
-        if _exc.name != f"device_tests.runners.{_mod}":
-            raise
+    _importlib.import_module(f"device_tests.runners.{_mod}")
