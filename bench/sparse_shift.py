@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from models.sparse_shift import SparseShift, shift_order
 
-LAMBDAS = (0.0, 2.5e-4, 5e-4, 1e-3, 2e-3, 5e-3)
+LAMBDAS = (0.0, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3)
 
 
 # -- 1. lambda sweep ---------------------------------------------------------------------

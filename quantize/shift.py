@@ -26,9 +26,11 @@ import torch.nn as nn
 
 from models.sparse_shift import SparseShift
 
-# The lambda `mdeploy run` and the docs use; chosen from `python -m bench.sparse_shift`
-# (see that module's docstring for the sweep it was read from).
-DEFAULT_SHIFT_L1 = 1e-3
+# The suggested lambda: the largest of `python -m bench.sparse_shift`'s sweep whose
+# held-out accuracy stays within 1 point of lambda = 0 (fe_net_tiny, MNIST, 4 epochs:
+# 94.8% with 12.8% zero shifts at 0; 93.9%, 42.7% zero at 2e-4; 93.0%, 52.9% at 2.5e-4;
+# 91.3%, 82.6% at 1e-3). Larger lambdas buy more sparsity for accuracy.
+DEFAULT_SHIFT_L1 = 2e-4
 SHIFT_LR_SCALE = 10.0
 
 

@@ -42,8 +42,8 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
                    help="keyword argument for the model factory (JSON value), e.g. width_mult=0.5")
     p.add_argument("--shift-l1", type=float, default=d.shift_l1, metavar="LAMBDA",
                    help="L1 penalty LAMBDA * sum(|dy|+|dx|) on sparse shift displacements, which "
-                        "drives them to zero (models with sparse shifts, e.g. fe_net_tiny; "
-                        "1e-3 is a good start)")
+                        "drives them to zero (models with sparse shifts, e.g. fe_net_tiny; 2e-4 "
+                        "kept fe_net_tiny within 1 point of LAMBDA=0 with 43%% of shifts zero)")
     p.add_argument("--freeze-shifts-after", type=int, metavar="EPOCH",
                    help="snap sparse shift displacements to integers after EPOCH and train the "
                         "rest of the net around them")
