@@ -207,7 +207,7 @@ def export_model(model_spec: str | None, out_dir: str | Path, *, checkpoint: str
     deploy = deploy_form(model, meta, reparameterize=opts.reparameterize, spec=spec)
     model, meta = deploy.model, deploy.meta
     if deploy.reparameterized:
-        say(f"re-parameterized {len(deploy.modules)} blocks into the deploy form")
+        say(f"re-parameterized {len(deploy.modules)} modules into the deploy form")
     pre = resolve_preprocessing(model, meta, spec, opts.input_size)
     shape = (1, pre.channels, *pre.input_size)
     outs = _probe_outputs(model, shape, spec)
