@@ -41,12 +41,14 @@ def _trained_like(model: nn.Module, size: int, seed: int = 0) -> nn.Module:
                 m.running_mean.copy_(0.4 * torch.rand(m.running_mean.shape, generator=gen) - 0.2)
                 m.running_var.copy_(0.5 + 1.5 * torch.rand(m.running_var.shape, generator=gen))
         model.eval()
-        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        # The classifier: the last Linear, or the last conv of an all-conv head (SqueezeNet;
+        # ReLU and average pooling after it are positively homogeneous, so scaling carries).
+        heads = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
         std = float(model(torch.randn(4, 3, size, size, generator=gen)).std())
-        if linears and std > 0:
-            linears[-1].weight.mul_(3.0 / std)
-            if linears[-1].bias is not None:
-                linears[-1].bias.mul_(3.0 / std)
+        if heads and std > 0:
+            heads[-1].weight.mul_(3.0 / std)
+            if heads[-1].bias is not None:
+                heads[-1].bias.mul_(3.0 / std)
     return model
 
 
