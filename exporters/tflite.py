@@ -30,7 +30,7 @@ from exporters.artifact import Artifact, ModelCard, Preprocessing, TensorSpec, s
 from exporters.fileio import atomic_write_bytes
 from exporters.layer_map import layer_map_from_onnx
 from exporters.onnx import load_onnx
-from exporters.tflite_metadata import image_classifier_metadata, pack_model, populate
+from exporters.tflite_metadata import TensorInfo, image_classifier_metadata, pack_model, populate
 from exporters.tflite_ops import delegate_fallbacks, graph_ops, op_counts
 from models.errors import InputError
 
@@ -94,6 +94,7 @@ def export_tflite(onnx_path: str | Path, out_dir: str | Path, precisions: Iterab
         ins, outs = _tensor_specs(data, layout)
         md = image_classifier_metadata(card, preprocessing, input_name=in_name, output_name=out_names[0],
                                        input_dtype=ins[0].dtype, labels=labels)
+        md.outputs += [TensorInfo(name) for name in out_names[1:]]     # extra outputs: named, no labels
         data = populate(data, md)
         path = out_dir / f"{onnx_path.stem}_{precision}.tflite"
         atomic_write_bytes(path, data)
@@ -205,6 +206,11 @@ def _onnx2tf(model: Any, work: Path, *, input_name: str, input_shape: list[int],
            "-ois", f"{input_name}:{','.join(map(str, input_shape))}"]
     if keep_nchw:
         cmd += ["-k", input_name]
+    if any(n.op_type == "Erf" for n in model.graph.node):
+        # Exact GELU reaches onnx2tf as Erf, which it emits as tf.math.erf: no TFLite builtin
+        # has it ("'tf.Erf' op is neither a custom op nor a flex op"). onnx2tf's pseudo-Erf is
+        # Abramowitz & Stegun 7.1.26 in builtin ops, max abs error 1.5e-7 on erf.
+        cmd += ["-rtpo", "erf"]
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -269,9 +275,19 @@ def _convert(saved_model: Path, precision: str, calib: np.ndarray | None, layout
     try:
         return bytes(conv.convert())
     except Exception as exc:  # the converter raises ConverterError and friends
-        msg = str(exc).strip().splitlines()
         raise ConversionError("tf.lite.TFLiteConverter", f"a {precision} conversion",
-                              f"{type(exc).__name__}: {' | '.join(msg[-3:])[:800]}") from None
+                              f"{type(exc).__name__}: {_mlir_message(str(exc))}") from None
+
+
+def _mlir_message(text: str) -> str:
+    """The converter's diagnosis without its MLIR dump: the unsupported-op summary if any,
+    else the distinct ``error:`` messages (their source locations dropped)."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    summary = [ln for ln in lines if ln.startswith(("TF Select ops:", "Flex ops:", "Custom ops:"))]
+    if summary:
+        return "ops TFLite has no builtin for: " + "; ".join(summary)
+    errors = [re.sub(r"^.*?error: (loc\(.*?\)\): )?", "", ln) for ln in lines if "error:" in ln]
+    return " | ".join(dict.fromkeys(errors))[:600] or " | ".join(lines[:3])[:600]
 
 
 def _tf():
