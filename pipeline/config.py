@@ -27,6 +27,28 @@ class ExportSection(_Section):
     coreml_precisions: list[str] = Field(default_factory=lambda: ["fp32", "fp16", "int8w", "palette6"])
     opset: int = 18
     calib_samples: int = Field(200, ge=1)
+    coreml_input: str = Field("image", pattern="(?i)^(image|tensor|both)$",
+                              description="Core ML input: image, tensor, or both (a package of each)")
+    coreml_target: str | None = Field(None, pattern=r"^[A-Za-z]+[0-9]+$",
+                                      description="Core ML minimum deployment target (iOS16, macOS13, ...; "
+                                                  "checked at export); None: the exporter's default")
+    tflite_layout: str = Field("NHWC", pattern="(?i)^(nhwc|nchw)$", description="input layout of the .tflite")
+
+    class Card(_Section):
+        """``[export.card]``: the model card written into the TFLite and Core ML metadata."""
+        name: str | None = None
+        description: str | None = None
+        version: str | None = None
+        author: str | None = None
+        license: str | None = None
+
+    card: Card = Field(default_factory=Card, description="model card fields; unset ones keep the defaults")
+
+    def app_options(self) -> dict[str, Any]:
+        """The ``pipeline.stages.export.ExportOptions`` fields this section sets beyond
+        formats, precisions and opset: ``ExportOptions(..., **cfg.export.app_options())``."""
+        return {"coreml_input": self.coreml_input, "coreml_target": self.coreml_target,
+                "tflite_layout": self.tflite_layout, "card": self.card.model_dump(exclude_none=True)}
 
 
 class VerifySection(_Section):

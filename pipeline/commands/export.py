@@ -45,12 +45,27 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
                    help="keep re-parameterizable blocks (RepVGG branches) in their training form "
                         "instead of the fused deploy form (default: fuse)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    app = p.add_argument_group("app formats")
+    app.add_argument("--coreml-input", default="image", metavar="image|tensor|both",
+                     help="Core ML input: an image (CVPixelBuffer, normalisation inside the model), a "
+                          "float32 NCHW tensor, or both (one package of each per precision; default image)")
+    app.add_argument("--coreml-target", metavar="TARGET",
+                     help="Core ML minimum deployment target: iOS15, iOS16, iOS17, iOS18, macOS13, ... "
+                          "(default iOS17)")
+    app.add_argument("--tflite-layout", default="NHWC", metavar="nhwc|nchw",
+                     help="input layout of the .tflite (default nhwc, what apps and the delegates expect)")
+    card = p.add_argument_group("model card (written into the TFLite and Core ML metadata and the manifest)")
+    card.add_argument("--name", help="model name (default: the architecture); also the Core ML file name")
+    card.add_argument("--description", help="one-line description (default: architecture, classes, input)")
+    card.add_argument("--version", help="model version (default 1.0)")
+    card.add_argument("--author", help="author (default: none; Core ML shows 'mdeploy')")
+    card.add_argument("--license", help="license (default: none)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace, ui) -> int:
     from models.errors import InputError
-    from pipeline.stages.export import ExportOptions, export_model, read_labels
+    from pipeline.stages.export import CARD_FIELDS, ExportOptions, export_model, read_labels
 
     if args.model is None and args.checkpoint is None:
         raise InputError("mdeploy export", "MODEL, or --checkpoint of an mdeploy checkpoint", "neither")
@@ -63,7 +78,9 @@ def run(args: argparse.Namespace, ui) -> int:
         opset=args.opset, dynamic_batch=args.dynamic_batch, simplify=args.simplify,
         labels=read_labels(args.labels) if args.labels else None, num_classes=args.num_classes,
         in_chans=args.in_chans, model_kwargs=dict(args.model_arg), calibration=args.calibration,
-        force=args.force, reparameterize=not args.no_reparam)
+        force=args.force, reparameterize=not args.no_reparam, coreml_input=args.coreml_input,
+        coreml_target=args.coreml_target, tflite_layout=args.tflite_layout,
+        card={k: getattr(args, k) for k in CARD_FIELDS if getattr(args, k) is not None})
     with ui.status("exporting"):
         result = export_model(args.model, args.out, checkpoint=args.checkpoint, options=opts,
                               progress=ui.info)

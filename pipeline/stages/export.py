@@ -13,7 +13,8 @@ What is written:
 * ``model.onnx`` when ``onnx`` is asked for (and as the source of ``tflite``, in a
   temporary folder when ``onnx`` itself is not asked for);
 * whatever ``exporters.tflite.export_tflite`` / ``exporters.coreml.export_coreml``
-  write, per precision;
+  write, per precision (the ``.tflite`` input NHWC unless ``tflite_layout="NCHW"``; Core
+  ML with an image input, a tensor input, or one package of each: ``coreml_input``);
 * ``manifest.json``: preprocessing, labels, model card, every artifact, the versions.
 """
 from __future__ import annotations
@@ -39,6 +40,9 @@ PT_NAME = "model.safetensors"
 ONNX_NAME = "model.onnx"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 GRAY_MEAN, GRAY_STD = (0.5,), (0.5,)
+COREML_INPUTS = ("image", "tensor", "both")     # both: an image and a tensor package per precision
+TFLITE_LAYOUTS = ("NHWC", "NCHW")
+CARD_FIELDS = ("name", "description", "version", "author", "license")   # exporters.artifact.ModelCard
 _EXPORTER_MODULES = {"tflite": ("exporters.tflite", "export_tflite"),
                      # compressed variants (int8w, palette4/6, pruneNN) live with quantization
                      "coreml": ("quantize.coreml", "export_coreml_variants")}
@@ -59,6 +63,10 @@ class ExportOptions:
     calibration: str | None = None                # quantized tflite: data source (default: checkpoint's data)
     force: bool = False
     reparameterize: bool = True                   # export the deploy form (pipeline.stages.deploy_form)
+    coreml_input: str = "image"                   # image | tensor | both
+    coreml_target: str | None = None              # minimum deployment target; None: exporters.coreml's
+    tflite_layout: str = "NHWC"                   # input layout of the .tflite (apps want NHWC)
+    card: dict[str, str] = field(default_factory=dict)   # model card fields (CARD_FIELDS) over the defaults
 
 
 @dataclass
@@ -193,6 +201,7 @@ def export_model(model_spec: str | None, out_dir: str | Path, *, checkpoint: str
     _check_precisions_known(exporters, opts.precisions)
     for fmt in exporters:
         _precisions_for(fmt, opts.precisions)
+    app = _app_options(opts, formats)
     labels = list(opts.labels) if opts.labels else None
     check_writable_output(out_dir, opts.force)          # before minutes of work, not after
 
@@ -221,8 +230,9 @@ def export_model(model_spec: str | None, out_dir: str | Path, *, checkpoint: str
             "mean": pre.mean, "std": pre.std, "channel_order": pre.channel_order,
             "labels": labels}
     name = _display_name(spec)
-    card = ModelCard(name=name, description=f"{name} image classifier ({num_classes} classes, "
-                     f"{pre.channel_order} {pre.input_size[0]}x{pre.input_size[1]} input), exported by mdeploy")
+    default_card = {"name": name, "description": f"{name} image classifier ({num_classes} classes, "
+                    f"{pre.channel_order} {pre.input_size[0]}x{pre.input_size[1]} input), exported by mdeploy"}
+    card = ModelCard(**{**default_card, **app.card})          # --name/--description/... win
     seconds: dict[str, float] = {}
     artifacts: list[Artifact] = []
     with staged_output_dir(out_dir, opts.force) as stage:
@@ -252,10 +262,14 @@ def export_model(model_spec: str | None, out_dir: str | Path, *, checkpoint: str
                     if precisions and any(_is_quantized(p) for p in precisions):
                         calib = _calibration(opts.calibration or meta.get("data"), pre)
                     made = func(onnx_path, stage, precisions or _default_precisions(fmt),
-                                preprocessing=pre, labels=labels, card=card, calibration=calib)
+                                preprocessing=pre, labels=labels, card=card, calibration=calib,
+                                layout=app.tflite_layout)
                 else:
-                    made = func(model, stage, precisions or _default_precisions(fmt),
-                                preprocessing=pre, labels=labels, card=card)
+                    made = []
+                    for kind in app.coreml_kinds:           # "both": the image package, then the tensor one
+                        made += func(model, stage, precisions or _default_precisions(fmt),
+                                     preprocessing=pre, labels=labels, card=card, input_kind=kind,
+                                     minimum_deployment_target=app.coreml_target)
                 seconds[fmt] = time.perf_counter() - t0
                 artifacts.extend(_relative(a, stage) for a in made)
 
@@ -263,11 +277,86 @@ def export_model(model_spec: str | None, out_dir: str | Path, *, checkpoint: str
                   "checkpoint_sha256": sha256_of(checkpoint) if checkpoint else None,
                   "data": meta.get("data"), "model_kwargs": meta.get("model_kwargs", {}),
                   "num_classes": num_classes, "in_chans": pre.channels, **deploy.source(),
-                  "opset": opts.opset, "dynamic_batch": opts.dynamic_batch}
+                  "opset": opts.opset, "dynamic_batch": opts.dynamic_batch, **app.source(formats)}
         manifest = Manifest(model=name, preprocessing=pre, card=card, artifacts=artifacts,
                             labels=labels, source=source, versions=library_versions())
         manifest.save(stage)
-    return ExportResult(Path(out_dir), manifest, seconds, deploy.warnings)
+    return ExportResult(Path(out_dir), manifest, seconds, deploy.warnings + app.warnings)
+
+
+@dataclass
+class _AppOptions:
+    """``ExportOptions``' per-format app choices, checked and spelled as the exporters want."""
+    coreml_kinds: tuple[str, ...]
+    coreml_target: str | None
+    tflite_layout: str
+    card: dict[str, str]
+    warnings: list[str]
+
+    def source(self, formats: tuple[str, ...]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if "tflite" in formats:
+            out["tflite_layout"] = self.tflite_layout
+        if "coreml" in formats:
+            out["coreml_input"] = "both" if len(self.coreml_kinds) > 1 else self.coreml_kinds[0]
+            out["coreml_target"] = self.coreml_target
+        return out
+
+
+def _app_options(opts: ExportOptions, formats: tuple[str, ...]) -> _AppOptions:
+    """Check ``coreml_input``, ``coreml_target``, ``tflite_layout`` and ``card`` before any work
+    (one-line errors named after the CLI flags); options for a format not exported are
+    ignored with a warning."""
+    notes: list[str] = []
+    kind = str(opts.coreml_input or "image").strip().lower()
+    if kind not in COREML_INPUTS:
+        raise InputError("--coreml-input", " or ".join(COREML_INPUTS), repr(opts.coreml_input))
+    layout = str(opts.tflite_layout or "NHWC").strip().upper()
+    if layout not in TFLITE_LAYOUTS:
+        raise InputError("--tflite-layout", " or ".join(t.lower() for t in TFLITE_LAYOUTS),
+                         repr(opts.tflite_layout))
+    target = opts.coreml_target.strip() if opts.coreml_target else None
+    if "coreml" in formats:
+        from exporters.coreml import DEFAULT_TARGET
+        target = _coreml_target(target) if target else DEFAULT_TARGET
+    else:
+        notes += [f"{flag} is ignored: coreml is not in --formats" for flag, on in
+                  (("--coreml-input", kind != "image"), ("--coreml-target", target is not None)) if on]
+        target = None
+    if "tflite" not in formats and layout != "NHWC":
+        notes.append("--tflite-layout is ignored: tflite is not in --formats")
+    unknown = sorted(set(opts.card) - set(CARD_FIELDS))
+    if unknown:
+        raise InputError("model card", f"fields among {', '.join(CARD_FIELDS)}", ", ".join(unknown))
+    card: dict[str, str] = {}
+    for key, value in opts.card.items():
+        if value is None:
+            continue
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise InputError(f"--{key}", "text", f"a {type(value).__name__}")
+        text = str(value).strip()
+        if "\n" in text or "\r" in text:
+            raise InputError(f"--{key}", "one line of text", "a line break")
+        if key == "name" and not text:
+            raise InputError("--name", "a non-empty model name", "an empty string")
+        card[key] = text
+    kinds = ("image", "tensor") if kind == "both" else (kind,)
+    return _AppOptions(kinds, target, layout, card, notes)
+
+
+def _coreml_target(name: str) -> str:
+    """coremltools' spelling of a deployment target (``ios16`` -> ``iOS16``), checked by
+    ``exporters.coreml.deployment_target`` (ML Programs: iOS 15 / macOS 12 and later)."""
+    from exporters.coreml import deployment_target, quiet_coremltools
+    with quiet_coremltools():
+        import coremltools as ct
+    canonical = {n.lower(): n for n in ct.target.__members__}.get(name.lower(), name)
+    try:
+        deployment_target(canonical)
+    except InputError as exc:
+        raise InputError("--coreml-target", f"{exc.expected}, or macOS12+, tvOS15+, watchOS8+",
+                         repr(name)) from None
+    return canonical
 
 
 def _default_precisions(fmt: str) -> tuple[str, ...]:
