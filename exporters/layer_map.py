@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import ast
 from collections import defaultdict
-from typing import Any
+from typing import Any, NamedTuple
 
 NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 
@@ -92,3 +92,54 @@ def layer_map_from_onnx(model: Any) -> dict[str, str]:
         result[tensor] = call_key(owner, counts[owner])
         counts[owner] += 1
     return result
+
+
+def _inside(key: str, module: str, call: int) -> bool:
+    path, index = split_call_key(key)
+    return (path, index) == (module, call) or path.startswith(module + ".")
+
+
+class ModuleGraph(NamedTuple):
+    nodes: list[Any]            # NodeProtos, in graph order
+    inputs: list[str]           # activation tensors read from outside the module
+    output: str                 # the tensor the layer map names as the module's output
+
+
+def module_nodes(model: Any, layer_map: dict[str, str], module: str, call: int = 0) -> ModuleGraph | None:
+    """The nodes of an ONNX graph that compute one call of ``module`` (a module path), and
+    the activation tensors they read from outside it.
+
+    Walks back from the tensor the layer map names as the module's output (its ``call``-th)
+    and stops at tensors that other modules produce (by the layer map), at graph inputs
+    and at constants (initializers, ``Constant`` nodes), so the result is the module's own
+    part of the graph. ``None`` when the layer map has no output for that call (a module
+    that computes nothing, e.g. an identity, leaves no tensor of its own).
+    """
+    want = call_key(module, call)
+    out = next((t for t, k in layer_map.items() if k == want), None)
+    if out is None:
+        return None
+    graph = model.graph
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+    constants = {t.name for t in graph.initializer} | {
+        o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    graph_inputs = {i.name for i in graph.input}
+    seen: set[int] = set()
+    inputs: list[str] = []
+    stack = [out]
+    while stack:
+        tensor = stack.pop()
+        i = producer.get(tensor)
+        if i is None or i in seen:
+            continue
+        seen.add(i)
+        for name in graph.node[i].input:
+            if not name or name in constants:
+                continue
+            key = layer_map.get(name)
+            if name in graph_inputs or (key is not None and not _inside(key, module, call)):
+                if name not in inputs:
+                    inputs.append(name)
+            else:
+                stack.append(name)
+    return ModuleGraph([graph.node[i] for i in sorted(seen)], inputs, out)

@@ -262,3 +262,10 @@ def load_onnx(path: str | Path, *, load_weights: bool = True) -> Any:
     except Exception as exc:  # DecodeError, ValidationError, OSError
         msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         raise InputError(path, "a valid ONNX model", f"{type(exc).__name__}: {msg}".rstrip(": ")) from None
+
+
+def op_counts(model: Any) -> dict[str, int]:
+    """Node count per op type of an ONNX ``ModelProto`` (or the file at a path), sorted by op."""
+    from collections import Counter
+    proto = model if hasattr(model, "graph") else load_onnx(model, load_weights=False)
+    return dict(sorted(Counter(n.op_type for n in proto.graph.node).items()))

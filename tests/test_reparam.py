@@ -19,8 +19,6 @@ classifier's (``tests.parity_helpers.make_realistic``):
 
 The heavy variants at 224 run in the ``zoo`` sweep (``make test-zoo``).
 """
-from collections import Counter
-
 import numpy as np
 import pytest
 import torch
@@ -222,13 +220,12 @@ def _deploy_tiny() -> tuple[nn.Module, torch.Tensor, int]:
 
 
 def test_deploy_onnx_has_one_conv_per_block_no_add_and_fp32_parity(tmp_path):
-    import onnx
     import onnxruntime as ort
 
-    from exporters.onnx import export_onnx
+    from exporters.onnx import export_onnx, op_counts
     deploy, x, blocks = _deploy_tiny()
     export_onnx(deploy, tmp_path / "m.onnx", (1, 3, 32, 32))
-    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node)
+    ops = op_counts(tmp_path / "m.onnx")
     assert ops["Conv"] == blocks and "Add" not in ops and "BatchNormalization" not in ops, ops
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     out = np.concatenate([sess.run(None, {"input": x[i:i + 1].numpy()})[0] for i in range(len(x))])
@@ -271,15 +268,14 @@ def test_deploy_tflite_and_coreml_have_one_conv_per_block_no_add_and_fp32_parity
 def test_export_writes_the_deploy_form_by_default_and_warns_without_it(cli, tmp_path):
     """``mdeploy export`` fuses by default and records it; ``--no-reparam`` keeps the
     branches with a warning; ``verify``'s reference (the ``pt`` artifact) is the same form."""
-    import onnx
-
     from exporters.artifact import Manifest
+    from exporters.onnx import op_counts
     from models.checkpoint import build_model
     code, _, err = cli("export", "repvgg_tiny", "--num-classes", "10", "--out", str(tmp_path / "fused"))
     assert code == 0, err
     manifest = Manifest.load(tmp_path / "fused")
     assert manifest.source["reparameterized"] is True and manifest.source["reparameterizable_modules"] == 8
-    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "fused" / "model.onnx")).graph.node)
+    ops = op_counts(tmp_path / "fused" / "model.onnx")
     assert ops["Conv"] == 8 and "Add" not in ops
     reference, meta = build_model(None, tmp_path / "fused" / "model.safetensors")
     assert meta["reparameterized"] and not is_reparameterizable(reference)
@@ -288,5 +284,5 @@ def test_export_writes_the_deploy_form_by_default_and_warns_without_it(cli, tmp_
                        "--out", str(tmp_path / "branches"))
     assert code == 0 and "--no-reparam" in err
     assert Manifest.load(tmp_path / "branches").source["reparameterized"] is False
-    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "branches" / "model.onnx")).graph.node)
+    ops = op_counts(tmp_path / "branches" / "model.onnx")
     assert ops["Conv"] > 8 and ops["Add"] > 0

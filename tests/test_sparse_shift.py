@@ -4,7 +4,6 @@ statistics, FE-Net, and deployment as pure data movement with exact parity."""
 from __future__ import annotations
 
 import json
-from collections import Counter
 
 import numpy as np
 import pytest
@@ -15,12 +14,12 @@ from models import create_model
 from models.reparam import reparameterize_model
 from models.shift import active_shift2d
 from models.sparse_shift import FEBlock, SparseShift, shift_order, sparse_shift2d
-from quantize.shift import (SparseShiftHook, freeze_shifts, shift_l1_penalty, shift_statistics)
+from quantize.shift import (FORBIDDEN_ONNX, SparseShiftHook, check_shift_graph, freeze_shifts,
+                            shift_l1_penalty, shift_statistics)
 
-# What a deployed shift may compile to: data movement only.
-DATA_MOVEMENT_ONNX = {"Pad", "Reshape", "Split", "Slice", "Concat"}
-FORBIDDEN_ONNX = {"Mul", "Resize", "GridSample", "Gather", "GatherElements", "GatherND", "ScatterND",
-                  "Upsample", "Einsum", "MatMul"}
+# What a standalone deployed shift compiles to (quantize.shift.DATA_MOVEMENT_ONNX allows a
+# few more data-movement ops, e.g. a Gather with constant indices).
+STANDALONE_SHIFT_ONNX = {"Pad", "Reshape", "Split", "Slice", "Concat"}
 FORBIDDEN_TFLITE = {"MUL", "RESIZE_BILINEAR", "RESIZE_NEAREST_NEIGHBOR", "GATHER", "GATHER_ND"}
 FORBIDDEN_MIL = {"mul", "resize_bilinear", "upsample_bilinear", "resample", "gather", "gather_nd",
                  "gather_along_axis"}
@@ -210,19 +209,14 @@ class _ShiftOnly(nn.Module):
         return self.shift(torch.cat([x] * 8, dim=1)).flatten(1)
 
 
-def _onnx_ops(path) -> Counter:
-    import onnx
-    return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
-
-
 def test_deployed_shift_exports_to_onnx_as_data_movement_with_zero_error(tmp_path):
     import onnxruntime as ort
 
-    from exporters.onnx import export_onnx
+    from exporters.onnx import export_onnx, op_counts
     model = reparameterize_model(_ShiftOnly())
     export_onnx(model, tmp_path / "shift.onnx", (1, 3, 9, 10))
-    ops = _onnx_ops(tmp_path / "shift.onnx")
-    assert set(ops) <= DATA_MOVEMENT_ONNX, ops
+    ops = op_counts(tmp_path / "shift.onnx")
+    assert set(ops) <= STANDALONE_SHIFT_ONNX, ops
     x = np.random.default_rng(0).standard_normal((1, 3, 9, 10)).astype(np.float32)
     out = ort.InferenceSession(str(tmp_path / "shift.onnx")).run(None, {"input": x})[0]
     with torch.no_grad():
@@ -230,13 +224,40 @@ def test_deployed_shift_exports_to_onnx_as_data_movement_with_zero_error(tmp_pat
 
     # a whole FE-Net: convs, ReLU, pooling, data movement; nothing that multiplies or samples
     net = reparameterize_model(create_model("fe_net_tiny", num_classes=10, in_chans=1))
-    export_onnx(net, tmp_path / "fe.onnx", (1, 1, 28, 28))
-    ops = _onnx_ops(tmp_path / "fe.onnx")
+    art = export_onnx(net, tmp_path / "fe.onnx", (1, 1, 28, 28))
+    ops = op_counts(tmp_path / "fe.onnx")
     assert not set(ops) & FORBIDDEN_ONNX, ops
-    # one Pad per displacement in use (channels are grouped by it), none for still channels
-    moves = sum(len({tuple(d) for d in m.displacements().tolist()} - {(0, 0)})
-                for m in net.modules() if isinstance(m, SparseShift))
-    assert ops["Pad"] == moves > 0, ops
+    # each shift layer's own part of the graph (read back through the layer map): data
+    # movement only, one Pad per displacement in use (channels are grouped by it), none
+    # for still channels; every Pad of the graph is a shift's
+    check = check_shift_graph(tmp_path / "fe.onnx", art.extra["layer_map"], net)
+    assert len(check.layers) == 5 and check.data_movement_only, check.to_dict()
+    assert all(layer.one_pad_per_move and layer.moves > 0 for layer in check.layers), check.to_dict()
+    assert check.ops["Pad"] == ops["Pad"], (check.ops, ops)
+
+
+def test_shift_graph_check_names_what_is_not_data_movement(tmp_path):
+    """The check reads each layer's part of the graph: a multiply, or a Gather whose indices
+    are computed, inside a shift's part is reported against that layer only."""
+    import onnx
+
+    from exporters.onnx import export_onnx
+    net = reparameterize_model(create_model("fe_net_tiny", num_classes=10, in_chans=1))
+    art = export_onnx(net, tmp_path / "fe.onnx", (1, 1, 28, 28))
+    proto = onnx.load(str(tmp_path / "fe.onnx"))
+    clean = check_shift_graph(proto, art.extra["layer_map"], net)
+    assert clean.data_movement_only
+    by_output = {o: n for n in proto.graph.node for o in n.output}
+    concat0, concat1 = by_output[clean.layers[0].output], by_output[clean.layers[1].output]
+    pad0 = by_output[concat0.input[0]]
+    pad0.op_type = "Mul"                                       # a multiply in layer 0
+    pad1 = by_output[concat1.input[0]]
+    pad1.op_type, pad1.input[1] = "Gather", pad1.input[0]      # indices computed from activations
+    pad2 = by_output[concat1.input[1]]
+    pad2.op_type = "Gather"                                    # constant indices: a fixed pick
+    check = check_shift_graph(proto, art.extra["layer_map"], net)
+    assert not check.data_movement_only
+    assert [layer.problems for layer in check.layers] == [["Mul"], ["Gather with computed indices"], [], [], []]
 
 
 @pytest.mark.slow
