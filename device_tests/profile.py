@@ -414,7 +414,16 @@ def profile_litert(path: str, *, runs: int, warmup: int, threads: int | None,
             interp = Interpreter(model_path=path, num_threads=threads if threads else None)
             interp.allocate_tensors()
         except (RuntimeError, ValueError) as exc:
-            raise _prepare_error(label, path, exc) from None
+            # XNNPACK can refuse a model the builtin kernels run (see LiteRTRunner._make);
+            # benchmark_model falls back the same way.
+            try:
+                from ai_edge_litert.interpreter import OpResolverType
+                interp = Interpreter(model_path=path, num_threads=threads if threads else None,
+                                     experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+                interp.allocate_tensors()
+            except (ImportError, RuntimeError, ValueError):
+                raise _prepare_error(label, path, exc) from None
+            label += " (XNNPACK refused the model: builtin kernels)"
         init_ms = (time.perf_counter() - t0) * 1e3
         mark(MARK_INIT_END)
         for n, d in enumerate(interp.get_input_details()):

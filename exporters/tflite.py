@@ -29,6 +29,7 @@ import numpy as np
 from exporters.artifact import Artifact, ModelCard, Preprocessing, TensorSpec, sha256_of, size_of
 from exporters.fileio import atomic_write_bytes
 from exporters.layer_map import layer_map_from_onnx
+from exporters.native_output import captured_native_output
 from exporters.onnx import load_onnx
 from exporters.tflite_metadata import TensorInfo, image_classifier_metadata, pack_model, populate
 from exporters.tflite_ops import delegate_fallbacks, graph_ops, op_counts
@@ -273,7 +274,8 @@ def _convert(saved_model: Path, precision: str, calib: np.ndarray | None, layout
             conv.inference_input_type = tf.int8
             conv.inference_output_type = tf.int8
     try:
-        return bytes(conv.convert())
+        with captured_native_output():       # the MLIR quantizer prints "fully_quantize: 0, ..." from C++
+            return bytes(conv.convert())
     except Exception as exc:  # the converter raises ConverterError and friends
         raise ConversionError("tf.lite.TFLiteConverter", f"a {precision} conversion",
                               f"{type(exc).__name__}: {_mlir_message(str(exc))}") from None
@@ -292,7 +294,8 @@ def _mlir_message(text: str) -> str:
 
 def _tf():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import tensorflow as tf
+    with captured_native_output():           # absl's "log messages before InitializeLog", oneDNN notice
+        import tensorflow as tf
     return tf
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from typing import Any, Iterator
 
@@ -17,6 +18,9 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
 from rich.table import Table
 
 
+PIPED_WIDTH = 160
+
+
 class UI:
     def __init__(self, quiet: bool = False, json_mode: bool = False, debug: bool = False) -> None:
         self.quiet = quiet
@@ -24,6 +28,11 @@ class UI:
         self.debug = debug
         self.out = Console(highlight=False, soft_wrap=True)
         self.err = Console(stderr=True, highlight=False)
+        for console in (self.out, self.err):
+            # Piped into a log or CI, rich assumes 80 columns and squeezes the tables into
+            # ellipses; a log has no width, so give it room unless COLUMNS says otherwise.
+            if not console.is_terminal and "COLUMNS" not in os.environ:
+                console.width = PIPED_WIDTH
 
     # -- plain output -------------------------------------------------------
     def info(self, msg: str) -> None:

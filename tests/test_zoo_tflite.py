@@ -95,3 +95,25 @@ def _check_parity(name: str, size: int, tmp_path) -> None:
             errs[a.precision] = float(np.abs(r.infer({"input": x})["logits"] - ref).max())
     assert errs["fp32"] <= FP32_RTOL * scale, f"{name} fp32: max abs {errs['fp32']:.3g} (logits up to {scale:.3g})"
     assert errs["fp16"] <= FP16_RTOL * scale, f"{name} fp16: max abs {errs['fp16']:.3g} (logits up to {scale:.3g})"
+
+
+def test_int8_model_xnnpack_refuses_runs_on_builtin_kernels(tmp_path):
+    """LiteRT 2.3.0's XNNPACK fails to prepare the int8 ShuffleNetV2 ("Node number 186
+    (TfLiteXNNPackDelegate) failed to prepare"); the runner falls back to the builtin
+    kernels, says so in its label, and gives exactly what an XNNPACK-off runner gives."""
+    torch.manual_seed(0)
+    model = create_model("shufflenet_v2_x0_5", num_classes=10, in_chans=1).eval()
+    pre = Preprocessing([32, 32], [0.5], [0.25], "GRAY")
+    export_onnx(model, tmp_path / "model.onnx", (1, 1, 32, 32))
+    x = np.random.default_rng(0).standard_normal((8, 1, 32, 32)).astype(np.float32)
+    (art,) = export_tflite(tmp_path / "model.onnx", tmp_path, ["int8"], preprocessing=pre, calibration=x)
+    outs = {}
+    for xnnpack in (True, False):
+        with LiteRTRunner(xnnpack=xnnpack) as r:
+            r.load(art, tmp_path)
+            outs[xnnpack] = r.infer({"input": x})["logits"]
+            if xnnpack:
+                if r.xnnpack_refused is None:
+                    pytest.fail("XNNPACK now takes the int8 ShuffleNetV2: drop this test's premise")
+                assert "XNNPACK refused the model" in r.label and "failed to prepare" in r.xnnpack_refused
+    np.testing.assert_array_equal(outs[True], outs[False])

@@ -29,6 +29,7 @@ import numpy as np
 
 from device_tests.runners.base import Runner, dequantize_array, nchw_to_nhwc, nhwc_to_nchw, quantize_array
 from exporters.artifact import Artifact, TensorSpec
+from exporters.native_output import captured_native_output
 from models.errors import InputError
 
 
@@ -59,6 +60,7 @@ class LiteRTRunner(Runner):
         threads = options.get("threads")
         self.threads = int(threads) if threads else None
         self.xnnpack = bool(options.get("xnnpack", True))
+        self.xnnpack_refused: str | None = None     # why XNNPACK could not take this model
         self.path: Path | None = None
         self._model: bytes = b""
         self._interp: Any = None
@@ -68,18 +70,37 @@ class LiteRTRunner(Runner):
 
     # -- loading ------------------------------------------------------------
     def _make(self, *, debug: bool) -> Any:
-        Interpreter, OpResolverType = _interpreter_cls()
-        resolver = OpResolverType.AUTO if (self.xnnpack and not debug) else \
-            OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        """An interpreter over the model; with XNNPACK unless asked not to (or debugging).
+
+        XNNPACK is applied when tensors are allocated and can refuse a model the builtin
+        kernels run (LiteRT 2.3.0: the int8 ShuffleNetV2's channel-split slices fail in
+        its Prepare). LiteRT's own benchmark tool then runs the default kernels, so does
+        this runner: it retries without the delegate and says so in its label, rather than
+        failing a model that an app would run.
+        """
+        use_xnnpack = self.xnnpack and not debug and self.xnnpack_refused is None
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")   # "preserve_all_tensors is for debugging"
-                it = Interpreter(model_content=self._model, num_threads=self.threads,
-                                 experimental_op_resolver_type=resolver,
-                                 experimental_preserve_all_tensors=debug)
-            it.allocate_tensors()
+            return self._interpreter(use_xnnpack, debug)
         except (ValueError, RuntimeError) as exc:
-            raise InputError(self.path, "a .tflite model LiteRT can load", " ".join(str(exc).split())[:240]) from None
+            found = " ".join(str(exc).split())[:240]
+            if not use_xnnpack:
+                raise InputError(self.path, "a .tflite model LiteRT can load", found) from None
+            self.xnnpack_refused = found
+        try:
+            return self._interpreter(False, debug)
+        except (ValueError, RuntimeError) as exc:
+            raise InputError(self.path, "a .tflite model LiteRT can load",
+                             " ".join(str(exc).split())[:240]) from None
+
+    def _interpreter(self, use_xnnpack: bool, debug: bool) -> Any:
+        Interpreter, OpResolverType = _interpreter_cls()
+        resolver = OpResolverType.AUTO if use_xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        with captured_native_output(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # "preserve_all_tensors is for debugging"
+            it = Interpreter(model_content=self._model, num_threads=self.threads,
+                             experimental_op_resolver_type=resolver,
+                             experimental_preserve_all_tensors=debug)
+            it.allocate_tensors()
         return it
 
     def load(self, artifact: Artifact, root: str | Path | None = None) -> None:
@@ -88,6 +109,7 @@ class LiteRTRunner(Runner):
         if not self.path.is_file():
             raise InputError(self.path, "a .tflite model file", "no such file")
         self._model = self.path.read_bytes()
+        self.xnnpack_refused = None
         self._interp = self._make(debug=False)
         self._debug = None
         self._in = _pair(self.path, artifact.inputs, self._interp.get_input_details(), "input")
@@ -96,7 +118,11 @@ class LiteRTRunner(Runner):
     @property
     def label(self) -> str:
         threads = self.threads or "auto"
-        return f"LiteRT {_litert_version()} (CPU, XNNPACK {'on' if self.xnnpack else 'off'}, threads={threads})"
+        if self.xnnpack and self.xnnpack_refused:
+            delegate = "XNNPACK refused the model, builtin kernels"
+        else:
+            delegate = f"XNNPACK {'on' if self.xnnpack else 'off'}"
+        return f"LiteRT {_litert_version()} (CPU, {delegate}, threads={threads})"
 
     # -- running ------------------------------------------------------------
     def _batch(self, inputs: dict[str, np.ndarray]) -> tuple[int, list[np.ndarray]]:
