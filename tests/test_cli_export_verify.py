@@ -83,6 +83,20 @@ def test_verify_human_output_and_runner_options(exported, cli):
     assert "onnx/fp32" in out and "pass" in out and "opt=disable" in out and "threads=1" in out
 
 
+def test_verify_per_layer_gives_the_error_curve_of_a_passing_pair(exported, cli):
+    code, out, err = cli("verify", str(exported), "--samples", "8", "--per-layer", "--json")
+    assert code == 0, err
+    (pair,) = _json(out)["pairs"]
+    assert pair["passed"] and pair["first_divergent"] is None       # passing: nothing is "first divergent"
+    layers = pair["layers"]
+    assert len(layers) > 10 and [x["index"] for x in layers] == list(range(len(layers)))
+    assert all(x["max_abs"] <= 1e-4 and x["cosine"] > 0.999999 for x in layers), layers
+    code, out, _ = cli("verify", str(exported), "--samples", "8", "--per-layer")
+    assert code == 0 and "lowest-SNR layer" in out
+    code, out, _ = cli("verify", str(exported), "--samples", "8", "--json")
+    assert _json(out)["pairs"][0]["layers"] is None                 # default: only failing pairs
+
+
 def test_verify_reads_an_image_folder_with_labels(exported, tmp_path, cli):
     """ImageFolder layout (one sub-folder per class): RGB files, resized and turned grey
     by the same preprocessing as training; labels come from the folder names."""

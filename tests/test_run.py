@@ -8,7 +8,7 @@ import pytest
 
 SMALL_RUN = """
 name = "small"
-stages = ["train", "export", "verify", "profile", "report"]
+stages = ["train", "export", "verify", "quantize", "profile", "repvgg", "sparse_shift", "report"]
 [train]
 model = "mobilenet_v2"
 model_kwargs = { width_mult = 0.35 }
@@ -22,9 +22,25 @@ coreml_precisions = ["fp32"]
 calib_samples = 64
 [verify]
 samples = 64
+[quantize]
+target = "snapdragon"
+samples = 32
+eval_samples = 128
 [profile]
 runs = 3
 warmup = 1
+[repvgg]
+epochs = 1
+train_samples = 256
+input_size = 16
+eval_samples = 64
+calibration_samples = 32
+[sparse_shift]
+epochs = 1
+train_samples = 256
+freeze_shifts_after = 0
+formats = ["onnx"]
+eval_samples = 32
 """
 
 
@@ -46,10 +62,30 @@ def test_run_small_config_end_to_end(cli, tmp_path):
     assert len(targets) == len(manifest["artifacts"]) - 1          # every artifact but the reference
     assert all(p["passed"] for p in record["verify"]["pairs"]), record["verify"]["pairs"]
     assert record["profile"]["profiles"], "no artifact was profiled"
-    for name in ("report.html", "report.md", "report.json", "plots/training.png", "plots/parity.png"):
+    # per-layer error curves for every pair, passing ones included (the report plots them)
+    assert all(p["layers"] for p in record["verify"]["pairs"] if p["target"].startswith(("onnx", "tflite")))
+    # quantize: the Snapdragon QDQ models and int8-io TFLite, measured and verified against PyTorch
+    q = record["quantize"]
+    assert {v["precision"] for v in q["variants"]} >= {"w8a8", "w8a16"}, q["variants"]
+    assert all(v["top1_agreement"] >= 0.9 for v in q["variants"]), q["variants"]
+    assert record["verify_quantized"]["pairs"] and all(p["passed"] for p in record["verify_quantized"]["pairs"])
+    assert any(p["artifact"].startswith("quantized ") for p in record["profile"]["profiles"])
+    # repvgg: deploy form exact, one conv per block, both variants quantized
+    rep = record["repvgg"]
+    assert rep["passed"] and len(rep["variants"]) == 2
+    assert all(v["reparam_max_abs"] <= 1e-5 and v["adds"] == 0 and v["int8"]["accuracy"] is not None
+               for v in rep["variants"])
+    # sparse shift: trained, exported as data movement, exact
+    sh = record["sparse_shift"]
+    assert sh["passed"] and sh["data_movement_only"] and sh["shift_parts_exact"]
+    assert sum(sh["statistics"]["histogram"].values()) == sh["statistics"]["channels"]
+    for name in ("report.html", "report.md", "report.json", "plots/training.png", "plots/parity.png",
+                 "plots/per_layer_error.png", "plots/accuracy_size_latency.png", "plots/int8_sensitivity.png",
+                 "plots/repvgg_int8.png", "plots/sparse_shifts.png"):
         assert (run_dir / name).is_file(), name
     html = (run_dir / "report.html").read_text()
-    assert "data:image/png;base64," in html and "onnx/fp32" in html
+    assert "data:image/png;base64," in html and "onnx/fp32" in html and "<table>" in html
+    assert "qarepvgg_tiny" in html and "Sparse shifts" in html
 
 
 def test_run_rejects_bad_config_in_one_line(cli, tmp_path):

@@ -14,11 +14,11 @@ from models.checkpoint import build_model, load_checkpoint
 from pipeline.stages.train import TrainConfig, train
 
 
-def test_default_small_mobilenet_v2_reaches_96_percent_on_held_out_mnist(trained_mnist: Path):
-    """The stated bar for the default run: >= 96% on the 1,000 held-out MNIST digits (96.7%
-    measured; the model sees only 3,600 training images, 12 epochs, about 2 minutes)."""
+def test_default_small_mobilenet_v2_reaches_97_percent_on_held_out_mnist(trained_mnist: Path):
+    """The stated bar for the default run: >= 97% on the 1,000 held-out MNIST digits (98.1%
+    measured; the model sees only 3,600 training images, 24 epochs, about 2.6 minutes)."""
     state, meta = load_checkpoint(trained_mnist)
-    assert meta["test_acc"] >= 0.96, meta
+    assert meta["test_acc"] >= 0.97, meta
     assert meta["model"] == "mobilenet_v2" and meta["in_chans"] == 1 and meta["num_classes"] == 10
     assert meta["labels"] == [str(i) for i in range(10)] and meta["data"] == "mnist"
     log = json.loads((trained_mnist.parent / "train_log.json").read_text())

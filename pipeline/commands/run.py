@@ -1,8 +1,11 @@
 """`mdeploy run`: the whole pipeline on the built-in default (or a config file).
 
 train -> export (ONNX, TFLite, Core ML) -> verify (parity of every artifact against
-PyTorch on held-out images) -> profile (every artifact, locally) -> report
-(HTML/Markdown/JSON with plots). Each stage is the same function its own command
+PyTorch on held-out images, per-layer error curves) -> quantize (Snapdragon QDQ ONNX and
+int8 TFLite with the accuracy cost, verified the same way) -> profile (every artifact,
+locally and on configured devices) -> repvgg (RepVGG vs QARepVGG re-parameterized and
+int8) -> sparse_shift (FE-Net with sparse shifts, exported as zero-FLOP data movement)
+-> report (HTML/Markdown/JSON with plots). Each stage is the same function its own command
 calls; this module only sequences them, shows progress and writes the run record.
 
 Each run gets a fresh folder ``runs/<UTC timestamp>-<name>/`` (``runs/latest``
@@ -17,8 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-STAGES = ("train", "export", "verify", "profile", "report")
-
+from pipeline.config import STAGES
 
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("run", parents=[common], help="the whole pipeline on the built-in default",
@@ -96,7 +98,8 @@ def run(args: argparse.Namespace, ui) -> int:
         with ui.status("exporting"):
             exp = export_model(None, export_dir, checkpoint=checkpoint, progress=ui.info,
                                options=ExportOptions(formats=tuple(cfg.export.formats),
-                                                     precisions=precisions, opset=cfg.export.opset))
+                                                     precisions=precisions, opset=cfg.export.opset,
+                                                     **cfg.export.app_options()))
         record["export"] = {"folder": str(export_dir),
                             "artifacts": [a.to_dict() for a in exp.manifest.artifacts],
                             "seconds": exp.seconds}
@@ -104,37 +107,80 @@ def run(args: argparse.Namespace, ui) -> int:
         ui.table(artifacts_table(exp.manifest, export_dir))
 
     if "verify" in stages:
-        from pipeline.commands.verify import layers_table, pairs_table
-        from pipeline.stages.verify import VerifyOptions, verify_folder
         t0 = timed("verify")
-        ver = verify_folder(export_dir, VerifyOptions(samples=cfg.verify.samples), progress=ui.info)
-        pairs = []
-        for p in ver.report.pairs:
-            d = p.to_dict()
-            d["size_bytes"] = _artifact_size(export_dir, p.target_path)
-            d["accuracy"] = d.get("accuracy_target")
-            d["runner"] = d.get("target_runner")
-            pairs.append(d)
-        record["verify"] = {**ver.report.to_dict(), "pairs": pairs}
-        record["notes"] += ver.notes
+        ok = _verify(ui, record, export_dir, cfg.verify.samples, "verify")
         record["stages"]["verify"] = time.perf_counter() - t0
-        ui.table(pairs_table(ver.report))
-        for p in ver.report.pairs:
-            if not p.passed and p.layers:
-                ui.table(layers_table(p))
-        if not ver.passed:
+        if not ok:
             code = 1
-            ui.warn("some artifacts failed parity; see the per-layer tables above and the report")
+
+    quant_dir = run_dir / "quantized"
+    if "quantize" in stages:
+        from pipeline.commands.quantize import show_report
+        from pipeline.stages.quantize import QuantizeOptions, quantize_folder
+        t0 = timed("quantize")
+        q = cfg.quantize
+        opts = QuantizeOptions(target=q.target, method=q.method, samples=q.samples,
+                               float_fixes=tuple(q.float_fixes), keep_float=q.keep_float,
+                               w8a16_layers=q.w8a16_layers, sensitivity=q.sensitivity,
+                               eval_samples=q.eval_samples)
+        with ui.progress() as prog:
+            task = prog.add_task("sensitivity", total=None, status="", visible=False)
+
+            def on_layer(done: int, total: int, name: str) -> None:
+                prog.update(task, completed=done, total=total, status=name, visible=True)
+
+            res = quantize_folder(export_dir, quant_dir, opts, progress=ui.info, layer_progress=on_layer)
+        record["quantize"] = {"folder": str(quant_dir), **res.report.to_dict(), "seconds": res.seconds}
+        show_report(ui, res.report)
+        ok = _verify(ui, record, quant_dir, cfg.verify.samples, "verify_quantized")
+        record["stages"]["quantize"] = time.perf_counter() - t0
+        if not ok:
+            code = 1
 
     if "profile" in stages:
         from pipeline.commands.profile import latency_table
         from pipeline.stages.profile import ProfileOptions, profile_folder
         t0 = timed("profile")
-        prof = profile_folder(export_dir, ProfileOptions(devices=cfg.profile.devices, runs=cfg.profile.runs,
-                                                         warmup=cfg.profile.warmup), progress=ui.info)
+        popts = ProfileOptions(devices=cfg.profile.devices, runs=cfg.profile.runs, warmup=cfg.profile.warmup)
+        prof = profile_folder(export_dir, popts, progress=ui.info)
         record["profile"] = prof.to_dict()
+        profiles = list(prof.profiles)
+        if quant_dir.is_dir():
+            qprof = profile_folder(quant_dir, popts, progress=ui.info)
+            for p in qprof.profiles:
+                p.artifact = f"{QUANTIZED}{p.artifact}"
+            record["profile"]["profiles"] += [p.to_dict() for p in qprof.profiles]
+            record["profile"]["skipped"] += qprof.to_dict()["skipped"]
+            profiles += qprof.profiles
         record["stages"]["profile"] = time.perf_counter() - t0
-        ui.table(latency_table(prof.profiles))
+        for device in dict.fromkeys(p.device for p in profiles):
+            ui.table(latency_table([p for p in profiles if p.device == device]))
+        for s in prof.skipped:
+            ui.info(f"not profiled: {s.artifact} ({s.reason})")
+
+    if "repvgg" in stages:
+        from pipeline.stages.architectures import repvgg_stage
+        t0 = timed("repvgg")
+        opts = cfg.repvgg.model_copy(update={"force": True})
+        rep = repvgg_stage(opts, run_dir / "repvgg", progress=ui.info)
+        record["repvgg"] = rep.to_dict()
+        record["stages"]["repvgg"] = time.perf_counter() - t0
+        ui.table(repvgg_table(record["repvgg"]))
+        if not rep.passed:
+            code = 1
+            ui.warn("a RepVGG check failed (see the table and repvgg/summary.json)")
+
+    if "sparse_shift" in stages:
+        from pipeline.stages.architectures import sparse_shift_stage
+        t0 = timed("sparse_shift")
+        opts = cfg.sparse_shift.model_copy(update={"force": True})
+        sh = sparse_shift_stage(opts, run_dir / "sparse_shift", progress=ui.info)
+        record["sparse_shift"] = sh.to_dict()
+        record["stages"]["sparse_shift"] = time.perf_counter() - t0
+        ui.table(sparse_shift_table(record["sparse_shift"]))
+        if not sh.passed:
+            code = 1
+            ui.warn("a sparse shift check failed (see sparse_shift/summary.json)")
 
     if "report" in stages:
         from pipeline.report import write_report
@@ -144,6 +190,69 @@ def run(args: argparse.Namespace, ui) -> int:
     if args.json:
         ui.emit_json(record)
     return code
+
+
+QUANTIZED = "quantized "
+
+
+def _verify(ui, record: dict[str, Any], folder: Path, samples: int, key: str) -> bool:
+    """``mdeploy verify`` on one folder, per-layer error curves for every pair (the report
+    plots them), tables shown; the pairs go into ``record[key]``."""
+    from pipeline.commands.verify import layers_table, pairs_table
+    from pipeline.stages.verify import VerifyOptions, verify_folder
+    ver = verify_folder(folder, VerifyOptions(samples=samples, per_layer="all"), progress=ui.info)
+    pairs = []
+    for p in ver.report.pairs:
+        d = p.to_dict()
+        d["size_bytes"] = _artifact_size(folder, p.target_path)
+        d["accuracy"] = d.get("accuracy_target")
+        d["runner"] = d.get("target_runner")
+        pairs.append(d)
+    record[key] = {**ver.report.to_dict(), "pairs": pairs, "folder": str(folder)}
+    record["notes"] += ver.notes
+    ui.table(pairs_table(ver.report))
+    for p in ver.report.pairs:
+        if not p.passed and p.layers:
+            ui.table(layers_table(p))
+    if not ver.passed:
+        ui.warn(f"some artifacts in {folder.name} failed parity; see the per-layer tables above and the report")
+    return ver.passed
+
+
+def repvgg_table(rep: dict[str, Any]):
+    from rich.table import Table
+    t = Table(title="RepVGG vs QARepVGG: re-parameterized into plain 3x3 convs, then int8 PTQ (ORT CPU)")
+    for c in ("model", "params train->deploy", "convs/blocks", "Adds", "reparam max abs", "fp32 acc",
+              "int8 acc", "drop", "int8 SNR dB", "checks"):
+        t.add_column(c, justify="left" if c in ("model", "checks") else "right")
+    for v in rep["variants"]:
+        q = v.get("int8") or {}
+        ok = v["reparam_ok"] and v["one_conv_per_block"] and (v.get("fp32_parity") or {}).get("passed")
+        t.add_row(v["model"], f"{v['params_train']:,} -> {v['params_deploy']:,}", f"{v['convs']}/{v['blocks']}",
+                  str(v["adds"]), f"{v['reparam_max_abs']:.1e}", _pct(q.get("float_accuracy")),
+                  _pct(q.get("accuracy")), f"{q['drop_points']:+.2f} pt" if q.get("drop_points") is not None else "",
+                  f"{q['snr_db']:.1f}" if q.get("snr_db") is not None else "",
+                  "[green]pass[/green]" if ok else "[red]FAIL[/red]")
+    return t
+
+
+def sparse_shift_table(sh: dict[str, Any]):
+    from rich.table import Table
+    st = sh["statistics"]
+    t = Table(title=f"sparse shifts: {sh['model']} trained with L1 {sh['shift_l1']:g}, held-out accuracy "
+                    f"{_pct(sh['train'].get('test_acc'))}; exported as data movement "
+                    f"({'yes' if sh['data_movement_only'] else 'NO'}), shift outputs exact "
+                    f"({'yes' if sh['shift_parts_exact'] else 'NO'})")
+    for c in ("layer", "channels", "zero shift", "max |shift|"):
+        t.add_column(c, justify="left" if c == "layer" else "right")
+    for layer in st["layers"]:
+        t.add_row(layer["name"], str(layer["channels"]), _pct(layer["zero_fraction"]), str(layer["max_abs"]))
+    t.add_row("[bold]all[/bold]", str(st["channels"]), _pct(st["zero_fraction"]), "")
+    return t
+
+
+def _pct(x: float | None) -> str:
+    return "" if x is None else f"{100 * x:.1f}%"
 
 
 def _artifact_size(root: Path, rel: str) -> int | None:

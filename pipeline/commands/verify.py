@@ -77,6 +77,9 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
                    help="runner option, e.g. onnxruntime.graph_optimization_level=disable")
     p.add_argument("--threads", type=int, help="threads for every runner that takes the option")
     p.add_argument("--no-divergence", action="store_true", help="skip the first-divergent-layer search")
+    p.add_argument("--per-layer", action="store_true",
+                   help="per-layer error curves for every pair, not only failing ones (in --json; "
+                        "the lowest-SNR layer of each pair is printed)")
     p.add_argument("--divergence-samples", type=int, default=4,
                    help="inputs used by the per-layer search (the worst-differing ones; default 4)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -102,7 +105,8 @@ def options_from_args(args: argparse.Namespace):
             raise InputError(flag, "a positive number", str(value))
     opts = VerifyOptions(inputs=args.inputs, samples=args.samples, tolerances=tolerances,
                          runners=args.runners, runner_options=runner_options,
-                         divergence=not args.no_divergence,
+                         divergence=not args.no_divergence or args.per_layer,
+                         per_layer="all" if args.per_layer else "failing",
                          divergence_samples=args.divergence_samples, batch_size=args.batch_size)
     # Validate tolerance keys now (a typo is bad input, not a failing pair).
     from device_tests.compare import tolerance_for
@@ -137,6 +141,12 @@ def run(args: argparse.Namespace, ui) -> int:
                 ui.result(f"per-layer search: {pair.divergence_note}")
             if pair.diagnosis:
                 ui.result(f"diagnosis: {pair.diagnosis}")
+    for pair in report.pairs:
+        if pair.passed and pair.layers:
+            worst = min(pair.layers, key=lambda x: float("inf") if x.snr_db is None else x.snr_db)
+            ui.result(f"{pair.target}: lowest-SNR layer [bold]{worst.module}[/bold] ({worst.tensor}): "
+                      f"{_fmt(worst.snr_db, '.1f')} dB, max abs {worst.max_abs:.3g} over {len(pair.layers)} "
+                      "matched layers")
     n_fail = sum(not p.passed for p in report.pairs)
     ui.result(f"{len(report.pairs) - n_fail}/{len(report.pairs)} pairs pass on "
               f"{report.inputs.get('samples')} inputs from {report.inputs.get('source')}")

@@ -36,6 +36,7 @@ class VerifyOptions:
     runners: tuple[str, ...] | None = None  # runner kinds to verify (None: every artifact)
     runner_options: dict[str, dict[str, Any]] = field(default_factory=dict)        # kind -> options
     divergence: bool = True
+    per_layer: str = "failing"             # failing | all: whose per-layer error curve to compute
     divergence_samples: int = DIVERGENCE_SAMPLES
     batch_size: int = 32
     seed: int = 0
@@ -299,14 +300,16 @@ def verify_folder(folder: str | Path, options: VerifyOptions | None = None,
             pair = compare(results, ref_key, key, tol, labels=inputs.labels, precision=art.precision)
             pair.reference_runner, pair.target_runner = runners[ref_key].label, runners[key].label
             pair.target_path = art.path
-            if not pair.passed and opts.divergence:
-                say(f"searching the first divergent layer of {key}")
+            if opts.divergence and (not pair.passed or opts.per_layer == "all"):
+                say(f"searching the first divergent layer of {key}" if not pair.passed
+                    else f"per-layer errors of {key}")
                 _, r = results.output(ref_key)
                 _, t = results.output(key)
                 idx = worst_samples(r, t, opts.divergence_samples)
                 div = find_first_divergent(runners[ref_key], runners[key],
                                            {ref_art.inputs[0].name: inputs.x[idx]}, tol)
-                pair.first_divergent = div.summary()
+                if not pair.passed:        # a passing pair may still have a layer above its tolerance
+                    pair.first_divergent = div.summary()
                 pair.layers = div.layers
                 pair.divergence_note = div.note
                 divergences[key] = div
