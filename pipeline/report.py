@@ -82,16 +82,19 @@ def plot_tradeoff(points: list[dict[str, Any]]) -> bytes:
     panels = [(axes[0][0], points, "size_bytes", "artifact size (KiB, log scale)", 1 / 1024)]
     if timed:
         panels.append((axes[0][1], timed, "latency_ms", "p50 latency, batch 1, local CPU (ms, log scale)", 1.0))
+    cmap = plt.get_cmap("tab20")
+    style = {p["name"]: (cmap(i % 20), "s" if p.get("quantized") else "o") for i, p in enumerate(points)}
     for ax, pts, key, label, scale in panels:
-        for p in pts:
-            x, y = p[key] * scale, 100 * p["accuracy"]
-            marker = "s" if p.get("quantized") else "o"
-            ax.scatter(x, y, s=40, marker=marker)
-            ax.annotate(p["name"], (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        for p in pts:      # a legend, not labels on the points: equal accuracies pile up
+            color, marker = style[p["name"]]
+            ax.scatter(p[key] * scale, 100 * p["accuracy"], s=45, marker=marker, color=color, label=p["name"],
+                       alpha=0.85, edgecolors="k", linewidths=0.4)
         ax.set_xscale("log")
         ax.set_xlabel(label)
         ax.set_ylabel("held-out accuracy (%)")
         ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, bbox_to_anchor=(0.5, -0.02 - 0.035 * (len(points) // 4)))
     fig.suptitle("accuracy vs size" + (" and latency" if timed else "") + " (squares: quantize stage)")
     return _fig_to_png(fig)
 
@@ -289,7 +292,7 @@ def _markdown(record: dict[str, Any], plots: dict[str, bytes]) -> str:
                   f"Float (PyTorch) accuracy {_pct(q.get('float_accuracy'))} on {q.get('eval_samples')} held-out "
                   f"inputs; calibration: {(q.get('calibration') or {}).get('samples')} inputs, "
                   f"{(q.get('calibration') or {}).get('method')} ranges.", "",
-                  "| artifact | accuracy | drop (points) | top-1 agree | SNR dB | size (KiB) | smaller |",
+                  "| artifact | accuracy | drop (points; negative = gained) | top-1 agree | SNR dB | size (KiB) | smaller |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for v in q["variants"]:
             snr = ", ".join(_num(x, 3) for x in (v.get("snr_db") or {}).values())
@@ -321,7 +324,7 @@ def _markdown(record: dict[str, Any], plots: dict[str, bytes]) -> str:
     if rep.get("variants"):
         lines += ["## RepVGG re-parameterization", "",
                   "| model | params train -> deploy | convs / blocks | Adds | reparam max abs | fp32 acc | int8 acc "
-                  "| drop (points) | int8 SNR dB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| drop (points; negative = gained) | int8 SNR dB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for v in rep["variants"]:
             i8 = v.get("int8") or {}
             lines.append(f"| {v['model']} | {v['params_train']:,} -> {v['params_deploy']:,} | {v['convs']} / {v['blocks']} "

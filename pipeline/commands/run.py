@@ -223,14 +223,14 @@ def repvgg_table(rep: dict[str, Any]):
     from rich.table import Table
     t = Table(title="RepVGG vs QARepVGG: re-parameterized into plain 3x3 convs, then int8 PTQ (ORT CPU)")
     for c in ("model", "params train->deploy", "convs/blocks", "Adds", "reparam max abs", "fp32 acc",
-              "int8 acc", "drop", "int8 SNR dB", "checks"):
+              "int8 acc", "change", "int8 SNR dB", "checks"):
         t.add_column(c, justify="left" if c in ("model", "checks") else "right")
     for v in rep["variants"]:
         q = v.get("int8") or {}
         ok = v["reparam_ok"] and v["one_conv_per_block"] and (v.get("fp32_parity") or {}).get("passed")
         t.add_row(v["model"], f"{v['params_train']:,} -> {v['params_deploy']:,}", f"{v['convs']}/{v['blocks']}",
                   str(v["adds"]), f"{v['reparam_max_abs']:.1e}", _pct(q.get("float_accuracy")),
-                  _pct(q.get("accuracy")), f"{q['drop_points']:+.2f} pt" if q.get("drop_points") is not None else "",
+                  _pct(q.get("accuracy")), f"{-q['drop_points']:+.2f} pt" if q.get("drop_points") is not None else "",
                   f"{q['snr_db']:.1f}" if q.get("snr_db") is not None else "",
                   "[green]pass[/green]" if ok else "[red]FAIL[/red]")
     return t
