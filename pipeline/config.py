@@ -66,7 +66,7 @@ class QuantizeSection(_Section):
     target: Literal["snapdragon", "generic"] = "snapdragon"
     method: Literal["minmax", "entropy", "percentile"] = "minmax"
     samples: int = Field(200, ge=1, description="calibration images from the training split")
-    float_fixes: list[str] = Field(default_factory=list, description="bn_fold, cle, hba, bias")
+    float_fixes: list[str] = Field(default_factory=list, description="bn, cle, hba, bias")
     keep_float: int | None = Field(None, ge=0, description="keep the N most sensitive layers float")
     w8a16_layers: int | None = Field(None, ge=0, description="N most sensitive layers at 16-bit activations")
     sensitivity: bool = True

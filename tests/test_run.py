@@ -97,3 +97,15 @@ def test_run_rejects_bad_config_in_one_line(cli, tmp_path):
     cfg.write_text("[trian]\nepochs = 1\n")
     code, _, err = cli("run", "--config", str(cfg), "--out", str(tmp_path / "runs"))
     assert code == 2 and "trian" in err
+
+
+def test_readme_config_example_is_a_valid_config(tmp_path):
+    """The TOML shown in the README is what users copy: it must load as it is."""
+    import re
+
+    from pipeline.config import load_config
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = re.findall(r"```toml\n(.*?)```", readme, re.S)
+    (tmp_path / "readme.toml").write_text(block)
+    cfg = load_config(tmp_path / "readme.toml")
+    assert cfg.train.epochs == 24 and cfg.quantize.target == "snapdragon" and cfg.export.card.license

@@ -158,29 +158,20 @@ def run(args: argparse.Namespace, ui) -> int:
         for s in prof.skipped:
             ui.info(f"not profiled: {s.artifact} ({s.reason})")
 
-    if "repvgg" in stages:
-        from pipeline.stages.architectures import repvgg_stage
-        t0 = timed("repvgg")
-        opts = cfg.repvgg.model_copy(update={"force": True})
-        rep = repvgg_stage(opts, run_dir / "repvgg", progress=ui.info)
-        record["repvgg"] = rep.to_dict()
-        record["stages"]["repvgg"] = time.perf_counter() - t0
-        ui.table(repvgg_table(record["repvgg"]))
-        if not rep.passed:
+    from pipeline.stages.architectures import repvgg_stage, sparse_shift_stage
+    for stage, func, table in (("repvgg", repvgg_stage, repvgg_table),
+                               ("sparse_shift", sparse_shift_stage, sparse_shift_table)):
+        if stage not in stages:
+            continue
+        t0 = timed(stage)
+        opts = getattr(cfg, stage).model_copy(update={"force": True})     # the run folder is new
+        res = func(opts, run_dir / stage, progress=ui.info)
+        record[stage] = res.to_dict()
+        record["stages"][stage] = time.perf_counter() - t0
+        ui.table(table(record[stage]))
+        if not res.passed:
             code = 1
-            ui.warn("a RepVGG check failed (see the table and repvgg/summary.json)")
-
-    if "sparse_shift" in stages:
-        from pipeline.stages.architectures import sparse_shift_stage
-        t0 = timed("sparse_shift")
-        opts = cfg.sparse_shift.model_copy(update={"force": True})
-        sh = sparse_shift_stage(opts, run_dir / "sparse_shift", progress=ui.info)
-        record["sparse_shift"] = sh.to_dict()
-        record["stages"]["sparse_shift"] = time.perf_counter() - t0
-        ui.table(sparse_shift_table(record["sparse_shift"]))
-        if not sh.passed:
-            code = 1
-            ui.warn("a sparse shift check failed (see sparse_shift/summary.json)")
+            ui.warn(f"a {stage} check failed (see the table and {stage}/summary.json)")
 
     if "report" in stages:
         from pipeline.report import write_report
