@@ -44,10 +44,6 @@ KNOWN_FAILURES: dict[str, str] = {
                    "(input shapes: [1,2,2,2048], [1,2,2,64]) -- 2-group conv on a 2x2 map at 32x32",
     "shiftnet_a": "onnx2tf at ONNX node node_view_23: Cannot reshape a tensor with 9072 elements to shape "
                   "[1,384,4,6] (input shapes: [1,42,216]) -- layout inference at 32x32",
-    "fe_net_tiny": "torch.onnx.export (before any TFLite step): GuardOnDataDependentSymNode in "
-                   "models/sparse_shift.py shift_per_channel (data-dependent shift amounts)",
-    "fe_net_1_0": "torch.onnx.export (before any TFLite step): GuardOnDataDependentSymNode in "
-                  "models/sparse_shift.py shift_per_channel (data-dependent shift amounts)",
 }
 SIZE_SPECIFIC = ("asnet_base", "qarepvgg_tiny", "repvgg_tiny", "shiftnet_a")
 
