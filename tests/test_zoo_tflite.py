@@ -42,6 +42,9 @@ KNOWN_FAILURES: dict[str, str] = {
                      "[1,128] (input shapes: [1,128,128,1]) -- 1x1 map before the flatten at 32x32",
     "repvgg_tiny": "onnx2tf at ONNX node node_add_9: Dimensions must be equal, but are 2048 and 64 "
                    "(input shapes: [1,2,2,2048], [1,2,2,64]) -- 2-group conv on a 2x2 map at 32x32",
+    "mixer_b16_224": "onnx2tf at ONNX node node_add_1: Dimensions must be equal, but are 768 and 196 "
+                     "(input shapes: [1,768,196], [1,196,768]) -- layout inference across the token-mixing "
+                     "transpose, 196 tokens x 768 channels",
     "shiftnet_a": "onnx2tf at ONNX node node_view_23: Cannot reshape a tensor with 9072 elements to shape "
                   "[1,384,4,6] (input shapes: [1,42,216]) -- layout inference at 32x32",
 }
