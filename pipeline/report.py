@@ -67,6 +67,11 @@ def plot_parity(pairs: list[dict[str, Any]]) -> bytes:
     return _fig_to_png(fig)
 
 
+# Prefix of the quantize stage's artifacts in the run record (profiles) and the plots: its folder
+# holds keys such as tflite/int8-io that the export folder has too.
+QUANTIZED = "quantized "
+
+
 def _plt():
     import matplotlib
     matplotlib.use("Agg")
@@ -207,7 +212,7 @@ def tradeoff_points(record: dict[str, Any]) -> list[dict[str, Any]]:
     """One point per verified artifact: accuracy, size and local p50 latency."""
     latency = _latency_by_artifact(record)
     points = []
-    for key, prefix in (("verify", ""), ("verify_quantized", "quantized ")):
+    for key, prefix in (("verify", ""), ("verify_quantized", QUANTIZED)):
         for p in (record.get(key) or {}).get("pairs") or []:
             if p.get("size_bytes") and p.get("accuracy") is not None:
                 points.append({"name": prefix + p["target"], "size_bytes": p["size_bytes"],
@@ -224,7 +229,7 @@ def write_report(run_dir: str | Path, record: dict[str, Any]) -> dict[str, Path]
     if train.get("history"):
         plots["training"] = plot_training(train["history"])
     pairs = [*((record.get("verify") or {}).get("pairs") or []),
-             *(dict(p, target="quantized " + p["target"]) for p in (record.get("verify_quantized") or {}).get("pairs") or [])]
+             *(dict(p, target=QUANTIZED + p["target"]) for p in (record.get("verify_quantized") or {}).get("pairs") or [])]
     if pairs:
         plots["parity"] = plot_parity(pairs)
         if any(p.get("layers") for p in pairs):

@@ -10,6 +10,8 @@ points; ``--json`` prints the same as data. The work is
 from __future__ import annotations
 
 import argparse
+import contextlib
+from typing import Callable, Iterator
 
 from pipeline.commands.export import _csv, _size
 
@@ -67,12 +69,7 @@ def run(args: argparse.Namespace, ui) -> int:
         tflite=not args.no_tflite, sensitivity=not args.no_sensitivity,
         sensitivity_mode=args.sensitivity_mode, sensitivity_samples=args.sensitivity_samples,
         eval_data=args.eval_data, eval_samples=args.eval_samples, force=args.force, seed=args.seed)
-    with ui.progress() as prog:
-        task = prog.add_task("sensitivity", total=None, status="", visible=False)
-
-        def on_layer(done: int, total: int, name: str) -> None:
-            prog.update(task, completed=done, total=total, status=name, visible=True)
-
+    with sensitivity_progress(ui) as on_layer:
         result = quantize_folder(args.folder, args.out, opts, progress=ui.info, layer_progress=on_layer)
     report = result.report
     if args.json:
@@ -84,6 +81,19 @@ def run(args: argparse.Namespace, ui) -> int:
     ui.result(f"wrote {len(result.manifest.artifacts)} artifacts, manifest.json and quantization_report.json "
               f"to {result.folder} ({times}); check them with `mdeploy verify {result.folder}`")
     return 0
+
+
+@contextlib.contextmanager
+def sensitivity_progress(ui) -> Iterator[Callable[[int, int, str], None]]:
+    """A progress bar for the per-layer sensitivity pass (also used by ``mdeploy run``);
+    hidden until the first layer reports, since the pass can be switched off."""
+    with ui.progress() as prog:
+        task = prog.add_task("sensitivity", total=None, status="", visible=False)
+
+        def on_layer(done: int, total: int, name: str) -> None:
+            prog.update(task, completed=done, total=total, status=name, visible=True)
+
+        yield on_layer
 
 
 def _pct(x: float | None) -> str:

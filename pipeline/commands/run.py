@@ -115,7 +115,7 @@ def run(args: argparse.Namespace, ui) -> int:
 
     quant_dir = run_dir / "quantized"
     if "quantize" in stages:
-        from pipeline.commands.quantize import show_report
+        from pipeline.commands.quantize import sensitivity_progress, show_report
         from pipeline.stages.quantize import QuantizeOptions, quantize_folder
         t0 = timed("quantize")
         q = cfg.quantize
@@ -123,12 +123,7 @@ def run(args: argparse.Namespace, ui) -> int:
                                float_fixes=tuple(q.float_fixes), keep_float=q.keep_float,
                                w8a16_layers=q.w8a16_layers, sensitivity=q.sensitivity,
                                eval_samples=q.eval_samples)
-        with ui.progress() as prog:
-            task = prog.add_task("sensitivity", total=None, status="", visible=False)
-
-            def on_layer(done: int, total: int, name: str) -> None:
-                prog.update(task, completed=done, total=total, status=name, visible=True)
-
+        with sensitivity_progress(ui) as on_layer:
             res = quantize_folder(export_dir, quant_dir, opts, progress=ui.info, layer_progress=on_layer)
         record["quantize"] = {"folder": str(quant_dir), **res.report.to_dict(), "seconds": res.seconds}
         show_report(ui, res.report)
@@ -139,6 +134,7 @@ def run(args: argparse.Namespace, ui) -> int:
 
     if "profile" in stages:
         from pipeline.commands.profile import latency_table
+        from pipeline.report import QUANTIZED
         from pipeline.stages.profile import ProfileOptions, profile_folder
         t0 = timed("profile")
         popts = ProfileOptions(devices=cfg.profile.devices, runs=cfg.profile.runs, warmup=cfg.profile.warmup)
@@ -181,9 +177,6 @@ def run(args: argparse.Namespace, ui) -> int:
     if args.json:
         ui.emit_json(record)
     return code
-
-
-QUANTIZED = "quantized "
 
 
 def _verify(ui, record: dict[str, Any], folder: Path, samples: int, key: str) -> bool:
