@@ -1,4 +1,4 @@
-"""The architecture stages of `mdeploy run` (pipeline/stages/architectures.py), each run
+"""The architecture stages of `mdeploy run` (pipeline/stages/repvgg.py, sparse_shift.py), each run
 once with tiny options (1 epoch on 256 MNIST images): what they compute is checked
 against the invariants of the deploy forms, and where cheap, recomputed independently
 (op counts from the ONNX file, statistics from the checkpoint, the summary file)."""
@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from models.errors import InputError
-from pipeline.stages.architectures import (SUMMARY_NAME, RepVGGOptions, SparseShiftOptions, repvgg_stage,
-                                           sparse_shift_stage)
+from pipeline.stages.demonstration import SUMMARY_NAME
+from pipeline.stages.repvgg import RepVGGOptions, repvgg_stage
+from pipeline.stages.sparse_shift import SparseShiftOptions, sparse_shift_stage
 
 
 @pytest.fixture(scope="module")
