@@ -63,6 +63,19 @@ def test_run_json_matches_the_schema(tiny_run):
     assert on_disk == tiny_run
 
 
+def test_report_has_one_section_per_stage_in_run_order(tiny_run):
+    run_dir = Path(tiny_run["run_dir"])
+    md = (run_dir / "report.md").read_text()
+    headings = re.findall(r"^## (.+)$", md, re.M)
+    assert headings == ["Training", "Artifacts", "Parity against PyTorch", "Latency"] + (
+        ["Notes"] if tiny_run["notes"] else []), headings
+    # the accuracy/size/latency figure closes the latency section, after the table it plots
+    assert md.index("## Latency") < md.index("![accuracy size latency]")
+    for name in ("training", "parity", "per_layer_error", "accuracy_size_latency"):
+        assert f"(plots/{name}.png)" in md and (run_dir / "plots" / f"{name}.png").is_file(), name
+    assert md.count("data:image/png") == 0 and (run_dir / "report.html").read_text().count("data:image/png") == 4
+
+
 def test_schema_catches_a_wrong_document(tiny_run):
     broken = json.loads(json.dumps(tiny_run))
     broken["verify"]["pairs"][0]["passed"] = "yes"

@@ -150,3 +150,27 @@ def test_sparse_shift_lambda0_comparison_and_summary(shift):
 def test_sparse_shift_options_need_onnx():
     with pytest.raises(ValueError, match="onnx"):
         SparseShiftOptions(formats=["tflite"])
+
+
+def test_fusable_blocks_follow_the_reparameterize_protocol():
+    """Blocks are found by ``reparameterize()``, not by class; a block that fuses its own
+    fusable children counts once."""
+    import torch
+    import torch.nn as nn
+
+    from models import create_model
+    from pipeline.stages.repvgg import fusable_blocks
+
+    class Fold(nn.Module):
+        def __init__(self, *children: nn.Module) -> None:
+            super().__init__()
+            self.inner = nn.Sequential(*children)
+
+        def reparameterize(self) -> None:
+            pass
+
+    model = nn.Sequential(Fold(), nn.Sequential(Fold(Fold())), nn.Conv2d(1, 1, 1))
+    assert fusable_blocks(model) == ["0", "1.0"]
+    with torch.device("meta"):
+        assert len(fusable_blocks(create_model("repvgg_tiny", num_classes=10))) == 8
+        assert fusable_blocks(create_model("mobilenet_v2", num_classes=10)) == []
