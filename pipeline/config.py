@@ -14,7 +14,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from models.errors import InputError
-from pipeline.stages.architectures import RepVGGOptions, SparseShiftOptions
+from pipeline.stages.repvgg import RepVGGOptions
+from pipeline.stages.sparse_shift import SparseShiftOptions
 from pipeline.stages.train import TrainConfig
 
 # In the order they run. repvgg and sparse_shift train their own small networks (RepVGG vs

@@ -86,6 +86,11 @@ def test_run_small_config_end_to_end(cli, tmp_path):
     html = (run_dir / "report.html").read_text()
     assert "data:image/png;base64," in html and "onnx/fp32" in html and "<table>" in html
     assert "qarepvgg_tiny" in html and "Sparse shifts" in html
+    # the --json document is the documented schema, and report.json is the same document
+    from pipeline.report import SCHEMA_PATH
+    from tests.json_schema import validate
+    assert validate(record, json.loads(SCHEMA_PATH.read_text())) == []
+    assert json.loads((run_dir / "report.json").read_text()) == record
 
 
 def test_run_rejects_bad_config_in_one_line(cli, tmp_path):

@@ -1,4 +1,4 @@
-"""The architecture stages of `mdeploy run` (pipeline/stages/architectures.py), each run
+"""The architecture stages of `mdeploy run` (pipeline/stages/repvgg.py, sparse_shift.py), each run
 once with tiny options (1 epoch on 256 MNIST images): what they compute is checked
 against the invariants of the deploy forms, and where cheap, recomputed independently
 (op counts from the ONNX file, statistics from the checkpoint, the summary file)."""
@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from models.errors import InputError
-from pipeline.stages.architectures import (SUMMARY_NAME, RepVGGOptions, SparseShiftOptions, repvgg_stage,
-                                           sparse_shift_stage)
+from pipeline.stages.demonstration import SUMMARY_NAME
+from pipeline.stages.repvgg import RepVGGOptions, repvgg_stage
+from pipeline.stages.sparse_shift import SparseShiftOptions, sparse_shift_stage
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +150,27 @@ def test_sparse_shift_lambda0_comparison_and_summary(shift):
 def test_sparse_shift_options_need_onnx():
     with pytest.raises(ValueError, match="onnx"):
         SparseShiftOptions(formats=["tflite"])
+
+
+def test_fusable_blocks_follow_the_reparameterize_protocol():
+    """Blocks are found by ``reparameterize()``, not by class; a block that fuses its own
+    fusable children counts once."""
+    import torch
+    import torch.nn as nn
+
+    from models import create_model
+    from pipeline.stages.repvgg import fusable_blocks
+
+    class Fold(nn.Module):
+        def __init__(self, *children: nn.Module) -> None:
+            super().__init__()
+            self.inner = nn.Sequential(*children)
+
+        def reparameterize(self) -> None:
+            pass
+
+    model = nn.Sequential(Fold(), nn.Sequential(Fold(Fold())), nn.Conv2d(1, 1, 1))
+    assert fusable_blocks(model) == ["0", "1.0"]
+    with torch.device("meta"):
+        assert len(fusable_blocks(create_model("repvgg_tiny", num_classes=10))) == 8
+        assert fusable_blocks(create_model("mobilenet_v2", num_classes=10)) == []

@@ -6,7 +6,9 @@ int8 TFLite with the accuracy cost, verified the same way) -> profile (every art
 locally and on configured devices) -> repvgg (RepVGG vs QARepVGG re-parameterized and
 int8) -> sparse_shift (FE-Net with sparse shifts, exported as zero-FLOP data movement)
 -> report (HTML/Markdown/JSON with plots). Each stage is the same function its own command
-calls; this module only sequences them, shows progress and writes the run record.
+calls; this module only sequences them, shows progress and adds each stage's result to
+the typed run record (``pipeline.report.RunRecord``), which writes the report and the
+``--json`` document.
 
 Each run gets a fresh folder ``runs/<UTC timestamp>-<name>/`` (``runs/latest``
 points at the newest), so nothing earlier is ever overwritten.
@@ -18,9 +20,13 @@ import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import STAGES
+
+if TYPE_CHECKING:
+    from pipeline.report import RunRecord
+
 
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("run", parents=[common], help="the whole pipeline on the built-in default",
@@ -65,8 +71,8 @@ def run(args: argparse.Namespace, ui) -> int:
         raise InputError("--stages", "train, or a config with a checkpoint to start from", "neither")
     run_dir = _new_run_dir(Path(args.out), args.name or cfg.name)
     ui.info(f"[bold]mdeploy run[/bold] -> {run_dir}")
-    record: dict[str, Any] = {"name": args.name or cfg.name, "run_dir": str(run_dir),
-                              "config": cfg.model_dump(), "stages": {}, "notes": []}
+    from pipeline.report import RunRecord
+    record = RunRecord(name=args.name or cfg.name, run_dir=str(run_dir), config=cfg.model_dump())
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else None
     export_dir = run_dir / "export"
     code = 0
@@ -77,21 +83,20 @@ def run(args: argparse.Namespace, ui) -> int:
 
     if "train" in stages:
         from pipeline.commands.train import progress_printer
+        from pipeline.report import TrainRecord
         from pipeline.stages.train import train
         t0 = timed("train")
         with ui.progress() as prog:
             result = train(cfg.train, run_dir / "train", progress=progress_printer(ui, prog, cfg.train.model))
         checkpoint = result.checkpoint
-        record["train"] = {"model": cfg.train.model, "data": cfg.train.data, "checkpoint": str(checkpoint),
-                           "best_epoch": result.best_epoch, "val_acc": result.best_val_acc,
-                           "test_acc": result.test_acc,
-                           "history": [h.__dict__ for h in result.history]}
-        record["stages"]["train"] = time.perf_counter() - t0
+        record.add(TrainRecord.from_result(cfg.train.model, cfg.train.data, result))
+        record.stages["train"] = time.perf_counter() - t0
         ui.result(f"trained {cfg.train.model}: held-out accuracy {100 * result.test_acc:.2f}% "
                   f"(best epoch {result.best_epoch}) -> {checkpoint}")
 
     if "export" in stages:
         from pipeline.commands.export import artifacts_table
+        from pipeline.report import ExportRecord
         from pipeline.stages.export import ExportOptions, export_model
         t0 = timed("export")
         precisions = tuple(dict.fromkeys([*cfg.export.tflite_precisions, *cfg.export.coreml_precisions]))
@@ -100,22 +105,21 @@ def run(args: argparse.Namespace, ui) -> int:
                                options=ExportOptions(formats=tuple(cfg.export.formats),
                                                      precisions=precisions, opset=cfg.export.opset,
                                                      **cfg.export.app_options()))
-        record["export"] = {"folder": str(export_dir),
-                            "artifacts": [a.to_dict() for a in exp.manifest.artifacts],
-                            "seconds": exp.seconds}
-        record["stages"]["export"] = time.perf_counter() - t0
+        record.add(ExportRecord(str(export_dir), list(exp.manifest.artifacts), exp.seconds))
+        record.stages["export"] = time.perf_counter() - t0
         ui.table(artifacts_table(exp.manifest, export_dir))
 
     if "verify" in stages:
         t0 = timed("verify")
-        ok = _verify(ui, record, export_dir, cfg.verify.samples, "verify")
-        record["stages"]["verify"] = time.perf_counter() - t0
+        ok = _verify(ui, record, export_dir, cfg.verify.samples, quantized=False)
+        record.stages["verify"] = time.perf_counter() - t0
         if not ok:
             code = 1
 
     quant_dir = run_dir / "quantized"
     if "quantize" in stages:
         from pipeline.commands.quantize import sensitivity_progress, show_report
+        from pipeline.report import QuantizeRecord
         from pipeline.stages.quantize import QuantizeOptions, quantize_folder
         t0 = timed("quantize")
         q = cfg.quantize
@@ -125,46 +129,41 @@ def run(args: argparse.Namespace, ui) -> int:
                                eval_samples=q.eval_samples)
         with sensitivity_progress(ui) as on_layer:
             res = quantize_folder(export_dir, quant_dir, opts, progress=ui.info, layer_progress=on_layer)
-        record["quantize"] = {"folder": str(quant_dir), **res.report.to_dict(), "seconds": res.seconds}
+        record.add(QuantizeRecord(str(quant_dir), res.report, res.seconds))
         show_report(ui, res.report)
-        ok = _verify(ui, record, quant_dir, cfg.verify.samples, "verify_quantized")
-        record["stages"]["quantize"] = time.perf_counter() - t0
+        ok = _verify(ui, record, quant_dir, cfg.verify.samples, quantized=True)
+        record.stages["quantize"] = time.perf_counter() - t0
         if not ok:
             code = 1
 
     if "profile" in stages:
         from pipeline.commands.profile import latency_table
-        from pipeline.report import QUANTIZED
+        from pipeline.report import ProfileRecord
         from pipeline.stages.profile import ProfileOptions, profile_folder
         t0 = timed("profile")
         popts = ProfileOptions(devices=cfg.profile.devices, runs=cfg.profile.runs, warmup=cfg.profile.warmup)
         prof = profile_folder(export_dir, popts, progress=ui.info)
-        record["profile"] = prof.to_dict()
-        profiles = list(prof.profiles)
-        if quant_dir.is_dir():
-            qprof = profile_folder(quant_dir, popts, progress=ui.info)
-            for p in qprof.profiles:
-                p.artifact = f"{QUANTIZED}{p.artifact}"
-            record["profile"]["profiles"] += [p.to_dict() for p in qprof.profiles]
-            record["profile"]["skipped"] += qprof.to_dict()["skipped"]
-            profiles += qprof.profiles
-        record["stages"]["profile"] = time.perf_counter() - t0
-        for device in dict.fromkeys(p.device for p in profiles):
-            ui.table(latency_table([p for p in profiles if p.device == device]))
-        for s in prof.skipped:
+        qprof = profile_folder(quant_dir, popts, progress=ui.info) if quant_dir.is_dir() else None
+        profiled = record.add(ProfileRecord.from_results(prof, qprof))
+        record.stages["profile"] = time.perf_counter() - t0
+        for device in dict.fromkeys(p.device for p in profiled.profiles):
+            ui.table(latency_table([p for p in profiled.profiles if p.device == device]))
+        for s in profiled.skipped:
             ui.info(f"not profiled: {s.artifact} ({s.reason})")
 
-    from pipeline.stages.architectures import repvgg_stage, sparse_shift_stage
-    for stage, func, table in (("repvgg", repvgg_stage, repvgg_table),
-                               ("sparse_shift", sparse_shift_stage, sparse_shift_table)):
+    from pipeline.report import RepVGGRecord, SparseShiftRecord
+    from pipeline.stages.repvgg import repvgg_stage
+    from pipeline.stages.sparse_shift import sparse_shift_stage
+    for stage, func, section, table in (("repvgg", repvgg_stage, RepVGGRecord, repvgg_table),
+                                        ("sparse_shift", sparse_shift_stage, SparseShiftRecord, sparse_shift_table)):
         if stage not in stages:
             continue
         t0 = timed(stage)
         opts = getattr(cfg, stage).model_copy(update={"force": True})     # the run folder is new
         res = func(opts, run_dir / stage, progress=ui.info)
-        record[stage] = res.to_dict()
-        record["stages"][stage] = time.perf_counter() - t0
-        ui.table(table(record[stage]))
+        record.add(section(res))
+        record.stages[stage] = time.perf_counter() - t0
+        ui.table(table(res.to_dict()))
         if not res.passed:
             code = 1
             ui.warn(f"a {stage} check failed (see the table and {stage}/summary.json)")
@@ -175,25 +174,19 @@ def run(args: argparse.Namespace, ui) -> int:
         paths = write_report(run_dir, record)
         ui.result(f"report: {paths['html']}  (also {paths['md'].name}, {paths['json'].name})")
     if args.json:
-        ui.emit_json(record)
+        ui.emit_json(record.to_dict())
     return code
 
 
-def _verify(ui, record: dict[str, Any], folder: Path, samples: int, key: str) -> bool:
+def _verify(ui, record: "RunRecord", folder: Path, samples: int, quantized: bool) -> bool:
     """``mdeploy verify`` on one folder, per-layer error curves for every pair (the report
-    plots them), tables shown; the pairs go into ``record[key]``."""
+    plots them), tables shown; the result goes into the run record."""
     from pipeline.commands.verify import layers_table, pairs_table
+    from pipeline.report import VerifyRecord
     from pipeline.stages.verify import VerifyOptions, verify_folder
     ver = verify_folder(folder, VerifyOptions(samples=samples, per_layer="all"), progress=ui.info)
-    pairs = []
-    for p in ver.report.pairs:
-        d = p.to_dict()
-        d["size_bytes"] = _artifact_size(folder, p.target_path)
-        d["accuracy"] = d.get("accuracy_target")
-        d["runner"] = d.get("target_runner")
-        pairs.append(d)
-    record[key] = {**ver.report.to_dict(), "pairs": pairs, "folder": str(folder)}
-    record["notes"] += ver.notes
+    record.add(VerifyRecord.from_result(folder, ver.report, quantized=quantized))
+    record.notes += ver.notes
     ui.table(pairs_table(ver.report))
     for p in ver.report.pairs:
         if not p.passed and p.layers:
@@ -237,11 +230,3 @@ def sparse_shift_table(sh: dict[str, Any]):
 
 def _pct(x: float | None) -> str:
     return "" if x is None else f"{100 * x:.1f}%"
-
-
-def _artifact_size(root: Path, rel: str) -> int | None:
-    if not rel:
-        return None
-    from exporters.artifact import size_of
-    path = root / rel
-    return size_of(path) if path.exists() else None
