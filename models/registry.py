@@ -22,6 +22,9 @@ class ModelEntry:
     small_input_size: int    # smallest resolution the architecture handles (fast tests)
     family: str
     paper: str
+    # the preprocessing the architecture's published weights expect (timm's pretrained_cfg):
+    # {"mean": [...], "std": [...]} on [0, 1] pixels; None: not known, the caller decides
+    pretrained_cfg: dict | None = None
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -35,6 +38,7 @@ def register_model(
     family: str = "",
     paper: str = "",
     name: str | None = None,
+    pretrained_cfg: dict | None = None,
 ):
     """Decorator: ``@register_model(input_size=224, small_input_size=32)``."""
 
@@ -43,7 +47,7 @@ def register_model(
         if key in _REGISTRY:
             raise ValueError(f"model {key!r} registered twice")
         _REGISTRY[key] = ModelEntry(key, f, input_size, small_input_size,
-                                    family or f.__module__.rsplit(".", 1)[-1], paper)
+                                    family or f.__module__.rsplit(".", 1)[-1], paper, pretrained_cfg)
         return f
 
     return wrap(fn) if fn is not None else wrap

@@ -652,6 +652,42 @@ def read_encodings(model: Any) -> dict[str, Any]:
     }
 
 
+def weight_grid_mismatch(float_onnx: str | Path, qdq_onnx: str | Path) -> dict[str, int]:
+    """Per quantized weight, how many integers the quantizer wrote differ from
+    ``round(w / (max|w| / qmax))`` of the float model's own weights.
+
+    For a float model whose weights were optimised onto their int8 grid
+    (``quantize.weight_rounding``), all zeros proves the QDQ model carries the optimised
+    integers rather than a fresh round-to-nearest of something else.
+    """
+    import onnx
+    from onnx import numpy_helper
+    fm, qm = onnx.load(str(float_onnx)), onnx.load(str(qdq_onnx))
+    floats = {t.name: numpy_helper.to_array(t) for t in fm.graph.initializer}
+    inits = {t.name: t for t in qm.graph.initializer}
+    out: dict[str, int] = {}
+    for n in qm.graph.node:
+        if n.op_type != "DequantizeLinear" or n.input[0] not in inits:
+            continue
+        q = numpy_helper.to_array(inits[n.input[0]])
+        if q.dtype not in (np.int8, np.int16):
+            continue
+        name = n.input[0].removesuffix("_quantized")
+        w = floats.get(name)
+        if w is None or w.shape != q.shape or w.ndim < 2:
+            continue
+        qmax = np.iinfo(q.dtype).max
+        scale = np.abs(w).reshape(w.shape[0], -1).max(1).astype(np.float64) / qmax
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+        if axis != 0 and w.ndim == 2:     # Gemm/MatMul weights: output channel last
+            scale = np.abs(w).max(0).astype(np.float64) / qmax
+            mine = np.round(w / np.where(scale > 0, scale, 1)[None, :])
+        else:
+            mine = np.round(w / np.where(scale > 0, scale, 1).reshape(-1, *([1] * (w.ndim - 1))))
+        out[name] = int((np.clip(mine, -qmax, qmax).astype(np.int64) != q.astype(np.int64)).sum())
+    return out
+
+
 def _count(items: Iterable[str]) -> dict[str, int]:
     out: dict[str, int] = {}
     for i in items:
@@ -661,4 +697,5 @@ def _count(items: Iterable[str]) -> dict[str, int]:
 
 __all__ = ["CALIBRATION_METHODS", "GENERIC_INT8", "GENERIC_INT8_PER_TENSOR", "GENERIC_INT8_S8", "Layer",
            "PROFILES", "PtqSession", "QNN_W8A16", "QNN_W8A8", "QuantProfile", "Ranges", "TARGETS",
-           "check_method", "graph_layers", "read_encodings", "resolve_layers", "target_profiles"]
+           "check_method", "graph_layers", "read_encodings", "resolve_layers", "target_profiles",
+           "weight_grid_mismatch"]

@@ -41,6 +41,12 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--float-fixes", type=_csv, default=(), metavar="FIX,...",
                    help=f"applied to the float model first: comma list of {', '.join(FIXES)} "
                         "(BatchNorm folding, cross-layer equalization, high-bias absorption, bias correction)")
+    p.add_argument("--weight-rounding", type=_csv, default=None, metavar="TECHNIQUE,...",
+                   help="how int8 weights are chosen (default mse,gptq,sequential,bias): mse (per-channel scale "
+                        "search), gptq (rounding with error feedback), sequential (on already-quantized inputs), "
+                        "bias (bias correction); rtn = plain round-to-nearest, as quantize_static alone does")
+    p.add_argument("--rounding-samples", type=int, default=128,
+                   help="calibration inputs the weight rounding uses (default 128)")
     p.add_argument("--keep-float", metavar="N|LAYERS",
                    help="keep the N most sensitive layers (or these comma-separated layers) in float")
     p.add_argument("--w8a16-layers", metavar="N|LAYERS",
@@ -65,7 +71,9 @@ def run(args: argparse.Namespace, ui) -> int:
 
     opts = QuantizeOptions(
         target=args.target, calibration=args.calib, method=args.method, samples=args.samples,
-        float_fixes=tuple(args.float_fixes), keep_float=args.keep_float, w8a16_layers=args.w8a16_layers,
+        float_fixes=tuple(args.float_fixes), keep_float=args.keep_float,
+        weight_rounding=tuple(args.weight_rounding) if args.weight_rounding is not None else None,
+        rounding_samples=args.rounding_samples, w8a16_layers=args.w8a16_layers,
         tflite=not args.no_tflite, sensitivity=not args.no_sensitivity,
         sensitivity_mode=args.sensitivity_mode, sensitivity_samples=args.sensitivity_samples,
         eval_data=args.eval_data, eval_samples=args.eval_samples, force=args.force, seed=args.seed)

@@ -124,7 +124,8 @@ def run(args: argparse.Namespace, ui) -> int:
         t0 = timed("quantize")
         q = cfg.quantize
         opts = QuantizeOptions(target=q.target, method=q.method, samples=q.samples,
-                               float_fixes=tuple(q.float_fixes), keep_float=q.keep_float,
+                               float_fixes=tuple(q.float_fixes), weight_rounding=tuple(q.weight_rounding),
+                               keep_float=q.keep_float,
                                w8a16_layers=q.w8a16_layers, sensitivity=q.sensitivity,
                                eval_samples=q.eval_samples)
         with sensitivity_progress(ui) as on_layer:

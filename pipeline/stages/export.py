@@ -132,14 +132,25 @@ def _default_input_size(spec: str) -> int:
     return model_entry(spec).input_size
 
 
+def _registry_preprocessing(spec: str) -> dict[str, Any]:
+    """The normalisation a registry model's published weights expect (EfficientNet-Lite:
+    (x - 127.5) / 127.5), so its export does not get ImageNet's mean/std by default."""
+    from models.checkpoint import is_factory_spec
+    from models.registry import model_entry
+    if is_factory_spec(spec):
+        return {}
+    return dict(model_entry(spec).pretrained_cfg or {})
+
+
 def resolve_preprocessing(model: torch.nn.Module, meta: dict[str, Any], spec: str,
                           input_size: int | None) -> Preprocessing:
     """From the checkpoint's metadata where present, else defaults that fit the model."""
     size = input_size or meta.get("input_size") or _default_input_size(spec)
     chans = int(meta.get("in_chans") or _first_conv_channels(model) or 3)
     gray = chans == 1
-    mean = meta.get("mean") or list(GRAY_MEAN if gray else IMAGENET_MEAN)
-    std = meta.get("std") or list(GRAY_STD if gray else IMAGENET_STD)
+    cfg = _registry_preprocessing(spec) if chans == 3 else {}
+    mean = meta.get("mean") or cfg.get("mean") or list(GRAY_MEAN if gray else IMAGENET_MEAN)
+    std = meta.get("std") or cfg.get("std") or list(GRAY_STD if gray else IMAGENET_STD)
     if len(mean) != chans or len(std) != chans:
         raise InputError("checkpoint metadata", f"mean/std with {chans} values (one per input channel)",
                          f"{len(mean)}/{len(std)}")

@@ -38,6 +38,7 @@ REPORT_NAME = "quantization_report.json"
 DEFAULT_CALIBRATION_SAMPLES = 200
 DEFAULT_SENSITIVITY_SAMPLES = 100
 DEFAULT_EVAL_SAMPLES = 1000
+DEFAULT_ROUNDING_SAMPLES = 128
 
 Progress = Callable[[str], None]
 LayerProgress = Callable[[int, int, str], None]
@@ -50,6 +51,8 @@ class QuantizeOptions:
     method: str = "minmax"                     # minmax | entropy | percentile
     samples: int = DEFAULT_CALIBRATION_SAMPLES
     float_fixes: tuple[str, ...] = ()          # from quantize.float_fixes.FIXES
+    weight_rounding: tuple[str, ...] | None = None   # quantize.weight_rounding.TECHNIQUES; None: the default set
+    rounding_samples: int = DEFAULT_ROUNDING_SAMPLES
     keep_float: str | int | None = None        # N most sensitive layers, or names
     w8a16_layers: str | int | None = None      # N most sensitive layers, or names
     tflite: bool = True
@@ -84,6 +87,10 @@ def _check_options(opts: QuantizeOptions) -> None:
     target_profiles(opts.target)
     check_method(opts.method)
     parse_fixes(list(opts.float_fixes))
+    from quantize.weight_rounding import parse_techniques
+    parse_techniques(opts.weight_rounding)
+    if opts.rounding_samples < 1:
+        raise InputError("--rounding-samples", "a positive number of calibration inputs", str(opts.rounding_samples))
     if opts.samples < 1:
         raise InputError("--samples", "a positive number of calibration inputs", str(opts.samples))
     if opts.sensitivity_samples < 1:
@@ -105,7 +112,7 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
     from models.checkpoint import build_model
     from quantize.calibration import load_calibration
     from quantize.float_fixes import apply_float_fixes, parse_fixes
-    from quantize.onnx_ptq import PtqSession, check_method, target_profiles
+    from quantize.onnx_ptq import PtqSession, check_method, target_profiles, weight_grid_mismatch
     from quantize.sensitivity import layer_sensitivity, pick_layers
 
     opts = options or QuantizeOptions()
@@ -127,6 +134,9 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
     profiles = target_profiles(opts.target)
     method = check_method(opts.method)
     fixes = parse_fixes(list(opts.float_fixes))
+    from quantize.weight_rounding import optimize_weights, parse_techniques
+    rounding = parse_techniques(opts.weight_rounding)
+    optimized = rounding != ("rtn",)
 
     calib_source = opts.calibration or manifest.source.get("data")
     if not calib_source:
@@ -147,16 +157,28 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
     with tempfile.TemporaryDirectory(prefix="mdeploy-quantize-") as tmp_name:
         tmp = Path(tmp_name)
         fix_result = None
+        rounding_result = None
         onnx_arts = [a for a in manifest.find("onnx", "fp32") if not a.variant]
-        if fixes:
-            say(f"applying float fixes: {', '.join(fixes)}")
+        if fixes or optimized:
+            # weight rounding works on the weights that get quantized: BatchNorm folded first
+            applied = tuple(dict.fromkeys(fixes + (("bn",) if optimized else ())))
+            say(f"applying float fixes: {', '.join(applied)}")
             t0 = time.perf_counter()
-            fix_result = apply_float_fixes(model, fixes, calibration=calib,
+            fix_result = apply_float_fixes(model, applied, calibration=calib,
                                            per_channel=all(p.per_channel for p in profiles))
-            float_art = export_onnx(fix_result.model, tmp / "model.onnx", shape)
+            seconds["float_fixes"] = time.perf_counter() - t0
+            fixed = fix_result.model
+            if optimized:
+                n_round = min(opts.rounding_samples, len(calib))
+                say(f"optimizing weight rounding ({', '.join(rounding)}) on {n_round} calibration inputs")
+                t0 = time.perf_counter()
+                rounding_result = optimize_weights(fixed, calib[:n_round], rounding, progress=layer_progress,
+                                                   seed=opts.seed)
+                fixed = rounding_result.model
+                seconds["weight_rounding"] = time.perf_counter() - t0
+            float_art = export_onnx(fixed, tmp / "model.onnx", shape)
             float_onnx = tmp / "model.onnx"
             layer_map = fix_result.remap_layer_map(float_art.extra.get("layer_map", {}))
-            seconds["float_fixes"] = time.perf_counter() - t0
         elif onnx_arts and onnx_arts[0].resolve(root).is_file():
             float_art, float_onnx = onnx_arts[0], onnx_arts[0].resolve(root)
             layer_map = dict(float_art.extra.get("layer_map", {}))
@@ -200,6 +222,8 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
                     art = session.quantize(profile, stage / f"{profile.file_stem}.onnx", method=method,
                                            keep_float=keep, w16_layers=wide, root=stage)
                     seconds[profile.name] = time.perf_counter() - t0
+                    if optimized:
+                        art.extra["weight_grid_mismatch"] = weight_grid_mismatch(float_onnx, stage / art.path)
                     artifacts.append(art)
             if opts.tflite:
                 from exporters.tflite import export_tflite
@@ -234,10 +258,19 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
                                     f"{fix_result.max_abs_change:.3g} on {min(32, len(calib))} calibration inputs")
             if sensitivity is not None:
                 report.sensitivity = sensitivity.to_dict()
+            if rounding_result is not None:
+                report.weight_rounding = rounding_result.to_dict()
+                moved = {a.key: sum(a.extra.get("weight_grid_mismatch", {}).values())
+                         for a in artifacts if "weight_grid_mismatch" in a.extra}
+                report.weight_rounding["grid_mismatch"] = moved
+                if any(moved.values()):
+                    notes.append("the quantizer re-rounded some optimized weights: "
+                                 + ", ".join(f"{k}: {v}" for k, v in moved.items() if v))
             report.notes.extend(notes)
             source = {**manifest.source, "quantized_from": str(root.resolve()),
                       "quantization": {"target": opts.target, "method": method, "samples": int(len(calib)),
                                        "calibration": str(calib_source), "float_fixes": list(fixes),
+                                  "weight_rounding": list(rounding),
                                        "keep_float": [l.module or l.name for l in keep],
                                        "w8a16_layers": [l.module or l.name for l in wide]}}
             out_manifest = Manifest(model=manifest.model, preprocessing=pre, card=manifest.card,

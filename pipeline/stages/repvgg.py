@@ -162,6 +162,7 @@ def _variant(name: str, opts: RepVGGOptions, out: Path, say: Progress) -> RepVGG
     say(f"{name}: int8 post-training quantization (ONNX Runtime QDQ, generic int8)")
     quant = quantize_folder(exp.folder, out / "int8", QuantizeOptions(
         target="generic", tflite=False, sensitivity=False, samples=opts.calibration_samples,
+        weight_rounding=("rtn",),   # the architecture is under test, not the rounding: plain PTQ
         eval_samples=opts.eval_samples, seed=opts.seed, force=True), progress=lambda m: say(f"{name}: {m}"))
     q = quant.report.variants[0]
     int8 = {"profile": "int8", "path": str(quant.folder / q.path), "samples": q.samples,
