@@ -300,10 +300,8 @@ def _plan(formats: tuple[str, ...], opts: ExportOptions) -> _Plan:
     notes: list[str] = []
     for cls in classes:
         given = opts.exporter_options.get(cls.name)
-        o = given.checked() if given is not None else cls.options_type.from_values(values)
-        if cls.format in formats:
-            options[cls] = o
-        else:
+        options[cls] = o = given.checked() if given is not None else cls.options_type.from_values(values)
+        if cls.format not in formats:
             notes += [f"{flag} is ignored: {cls.format} is not in --formats" for flag in o.changed_flags()]
     steps: list[_Step] = []
 
@@ -315,8 +313,8 @@ def _plan(formats: tuple[str, ...], opts: ExportOptions) -> _Plan:
             if not makers:
                 raise InputError("--formats", f"an exporter writing {cls.needs} (which {cls.name} reads)", "none")
             add(makers[0], makers[0] in precisions)
-        o = options.get(cls) or cls.options_type.from_values(values)
-        steps.append(_Step(cls(o.resolved()), precisions.get(cls, tuple(cls.default_precisions)), wanted))
+        steps.append(_Step(cls(options[cls].resolved()), precisions.get(cls, tuple(cls.default_precisions)),
+                           wanted))
 
     for cls in precisions:
         add(cls, True)
