@@ -257,23 +257,6 @@ def feed_for(runner: Runner, inputs: Mapping[str, np.ndarray]) -> dict[str, np.n
     return {n: v for n, v in zip(names, inputs.values())}
 
 
-def check_inputs(runner: Runner, inputs: Mapping[str, np.ndarray]) -> None:
-    """Refuse inputs whose static dims differ from the artifact's (before any runtime
-    produces a cryptic error): a one-line ``InputError`` naming the artifact."""
-    if runner.artifact is None:
-        return
-    for spec, x in zip(runner.artifact.inputs, feed_for(runner, inputs).values()):
-        want = list(spec.shape)
-        if spec.layout == "NHWC" and len(want) == 4:
-            want = [want[0], want[3], want[1], want[2]]
-        dims_ok = len(want) == x.ndim and all(not isinstance(w, int) or i == 0 or w == s
-                                              for i, (w, s) in enumerate(zip(want, x.shape)))
-        if not dims_ok:
-            shown = ", ".join(["N"] + [str(w) if isinstance(w, int) else "?" for w in want[1:]])
-            raise InputError(runner.artifact.path, f"input {spec.name!r} of shape [{shown}] (NCHW)",
-                             f"shape {list(x.shape)}")
-
-
 def run_batched(runner: Runner, feeds: Mapping[str, np.ndarray], call: Any = None, *,
                 batch_size: int = 32, progress: Any = None) -> dict[str, np.ndarray]:
     """``call(feed)`` (default ``runner.infer``) over ``feeds`` in batches the runner accepts:
@@ -300,10 +283,12 @@ def run_all(runners: Mapping[str, Runner], inputs: np.ndarray | Mapping[str, np.
             batch_size: int = 32, progress: Any = None) -> RunResults:
     """Every runner on the same inputs (``run_batched``); ``progress(key, done, total)``
     is called after each batch, if given. Input shapes are checked against every
-    artifact first, so a mismatch is one ``InputError`` before any runtime starts."""
+    artifact first (the runner's own check; the batch is free since ``run_batched`` feeds
+    each artifact its own batch), so a mismatch is one ``InputError`` before any runtime
+    starts."""
     feeds = {"input": inputs} if isinstance(inputs, np.ndarray) else dict(inputs)
     for runner in runners.values():
-        check_inputs(runner, feeds)
+        runner.check_inputs(feed_for(runner, feeds), batch=False)
     results = RunResults()
     for key, runner in runners.items():
         t0 = time.perf_counter()

@@ -11,7 +11,8 @@ This module is also copied to remote devices (ssh) and into the emulated aarch64
 Python (``device_tests/devices/bundle.py``): it imports only the standard library and
 numpy at module level, and the runtimes lazily.
 
-Local profilers talk to the runtimes directly rather than through ``Runner``: the
+Each profiler belongs to a runner kind (``Runner.profile`` of the runner that loads
+the format calls it), but talks to the runtime directly rather than through ``infer``: the
 timed region is the runtime's own ``run``/``invoke`` on inputs already in the model's
 dtype and layout (as ``benchmark_model`` times it), so layout transposes and
 quantization at the runner's edge do not pollute the latency.
@@ -436,20 +437,18 @@ def profile_litert(path: str, *, runs: int, warmup: int, threads: int | None,
                                 "run benchmark_model --enable_op_profiling=true (adb:// devices do)")}
 
 
-PROFILERS: dict[str, Callable[..., dict[str, Any]]] = {"onnx": profile_onnxruntime,
-                                                      "tflite": profile_litert}
-
-
 def measure(fmt: str, path: str, *, runs: int, warmup: int, threads: int | None,
             op_profile: bool = True, marker: Marker | None = None) -> dict[str, Any]:
-    """Raw measurements of one model file (the part that runs where the model runs)."""
-    if fmt not in PROFILERS:
-        if fmt == "mlpackage":
-            raise NotProfilable("Core ML runs only on macOS/iOS; not profiled here")
-        raise NotProfilable(f"no local profiler for format {fmt!r}")
+    """Raw measurements of one model file (the part that runs where the model runs), by
+    the profiler of the runner that loads ``fmt`` (``Runner.profile``)."""
+    from device_tests.runners.base import runner_for_format
+    try:
+        runner = runner_for_format(fmt)
+    except KeyError:
+        raise NotProfilable(f"no local profiler for format {fmt!r}") from None
     if runs < 1 or warmup < 0:
         raise ValueError("runs must be >= 1 and warmup >= 0")
-    return PROFILERS[fmt](path, runs=runs, warmup=warmup, threads=threads,
+    return runner.profile(path, runs=runs, warmup=warmup, threads=threads,
                           op_profile=op_profile, marker=marker)
 
 

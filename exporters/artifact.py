@@ -41,6 +41,30 @@ class TensorSpec:
         return self.scale is not None
 
 
+def layout_for_ndim(ndim: int, image_layout: str = "NCHW") -> str:
+    """The layout a tensor of ``ndim`` dims is recorded with: images 4-D, logits 2-D."""
+    return {4: image_layout, 2: "NC"}.get(ndim, "ANY")
+
+
+def to_nchw_shape(shape: list[int | str], layout: str) -> list[int | str]:
+    """A recorded shape in NCHW order, which is how every runner takes inputs."""
+    shape = list(shape)
+    if layout == "NHWC" and len(shape) == 4:
+        return [shape[0], shape[3], shape[1], shape[2]]
+    return shape
+
+
+def nhwc_to_nchw(x: Any) -> Any:
+    """A 4-D numpy array NHWC -> NCHW (contiguous); other ranks unchanged."""
+    import numpy as np
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if x.ndim == 4 else x
+
+
+def nchw_to_nhwc(x: Any) -> Any:
+    import numpy as np
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if x.ndim == 4 else x
+
+
 @dataclass
 class Artifact:
     """A file the pipeline produced. ``path`` is relative to the manifest's folder."""

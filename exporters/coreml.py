@@ -4,7 +4,7 @@ Route: ``torch.jit.trace`` -> ``coremltools.convert(convert_to="mlprogram")`` wi
 minimum deployment target (default iOS 17) and a compute precision per artifact (fp32,
 or fp16: weights and activations in float16, the precision the GPU and the Neural
 Engine run). Weight compression (int8, palettization, pruning) is applied afterwards
-to a converted program: ``quantize/coreml.py``.
+to a converted program: ``quantize/coreml.py`` (its ``coreml`` exporter offers them).
 
 What an app gets (``input_kind="image"``, the default):
 
@@ -54,6 +54,7 @@ import tempfile
 import time
 import warnings
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -62,6 +63,7 @@ import torch
 import torch.nn as nn
 
 from exporters.artifact import Artifact, ModelCard, Preprocessing, TensorSpec, sha256_of, size_of
+from exporters.base import ExportContext, Exporter, ExporterOptions, option
 from exporters.layer_map import call_key
 from models.errors import InputError
 
@@ -463,3 +465,65 @@ def layer_map_from_mil(prog: Any) -> dict[str, str]:
         result[name] = call_key(owner, counts[owner])
         counts[owner] += 1
     return result
+
+
+# -- the registered exporter -----------------------------------------------------------------
+
+INPUT_CHOICES = (*INPUT_KINDS, "both")     # both: one package of each per precision
+
+
+@dataclass
+class CoreMLOptions(ExporterOptions):
+    input: str = option("image", key="coreml_input", flag="--coreml-input")           # INPUT_CHOICES
+    target: str | None = option(None, key="coreml_target", flag="--coreml-target")  # None: DEFAULT_TARGET
+
+    def checked(self) -> "CoreMLOptions":
+        kind = str(self.input or "image").strip().lower()
+        if kind not in INPUT_CHOICES:
+            raise InputError("--coreml-input", " or ".join(INPUT_CHOICES), repr(self.input))
+        target = self.target.strip() if self.target else None
+        return CoreMLOptions(kind, target or None)
+
+    def resolved(self) -> "CoreMLOptions":
+        return CoreMLOptions(self.input, coreml_target(self.target) if self.target else DEFAULT_TARGET)
+
+    @property
+    def input_kinds(self) -> tuple[str, ...]:
+        """"both": the image package, then the tensor one."""
+        return INPUT_KINDS if self.input == "both" else (self.input,)
+
+
+def coreml_target(name: str) -> str:
+    """coremltools' spelling of a deployment target (``ios16`` -> ``iOS16``), checked by
+    ``deployment_target`` (ML Programs: iOS 15 / macOS 12 and later)."""
+    with quiet_coremltools():
+        import coremltools as ct
+    canonical = {n.lower(): n for n in ct.target.__members__}.get(name.lower(), name)
+    try:
+        deployment_target(canonical)
+    except InputError as exc:
+        raise InputError("--coreml-target", f"{exc.expected}, or macOS12+, tvOS15+, watchOS8+",
+                         repr(name)) from None
+    return canonical
+
+
+class CoreMLExporter(Exporter):
+    """One ``.mlpackage`` per compute precision and input kind. Weight-compressed
+    variants are a second ``coreml`` exporter, in ``quantize.coreml``."""
+
+    name = "coreml"
+    format = "coreml"
+    precisions = COMPUTE_PRECISIONS
+    default_precisions = COMPUTE_PRECISIONS
+    options_type = CoreMLOptions
+
+    def export(self, source: nn.Module, out_dir: Path, precisions: Sequence[str],
+               ctx: ExportContext) -> list[Artifact]:
+        o = self.options
+        assert isinstance(o, CoreMLOptions)
+        made: list[Artifact] = []
+        for kind in o.input_kinds:
+            made += export_coreml(source, out_dir, precisions, preprocessing=ctx.preprocessing,
+                                  labels=ctx.labels, card=ctx.card, input_kind=kind,
+                                  minimum_deployment_target=o.target, root=ctx.root)
+        return made

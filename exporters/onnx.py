@@ -25,6 +25,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -32,7 +33,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from exporters.artifact import Artifact, TensorSpec, sha256_of, size_of
+from exporters.artifact import Artifact, TensorSpec, layout_for_ndim, sha256_of, size_of
+from exporters.base import ExportContext, Exporter, ExporterOptions, option
 from exporters.fileio import atomic_write_bytes
 from exporters.layer_map import NAME_SCOPES_KEY, layer_map_from_onnx
 from models.errors import InputError
@@ -72,10 +74,6 @@ def _example_input(input_shape: Sequence[int], dynamic_batch: bool) -> torch.Ten
 
 def _output_names(n: int, output_name: str) -> list[str]:
     return [output_name] + [f"output_{i}" for i in range(1, n)]
-
-
-def _layout(ndim: int) -> str:
-    return {4: "NCHW", 2: "NC"}.get(ndim, "ANY")
 
 
 def flatten_outputs(out: Any) -> list[torch.Tensor]:
@@ -146,7 +144,7 @@ def export_onnx(model: nn.Module, out_path: str | Path, input_shape: Sequence[in
         shape: list[int | str] = list(t.shape)
         if dynamic_batch and shape:
             shape[0] = BATCH_DIM
-        out_specs.append(TensorSpec(name, shape, "float32", _layout(t.ndim)))
+        out_specs.append(TensorSpec(name, shape, "float32", layout_for_ndim(t.ndim)))
     return Artifact(
         path=out_path.name, format="onnx", precision="fp32",
         inputs=[TensorSpec(input_name, in_shape, "float32", "NCHW")], outputs=out_specs,
@@ -269,3 +267,35 @@ def op_counts(model: Any) -> dict[str, int]:
     from collections import Counter
     proto = model if hasattr(model, "graph") else load_onnx(model, load_weights=False)
     return dict(sorted(Counter(n.op_type for n in proto.graph.node).items()))
+
+
+# -- the registered exporter -------------------------------------------------------------
+
+@dataclass
+class OnnxOptions(ExporterOptions):
+    opset: int = option(DEFAULT_OPSET, key="opset", flag="--opset")
+    dynamic_batch: bool = option(False, key="dynamic_batch", flag="--dynamic-batch")
+    simplify: bool = option(False, key="simplify", flag="--simplify")
+
+    def changed_flags(self) -> list[str]:
+        return []                   # the ONNX file is written whenever any format needs it
+
+    def source(self) -> dict[str, Any]:
+        return {}                   # opset and dynamic_batch are recorded with every export
+
+
+class OnnxExporter(Exporter):
+    """``model.onnx``: fp32, one precision, so ``--precisions`` does not apply."""
+
+    name = "onnx"
+    format = "onnx"
+    takes_precisions = False
+    options_type = OnnxOptions
+    file_name = "model.onnx"
+
+    def export(self, source: nn.Module, out_dir: Path, precisions: Sequence[str],
+               ctx: ExportContext) -> list[Artifact]:
+        o = self.options
+        assert isinstance(o, OnnxOptions)
+        return [export_onnx(source, Path(out_dir) / self.file_name, ctx.input_shape, opset=o.opset,
+                            dynamic_batch=o.dynamic_batch, simplify=o.simplify)]

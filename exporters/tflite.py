@@ -21,12 +21,14 @@ import re
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from exporters.artifact import Artifact, ModelCard, Preprocessing, TensorSpec, sha256_of, size_of
+from exporters.artifact import Artifact, ModelCard, Preprocessing, TensorSpec, layout_for_ndim, sha256_of, size_of
+from exporters.base import ExportContext, Exporter, ExporterOptions, option
 from exporters.fileio import atomic_write_bytes
 from exporters.layer_map import layer_map_from_onnx
 from exporters.native_output import captured_native_output
@@ -350,7 +352,7 @@ def _tensor_specs(model: bytes, layout: str) -> tuple[list[TensorSpec], list[Ten
         scale = zp = None
         if q is not None and q.ScaleLength() == 1:
             scale, zp = float(q.Scale(0)), int(q.ZeroPoint(0))
-        lay = (layout if is_input else "NHWC") if len(shape) == 4 else ("NC" if len(shape) == 2 else "ANY")
+        lay = layout_for_ndim(len(shape), layout if is_input else "NHWC")
         return TensorSpec(t.Name().decode(), shape, _DTYPES.get(t.Type(), str(t.Type())), lay, scale, zp)
 
     ins = [spec(int(i), True) for i in sg.InputsAsNumpy()]
@@ -444,3 +446,35 @@ def _tflite_values(model: bytes, x: np.ndarray, layout: str) -> dict[str, np.nda
             v = it.get_tensor(idx)
             out[t["name"]] = v.transpose(0, 3, 1, 2) if v.ndim == 4 else v
     return out
+
+
+# ---------------------------------------------------------------- the registered exporter
+
+
+@dataclass
+class TFLiteOptions(ExporterOptions):
+    layout: str = option("NHWC", key="tflite_layout", flag="--tflite-layout")   # apps want NHWC
+
+    def checked(self) -> "TFLiteOptions":
+        layout = str(self.layout or "NHWC").strip().upper()
+        if layout not in LAYOUTS:
+            raise InputError("--tflite-layout", " or ".join(t.lower() for t in LAYOUTS), repr(self.layout))
+        return TFLiteOptions(layout)
+
+
+class TFLiteExporter(Exporter):
+    """One ``.tflite`` per precision, converted from the ONNX file."""
+
+    name = "tflite"
+    format = "tflite"
+    precisions = PRECISIONS
+    default_precisions = DEFAULT_PRECISIONS
+    needs = "onnx"
+    options_type = TFLiteOptions
+
+    def export(self, source: Path, out_dir: Path, precisions: Sequence[str],
+               ctx: ExportContext) -> list[Artifact]:
+        assert isinstance(self.options, TFLiteOptions)
+        calib = ctx.calibration() if any(p in INTEGER_PRECISIONS for p in precisions) else None
+        return export_tflite(source, out_dir, precisions, preprocessing=ctx.preprocessing, labels=ctx.labels,
+                             card=ctx.card, calibration=calib, layout=self.options.layout, root=ctx.root)

@@ -41,7 +41,8 @@ import numpy as np
 import torch.nn as nn
 
 from exporters.artifact import Artifact, ModelCard, Preprocessing, sha256_of, size_of
-from exporters.coreml import (COMPUTE_PRECISIONS, artifact_extra, export_coreml, program_ops,
+from exporters.base import ExportContext, Exporter
+from exporters.coreml import (COMPUTE_PRECISIONS, CoreMLOptions, artifact_extra, export_coreml, program_ops,
                               quiet_coremltools, save_mlpackage)
 from models.errors import InputError
 
@@ -72,11 +73,6 @@ COMPRESSIONS: dict[str, Compression] = {
     "palette6": Compression("palette6", "palettize", nbits=6),
     "prune50": Compression("prune50", "prune", sparsity=0.5),
 }
-
-
-# What ``mdeploy export --formats coreml --precisions ...`` offers (any pruneNN works in Python).
-PRECISIONS: tuple[str, ...] = (*COMPUTE_PRECISIONS, *COMPRESSIONS)
-DEFAULT_PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
 
 
 def compression(name: str) -> Compression:
@@ -319,3 +315,38 @@ def export_coreml_variants(model: nn.Module, out_dir: str | Path, precisions: Se
         base = export_coreml(model, tmp, [compress_from], **common)[0]
         return arts + compress_coreml(base, tmp, schemes, out_dir=out_dir, out_root=root,
                                       weight_threshold=weight_threshold)
+
+
+class CoreMLCompressedExporter(Exporter):
+    """The ``coreml`` precisions that are weight compression (int8w, palette4/6, prune50).
+
+    A second ``coreml`` exporter beside ``exporters.coreml.CoreMLExporter``, registered
+    here because compression is quantization (exporters never import quantize/). Each
+    variant is made from the fp16 program: the one this export already wrote for the
+    same input kind when there is one, else one converted in a temporary folder.
+    """
+
+    name = "coreml-compressed"
+    format = "coreml"
+    precisions = tuple(COMPRESSIONS)
+    default_precisions = ()
+    options_type = CoreMLOptions
+    compress_from = "fp16"
+
+    def export(self, source: nn.Module, out_dir: Path, precisions: Sequence[str],
+               ctx: ExportContext) -> list[Artifact]:
+        o = self.options
+        assert isinstance(o, CoreMLOptions)
+        made: list[Artifact] = []
+        for kind in o.input_kinds:
+            base = next((a for a in ctx.artifacts if a.format == "mlpackage" and a.variant == kind
+                         and a.precision == self.compress_from and "compression" not in a.extra), None)
+            if base is not None:
+                made += compress_coreml(base, ctx.root, precisions, out_dir=out_dir)
+                continue
+            with tempfile.TemporaryDirectory(prefix="mdeploy-coreml-base-") as tmp:
+                base = export_coreml(source, tmp, [self.compress_from], preprocessing=ctx.preprocessing,
+                                     labels=ctx.labels, card=ctx.card, input_kind=kind,
+                                     minimum_deployment_target=o.target)[0]
+                made += compress_coreml(base, tmp, precisions, out_dir=out_dir, out_root=ctx.root)
+        return made

@@ -225,7 +225,7 @@ def test_bad_export_inputs_are_one_line_exit_2_nothing_written(case, ckpt, tmp_p
         args += ["--formats", "onnx,caffe"]
     elif case == "missing_exporter":
         import pipeline.stages.export as stage
-        monkeypatch.setitem(stage._EXPORTER_MODULES, "coreml", ("exporters.not_written_yet", "export"))
+        monkeypatch.setattr(stage, "PLUGIN_MODULES", (*stage.PLUGIN_MODULES, "exporters.not_written_yet"))
         args += ["--formats", "onnx,coreml"]
     code, stdout, err = cli(*args)
     assert code == 2

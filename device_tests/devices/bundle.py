@@ -45,13 +45,14 @@ def build_bundle(dest: str | Path) -> Path:
 
 
 def model_files(artifact: Artifact, root: str | Path) -> list[Path]:
-    """The artifact's file and the external-data file ONNX keeps beside it, if any."""
-    path = artifact.resolve(root)
-    files = [path]
-    data = path.with_name(path.name + ".data")
-    if artifact.format == "onnx" and data.exists():
-        files.append(data)
-    return files
+    """The artifact's file and whatever its runtime reads beside it (``Runner.model_files``:
+    the external-data file ONNX keeps beside the model)."""
+    from device_tests.runners.base import runner_for
+    try:
+        runner = runner_for(artifact)
+    except KeyError:               # no runner here: the file alone
+        return [artifact.resolve(root)]
+    return runner.model_files(artifact.resolve(root))
 
 
 def prepare_job(job_dir: str | Path, artifact: Artifact, root: str | Path, job: dict[str, Any],
@@ -60,7 +61,7 @@ def prepare_job(job_dir: str | Path, artifact: Artifact, root: str | Path, job: 
     job_dir = Path(job_dir)
     (job_dir / "model").mkdir(parents=True, exist_ok=True)
     files = model_files(artifact, root)
-    if artifact.format == "mlpackage" or files[0].is_dir():
+    if files[0].is_dir():                  # an .mlpackage
         raise DeviceError(f"{artifact.key}: a folder artifact cannot be sent to a device runner")
     for f in files:
         shutil.copyfile(f, job_dir / "model" / f.name)

@@ -7,9 +7,10 @@ backend is chosen by ``platform.system()`` (``backend="auto"``) or forced with
 which is how the interpreter itself is checked against the device).
 
 Inputs follow the runner contract (float32 NCHW, *normalised* as the PyTorch model
-expects). For an image-input artifact the runner inverts the normalisation recorded
-in ``artifact.extra["image_input"]`` back to pixel values, ``pixel = (x * std + mean) /
-pixel_scale``, in the model's channel order:
+expects). For an image-input artifact the manifest records what the app passes (8-bit
+NHWC pixels), which is not a quantized tensor: the runner's ``encode_input`` inverts
+the normalisation recorded in ``artifact.extra["image_input"]`` back to pixel values,
+``pixel = (x * std + mean) / pixel_scale``, in the model's channel order:
 
 * on macOS those pixels are rounded to 8 bits and passed as a PIL image (what Core ML
   accepts for an image input; Core ML reorders RGB to BGR itself when the model says
@@ -35,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from device_tests.runners.base import Runner
-from exporters.artifact import Artifact
+from exporters.artifact import Artifact, TensorSpec
 from models.errors import InputError
 
 BACKENDS = ("auto", "predict", "interpreter")
@@ -49,6 +50,7 @@ def on_macos() -> bool:
 class CoreMLRunner(Runner):
     kind = "coreml"
     formats = ("mlpackage",)
+    splits_batch = True
 
     def __init__(self, backend: str = "auto", compute_units: str = "ALL", **options: Any) -> None:
         super().__init__(backend=backend, compute_units=compute_units, **options)
@@ -102,16 +104,6 @@ class CoreMLRunner(Runner):
     def _image(self) -> dict[str, Any] | None:
         return (self.artifact.extra.get("image_input") if self.artifact is not None else None) or None
 
-    def _single_input(self, inputs: dict[str, np.ndarray]) -> tuple[str, np.ndarray]:
-        assert self.artifact is not None, "load() first"
-        if len(inputs) != 1:
-            raise InputError(self.artifact.path, "one input tensor", f"{len(inputs)} inputs")
-        name = self.artifact.inputs[0].name
-        x = np.asarray(next(iter(inputs.values())), np.float32)
-        if x.ndim != 4:
-            raise InputError(self.artifact.path, f"input {name!r} as float32 NCHW", f"shape {list(x.shape)}")
-        return name, x
-
     def to_pixels(self, x: np.ndarray) -> np.ndarray:
         """Normalised NCHW -> pixel values (model channel order), inverting the folding."""
         img = self._image
@@ -121,14 +113,19 @@ class CoreMLRunner(Runner):
         mean = np.asarray(img["mean"], np.float64).reshape(1, c, 1, 1)
         return ((x.astype(np.float64) * std + mean) / float(img["pixel_scale"])).astype(np.float32)
 
-    def _feed_interpreter(self, name: str, x: np.ndarray) -> dict[str, np.ndarray]:
-        return {name: self.to_pixels(x) if self._image else x}
+    def encode_input(self, spec: TensorSpec, x: np.ndarray) -> np.ndarray:
+        """An image input takes pixels (float, NCHW, model channel order); a tensor input
+        is what the base class makes of it."""
+        if self._image:
+            return self.to_pixels(x)
+        return super().encode_input(spec, x)
 
-    def _feed_predict(self, name: str, x: np.ndarray) -> dict[str, Any]:
+    def _predict_feed(self, feed: dict[str, np.ndarray]) -> dict[str, Any]:
         if not self._image:
-            return {name: x}
+            return feed
         from PIL import Image
-        pix = np.clip(np.rint(self.to_pixels(x)), 0, 255).astype(np.uint8)[0]     # (C, H, W)
+        (name, pixels), = feed.items()
+        pix = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)[0]     # (C, H, W)
         if self._image["color_layout"] == "GRAYSCALE":
             return {name: Image.fromarray(pix[0], mode="L")}
         hwc = pix.transpose(1, 2, 0)
@@ -138,22 +135,23 @@ class CoreMLRunner(Runner):
 
     # -- running -----------------------------------------------------------------------
 
-    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        name, x = self._single_input(inputs)
-        assert self.artifact is not None
-        per_sample = self.artifact.inputs[0].shape[0] == 1
-        chunks = [x[i:i + 1] for i in range(len(x))] if per_sample else [x]
-        outs: dict[str, list[np.ndarray]] = {s.name: [] for s in self.artifact.outputs}
-        for chunk in chunks:
-            if self.backend == "predict":
-                res = self._mlmodel.predict(self._feed_predict(name, chunk))
-            else:
-                res = self._interpreter().run(self._feed_interpreter(name, chunk))
-            for spec in self.artifact.outputs:
-                if spec.name not in res:
-                    raise InputError(self.artifact.path, f"an output {spec.name!r}", f"outputs {sorted(res)}")
-                outs[spec.name].append(np.asarray(res[spec.name], np.float32))
-        return {k: np.concatenate(v) for k, v in outs.items()}
+    def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        assert self.artifact is not None, "load() first"
+        if self.backend == "predict":
+            res = self._mlmodel.predict(self._predict_feed(feed))
+        else:
+            res = self._interpreter().run(feed)
+        out = {}
+        for spec in self.artifact.outputs:
+            if spec.name not in res:
+                raise InputError(self.artifact.path, f"an output {spec.name!r}", f"outputs {sorted(res)}")
+            out[spec.name] = np.asarray(res[spec.name], np.float32)
+        return out
+
+    @classmethod
+    def profile(cls, path: str, **kw: Any) -> dict[str, Any]:
+        from device_tests.profile import NotProfilable
+        raise NotProfilable("Core ML runs only on macOS/iOS; not profiled here")
 
     def intermediate_names(self) -> list[str]:
         from device_tests.mil_program import NUMPY_DTYPES
@@ -163,12 +161,11 @@ class CoreMLRunner(Runner):
 
     def infer_intermediates(self, inputs: dict[str, np.ndarray],
                             names: list[str] | None = None) -> dict[str, np.ndarray]:
-        name, x = self._single_input(inputs)
         interp = self._interpreter()
         wanted = names if names is not None else self.intermediate_names()
         parts: dict[str, list[np.ndarray]] = {n: [] for n in wanted}
-        for i in range(len(x)):
-            res = interp.run(self._feed_interpreter(name, x[i:i + 1]), keep=wanted)
+        for feed in self.feeds(inputs):
+            res = interp.run(feed, keep=wanted)
             for n in wanted:
                 if n in res:
                     parts[n].append(np.asarray(res[n], np.float32))

@@ -7,11 +7,12 @@ Options (``LiteRTRunner(threads=2, xnnpack=False)``):
   ``False`` runs TFLite's builtin reference/optimized kernels only. A pair that passes
   without XNNPACK and fails with it pins the divergence on the delegate's kernels.
 
-At its edge the runner converts layouts (the artifact's ``TensorSpec.layout``; NHWC
+The edge (``Runner.infer``) converts layouts (the artifact's ``TensorSpec.layout``; NHWC
 tensors are transposed to and from NCHW) and quantized dtypes (int8/uint8 inputs are
-quantized and outputs dequantized with the tensor's own scale and zero point, read from
-the model), so callers pass and get float32 NCHW. The ``.tflite`` has a fixed batch of
-one; a batch of N is run as N invocations.
+quantized and outputs dequantized with the tensor's own scale and zero point; where the
+manifest does not record them they are read from the model at load), so callers pass
+and get float32 NCHW. The ``.tflite`` has a fixed batch of one; a batch of N is run as
+N invocations.
 
 Intermediates come from a second interpreter built with
 ``experimental_preserve_all_tensors=True`` and **without** XNNPACK: tensors inside a
@@ -27,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from device_tests.runners.base import Runner, dequantize_array, nchw_to_nhwc, nhwc_to_nchw, quantize_array
-from exporters.artifact import Artifact, TensorSpec
+from device_tests.runners.base import Runner, dequantize_array, with_native
+from exporters.artifact import Artifact, TensorSpec, nhwc_to_nchw
 from exporters.native_output import captured_native_output
 from models.errors import InputError
 
@@ -54,6 +55,7 @@ def _litert_version() -> str:
 class LiteRTRunner(Runner):
     kind = "litert"
     formats = ("tflite",)
+    splits_batch = True
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -114,6 +116,8 @@ class LiteRTRunner(Runner):
         self._debug = None
         self._in = _pair(self.path, artifact.inputs, self._interp.get_input_details(), "input")
         self._out = _pair(self.path, artifact.outputs, self._interp.get_output_details(), "output")
+        self._input_specs = [with_native(s, d["dtype"], *d["quantization"]) for s, d in self._in]
+        self._output_specs = [with_native(s, d["dtype"], *d["quantization"]) for s, d in self._out]
 
     @property
     def label(self) -> str:
@@ -125,46 +129,20 @@ class LiteRTRunner(Runner):
         return f"LiteRT {_litert_version()} (CPU, {delegate}, threads={threads})"
 
     # -- running ------------------------------------------------------------
-    def _batch(self, inputs: dict[str, np.ndarray]) -> tuple[int, list[np.ndarray]]:
-        arrays = []
-        for spec, _ in self._in:
-            if spec.name not in inputs:
-                raise InputError("inputs", f"a tensor named {spec.name!r}", f"{sorted(inputs)}")
-            x = np.asarray(inputs[spec.name], dtype=np.float32)
-            _check_shape(self.path, spec, x.shape)
-            arrays.append(x)
-        return len(arrays[0]), arrays
+    def _set_inputs(self, it: Any, feed: dict[str, np.ndarray]) -> None:
+        for spec, d in self._in:
+            it.set_tensor(d["index"], np.ascontiguousarray(feed[spec.name], dtype=d["dtype"]))
 
-    def _set_inputs(self, it: Any, arrays: list[np.ndarray], i: int) -> None:
-        for (spec, d), x in zip(self._in, arrays):
-            xi = x[i:i + 1]
-            if spec.layout == "NHWC":
-                xi = nchw_to_nhwc(xi)
-            dtype = np.dtype(d["dtype"])
-            if np.issubdtype(dtype, np.integer):
-                scale, zp = d["quantization"]
-                if not scale:
-                    raise InputError(self.path, f"a scale for the {dtype.name} input {spec.name!r}", "none")
-                xi = quantize_array(xi, scale, zp, dtype.name)
-            it.set_tensor(d["index"], np.ascontiguousarray(xi, dtype=dtype))
-
-    def _read(self, spec: TensorSpec, d: dict[str, Any], y: np.ndarray) -> np.ndarray:
-        if np.issubdtype(y.dtype, np.integer):
-            scale, zp = d["quantization"]
-            y = dequantize_array(y, scale, zp)
-        y = np.asarray(y, dtype=np.float32)
-        return nhwc_to_nchw(y) if spec.layout == "NHWC" else y
-
-    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         assert self._interp is not None, "load() first"
-        n, arrays = self._batch(inputs)
-        outs: dict[str, list[np.ndarray]] = {spec.name: [] for spec, _ in self._out}
-        for i in range(n):
-            self._set_inputs(self._interp, arrays, i)
-            self._interp.invoke()
-            for spec, d in self._out:
-                outs[spec.name].append(self._read(spec, d, self._interp.get_tensor(d["index"])))
-        return {k: np.concatenate(v) for k, v in outs.items()}
+        self._set_inputs(self._interp, feed)
+        self._interp.invoke()
+        return {spec.name: self._interp.get_tensor(d["index"]) for spec, d in self._out}
+
+    @classmethod
+    def profile(cls, path: str, **kw: Any) -> dict[str, Any]:
+        from device_tests.profile import profile_litert
+        return profile_litert(path, **kw)
 
     # -- intermediates ------------------------------------------------------
     def intermediate_names(self) -> list[str]:
@@ -191,10 +169,9 @@ class LiteRTRunner(Runner):
         it = self._debug
         by_name = {t["name"]: t for t in it.get_tensor_details()}
         nhwc = self.artifact.extra.get("intermediate_layout", "NHWC") == "NHWC"
-        n, arrays = self._batch(inputs)
         acc: dict[str, list[np.ndarray]] = {k: [] for k in wanted}
-        for i in range(n):
-            self._set_inputs(it, arrays, i)
+        for feed in self.feeds(inputs):
+            self._set_inputs(it, feed)
             it.invoke()
             for name in wanted:
                 t = by_name[name]
@@ -228,15 +205,3 @@ def _pair(path: Path | None, specs: list[TensorSpec], details: list[dict[str, An
     if all(s.name in by_name for s in specs):
         return [(s, by_name[s.name]) for s in specs]
     return list(zip(specs, details))
-
-
-def _check_shape(path: Path | None, spec: TensorSpec, shape: tuple[int, ...]) -> None:
-    """Static dims (batch aside: batches run sample by sample) must match the NCHW array."""
-    want = list(spec.shape)
-    if spec.layout == "NHWC" and len(want) == 4:
-        want = [want[0], want[3], want[1], want[2]]
-    ok = len(want) == len(shape) and all(not isinstance(w, int) or i == 0 or w == s
-                                         for i, (w, s) in enumerate(zip(want, shape)))
-    if not ok:
-        shown = ", ".join(["N"] + [str(w) if isinstance(w, int) else "?" for w in want[1:]])
-        raise InputError(path, f"input {spec.name!r} of shape [{shown}] (NCHW)", f"shape {list(shape)}")

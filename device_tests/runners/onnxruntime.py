@@ -9,8 +9,8 @@ Options (``OnnxRuntimeRunner(threads=2, graph_optimization_level="disable")``):
   exported graph.
 
 Quantized models (QDQ with int8/uint8 inputs or outputs) are fed and read at the edge
-with the scale and zero point in the artifact's ``TensorSpec``, so callers always pass
-and get float32 NCHW. Intermediates are read by adding the wanted tensors as graph
+(``Runner.infer``) with the scale and zero point in the artifact's ``TensorSpec`` and
+the dtype the session declares, so callers always pass and get float32 NCHW. Intermediates are read by adding the wanted tensors as graph
 outputs to a copy of the model: note that ORT will not fuse a node whose output became
 a graph output, so the intermediate run can differ from the plain run in the last bits;
 the plain ``infer`` is what pass/fail is decided on.
@@ -22,9 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from device_tests.runners.base import (Runner, dequantize_array, nchw_to_nhwc, nhwc_to_nchw,
-                                       quantize_array)
-from exporters.artifact import Artifact, TensorSpec
+from device_tests.runners.base import Runner, dequantize_array, with_native
+from exporters.artifact import Artifact
 from models.errors import InputError
 
 OPT_LEVELS = ("disable", "basic", "extended", "all")
@@ -82,6 +81,8 @@ class OnnxRuntimeRunner(Runner):
             raise InputError(self.path, "an ONNX model file", "no such file")
         self.session = self._make_session(str(self.path))
         self._check_io_names()
+        types = {i.name: _ORT_TYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
+        self._input_specs = [with_native(s, types[s.name]) for s in artifact.inputs]
 
     def _check_io_names(self) -> None:
         """The file must be the one the manifest describes: input names and static dims."""
@@ -105,40 +106,21 @@ class OnnxRuntimeRunner(Runner):
         return f"onnxruntime {ort.__version__} (CPU EP, opt={self.opt_level}, threads={threads})"
 
     # -- running ------------------------------------------------------------
-    def _feed(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        assert self.artifact is not None and self.session is not None, "load() first"
-        sess_inputs = {i.name: i for i in self.session.get_inputs()}
-        feed = {}
-        for spec in self.artifact.inputs:
-            if spec.name not in inputs:
-                raise InputError("inputs", f"a tensor named {spec.name!r}", f"{sorted(inputs)}")
-            x = np.asarray(inputs[spec.name], dtype=np.float32)
-            _check_shape(self.path, spec, x.shape)
-            if spec.layout == "NHWC":
-                x = nchw_to_nhwc(x)
-            want = _ORT_TYPES.get(sess_inputs[spec.name].type, np.float32)
-            if spec.quantized:
-                x = quantize_array(x, float(spec.scale), int(spec.zero_point or 0), np.dtype(want).name)
-            elif np.issubdtype(want, np.integer):
-                raise InputError(self.path, f"scale/zero point for the {np.dtype(want).name} input "
-                                 f"{spec.name!r} in the manifest", "none")
-            feed[spec.name] = x.astype(want, copy=False)
-        return feed
-
-    def _read(self, spec: TensorSpec | None, y: np.ndarray) -> np.ndarray:
-        if spec is not None and spec.quantized:
-            y = dequantize_array(y, float(spec.scale), int(spec.zero_point or 0))
-        y = np.asarray(y, dtype=np.float32)
-        if spec is not None and spec.layout == "NHWC":
-            y = nhwc_to_nchw(y)
-        return y
-
-    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        assert self.artifact is not None
+    def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        assert self.session is not None, "load() first"
         names = [o.name for o in self.session.get_outputs()]
-        values = self.session.run(names, self._feed(inputs))
-        specs = {s.name: s for s in self.artifact.outputs}
-        return {n: self._read(specs.get(n), v) for n, v in zip(names, values)}
+        return dict(zip(names, self.session.run(names, feed)))
+
+    @classmethod
+    def model_files(cls, path: Path) -> list[Path]:
+        """The model and its external-data file, ``<name>.data`` (``exporters.onnx``), if any."""
+        data = Path(path).with_name(Path(path).name + ".data")
+        return [Path(path), data] if data.exists() else [Path(path)]
+
+    @classmethod
+    def profile(cls, path: str, **kw: Any) -> dict[str, Any]:
+        from device_tests.profile import profile_onnxruntime
+        return profile_onnxruntime(path, **kw)
 
     # -- intermediates ------------------------------------------------------
     def _model_proto(self) -> Any:
@@ -180,7 +162,8 @@ class OnnxRuntimeRunner(Runner):
                     proto.graph.output.append(onnx.helper.make_tensor_value_info(n, types[n], None))
             session = self._make_session(proto.SerializeToString())
             self._extra_sessions = {wanted: session}      # keep one: they hold a model copy
-        values = session.run(list(wanted), self._feed(inputs))
+        (feed,) = self.feeds(inputs)
+        values = session.run(list(wanted), feed)
         qparams = _quantize_params(self._model_proto())
         out = {}
         for n, v in zip(wanted, values):
@@ -195,17 +178,6 @@ class OnnxRuntimeRunner(Runner):
         self.session = None
         self._proto = None
         self._extra_sessions = {}
-
-
-def _check_shape(path: Path | None, spec: TensorSpec, shape: tuple[int, ...]) -> None:
-    """Static dims of the artifact's input must match the (NCHW) array given."""
-    want = list(spec.shape)
-    if spec.layout == "NHWC" and len(want) == 4:
-        want = [want[0], want[3], want[1], want[2]]
-    ok = len(want) == len(shape) and all(not isinstance(w, int) or w == s for w, s in zip(want, shape))
-    if not ok:
-        shown = ", ".join(str(w) if isinstance(w, int) else "N" for w in want)
-        raise InputError(path, f"input {spec.name!r} of shape [{shown}] (NCHW)", f"shape {list(shape)}")
 
 
 def _elem_types(proto: Any) -> dict[str, int]:

@@ -37,6 +37,7 @@ class TorchRunner(Runner):
             from models.errors import InputError
             raise InputError("torch.dtype", "float32 or float64", repr(dtype))
         self.dtype = torch.float64 if dtype == "float64" else torch.float32
+        self.output_dtype = np.float64 if dtype == "float64" else np.float32
         self.model: torch.nn.Module | None = None
         self.meta: dict[str, Any] = {}
         self._names: list[str] | None = None
@@ -59,7 +60,7 @@ class TorchRunner(Runner):
         from models.checkpoint import build_model
         path = artifact.resolve(root) if root is not None else Path(artifact.path)
         self.model, self.meta = build_model(None, checkpoint=path)
-        self.artifact = artifact
+        self.artifact, self.path = artifact, path
         self._cast()
 
     @property
@@ -67,24 +68,23 @@ class TorchRunner(Runner):
         tail = ", float64" if self.dtype == torch.float64 else ""
         return f"torch {torch.__version__} (eager, CPU{tail})"
 
-    def _input(self, inputs: dict[str, np.ndarray]) -> torch.Tensor:
-        if len(inputs) != 1:
-            raise ValueError(f"the torch runner feeds one input tensor, got {len(inputs)}")
-        x = np.ascontiguousarray(next(iter(inputs.values())), dtype=np.float32)
-        return torch.from_numpy(x).to(self.dtype)
+    def _tensor(self, feed: dict[str, np.ndarray]) -> torch.Tensor:
+        if len(feed) != 1:
+            raise ValueError(f"the torch runner feeds one input tensor, got {len(feed)}")
+        return torch.from_numpy(np.ascontiguousarray(next(iter(feed.values())))).to(self.dtype)
 
     def _out(self, t: torch.Tensor) -> np.ndarray:
         return t.detach().to(torch.float64 if self.dtype == torch.float64 else torch.float32).clone().numpy()
 
     def _names_out(self, n: int) -> list[str]:
-        specs = self.artifact.outputs if self.artifact else []
+        specs = self.output_specs
         return [specs[i].name if i < len(specs) else f"output_{i}" for i in range(n)]
 
-    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         assert self.model is not None, "load() first"
         from exporters.onnx import flatten_outputs
         with torch.inference_mode():
-            outs = flatten_outputs(self.model(self._input(inputs)))
+            outs = flatten_outputs(self.model(self._tensor(feed)))
         return {n: self._out(o) for n, o in zip(self._names_out(len(outs)), outs)}
 
     def intermediate_names(self) -> list[str]:
@@ -128,8 +128,9 @@ class TorchRunner(Runner):
             if path:                                     # the root's output is the graph output
                 handles.append(mod.register_forward_hook(make_hook(path)))
         try:
+            (feed,) = self.feeds(inputs)
             with torch.inference_mode():
-                self.model(self._input(inputs))
+                self.model(self._tensor(feed))
         finally:
             for h in handles:
                 h.remove()

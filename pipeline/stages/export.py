@@ -10,16 +10,17 @@ What is written:
 * ``model.safetensors`` (format ``pt``): the weights plus the metadata that rebuilds
   the architecture (registry name and kwargs, or the absolute ``file.py:factory``), so
   ``verify`` has its PyTorch reference inside the folder;
-* ``model.onnx`` when ``onnx`` is asked for (and as the source of ``tflite``, in a
-  temporary folder when ``onnx`` itself is not asked for);
-* whatever ``exporters.tflite.export_tflite`` / ``exporters.coreml.export_coreml``
-  write, per precision (the ``.tflite`` input NHWC unless ``tflite_layout="NCHW"``; Core
-  ML with an image input, a tensor input, or one package of each: ``coreml_input``);
+* what each registered exporter of a requested format writes (``exporters.base``): the
+  stage loops over them with no per-format code. An exporter that reads another
+  format's file (TFLite reads the ONNX file) gets it, written to a temporary folder
+  when that format itself was not asked for. Each exporter's options are its own typed
+  object, built from the flat ``ExportOptions`` values its fields name (``coreml_input``,
+  ``tflite_layout``, ...) or given directly in ``ExportOptions.exporter_options``;
 * ``manifest.json``: preprocessing, labels, model card, every artifact, the versions.
 """
 from __future__ import annotations
 
-import importlib
+import dataclasses
 import json
 import tempfile
 import time
@@ -30,28 +31,26 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from exporters.artifact import (Artifact, Manifest, ModelCard, Preprocessing, TensorSpec,
+from exporters.artifact import (Artifact, Manifest, ModelCard, Preprocessing, TensorSpec, layout_for_ndim,
                                 library_versions, sha256_of, size_of)
+from exporters.base import (MODULE, ExportContext, Exporter, ExporterOptions, check_precisions_known,
+                            exporter_classes, import_exporter_module, precisions_for)
 from exporters.fileio import atomic_write_bytes, check_writable_output, staged_output_dir
 from models.errors import InputError
 
-FORMATS = ("onnx", "tflite", "coreml")
 PT_NAME = "model.safetensors"
-ONNX_NAME = "model.onnx"
+# Exporters registered outside exporters/ (which may not import them): Core ML weight
+# compression is quantization and lives in quantize/.
+PLUGIN_MODULES = ("quantize.coreml",)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 GRAY_MEAN, GRAY_STD = (0.5,), (0.5,)
-COREML_INPUTS = ("image", "tensor", "both")     # both: an image and a tensor package per precision
-TFLITE_LAYOUTS = ("NHWC", "NCHW")
 CARD_FIELDS = ("name", "description", "version", "author", "license")   # exporters.artifact.ModelCard
-_EXPORTER_MODULES = {"tflite": ("exporters.tflite", "export_tflite"),
-                     # compressed variants (int8w, palette4/6, pruneNN) live with quantization
-                     "coreml": ("quantize.coreml", "export_coreml_variants")}
 
 
 @dataclass
 class ExportOptions:
     formats: tuple[str, ...] = ("onnx",)
-    precisions: tuple[str, ...] | None = None     # for tflite/coreml; None: each exporter's default
+    precisions: tuple[str, ...] | None = None     # one list for all formats; None: each exporter's default
     input_size: int | None = None                 # default: checkpoint, else the model's own
     opset: int = 18
     dynamic_batch: bool = False
@@ -63,10 +62,13 @@ class ExportOptions:
     calibration: str | None = None                # quantized tflite: data source (default: checkpoint's data)
     force: bool = False
     reparameterize: bool = True                   # export the deploy form (pipeline.stages.deploy_form)
-    coreml_input: str = "image"                   # image | tensor | both
-    coreml_target: str | None = None              # minimum deployment target; None: exporters.coreml's
-    tflite_layout: str = "NHWC"                   # input layout of the .tflite (apps want NHWC)
     card: dict[str, str] = field(default_factory=dict)   # model card fields (CARD_FIELDS) over the defaults
+    # The flat spelling of exporters' options, as the CLI flags and the config name them;
+    # the stage never reads them: each exporter's options type picks its own keys.
+    coreml_input: str = "image"                   # exporters.coreml.CoreMLOptions.input
+    coreml_target: str | None = None              # exporters.coreml.CoreMLOptions.target
+    tflite_layout: str = "NHWC"                   # exporters.tflite.TFLiteOptions.layout
+    exporter_options: dict[str, ExporterOptions] = field(default_factory=dict)  # exporter name -> typed options
 
 
 @dataclass
@@ -175,22 +177,6 @@ def _probe_outputs(model: torch.nn.Module, shape: tuple[int, ...], spec: str) ->
     return outs
 
 
-def _exporter(fmt: str) -> Callable[..., list[Artifact]]:
-    mod_name, func = _EXPORTER_MODULES[fmt]
-    try:
-        mod = importlib.import_module(mod_name)
-    except ModuleNotFoundError as exc:
-        if exc.name != mod_name:
-            raise
-        raise InputError("--formats", f"a format whose exporter is installed ({mod_name} missing)",
-                         repr(fmt)) from None
-    return getattr(mod, func)
-
-
-def _is_quantized(precision: str) -> bool:
-    return not precision.lower().startswith(("fp32", "fp16", "float"))
-
-
 def _calibration(source: str | None, pre: Preprocessing) -> np.ndarray | None:
     if not source:
         return None
@@ -205,14 +191,8 @@ def export_model(model_spec: str | None, out_dir: str | Path, *, checkpoint: str
     opts = options or ExportOptions()
     say = progress or (lambda msg: None)
     formats = tuple(dict.fromkeys(f.strip().lower() for f in opts.formats if f.strip()))
-    bad = [f for f in formats if f not in FORMATS]
-    if bad or not formats:
-        raise InputError("--formats", f"a comma list of {', '.join(FORMATS)}", ", ".join(bad) or "nothing")
-    exporters = {f: _exporter(f) for f in formats if f in _EXPORTER_MODULES}   # fail before work
-    _check_precisions_known(exporters, opts.precisions)
-    for fmt in exporters:
-        _precisions_for(fmt, opts.precisions)
-    app = _app_options(opts, formats)
+    plan = _plan(formats, opts)                         # every choice checked before any work
+    card_fields = _card(opts.card)
     labels = list(opts.labels) if opts.labels else None
     check_writable_output(out_dir, opts.force)          # before minutes of work, not after
 
@@ -243,7 +223,7 @@ def export_model(model_spec: str | None, out_dir: str | Path, *, checkpoint: str
     name = _display_name(spec)
     default_card = {"name": name, "description": f"{name} image classifier ({num_classes} classes, "
                     f"{pre.channel_order} {pre.input_size[0]}x{pre.input_size[1]} input), exported by mdeploy"}
-    card = ModelCard(**{**default_card, **app.card})          # --name/--description/... win
+    card = ModelCard(**{**default_card, **card_fields})        # --name/--description/... win
     seconds: dict[str, float] = {}
     artifacts: list[Artifact] = []
     with staged_output_dir(out_dir, opts.force) as stage:
@@ -252,95 +232,113 @@ def export_model(model_spec: str | None, out_dir: str | Path, *, checkpoint: str
         pt_path = atomic_write_bytes(stage / PT_NAME, checkpoint_bytes(model, meta))
         artifacts.append(_pt_artifact(pt_path, pre, outs, "batch"))     # eager takes any batch
 
-        with tempfile.TemporaryDirectory(prefix="mdeploy-onnx-") as tmp:
-            onnx_path = None
-            if "onnx" in formats or "tflite" in formats:
-                say(f"exporting ONNX (opset {opts.opset})")
+        ctx = ExportContext(model=model, input_shape=shape, preprocessing=pre, root=stage, labels=labels,
+                            card=card, calibration=_lazy(lambda: _calibration(opts.calibration or meta.get("data"),
+                                                                              pre)),
+                            artifacts=artifacts)
+        with tempfile.TemporaryDirectory(prefix="mdeploy-export-") as tmp:
+            files: dict[str, Path] = {}          # format -> its file, for the exporters that read it
+            for step in plan.steps:
+                cls = type(step.exporter)
+                say(f"exporting {cls.name}" + (f" ({', '.join(step.precisions)})" if cls.takes_precisions else ""))
+                dest = stage if step.wanted else Path(tmp)
+                source_in = model if cls.needs == MODULE else files[cls.needs]
                 t0 = time.perf_counter()
-                onnx_path = (stage if "onnx" in formats else Path(tmp)) / ONNX_NAME
-                from exporters.onnx import export_onnx
-                art = export_onnx(model, onnx_path, shape, opset=opts.opset,
-                                  dynamic_batch=opts.dynamic_batch, simplify=opts.simplify)
-                seconds["onnx"] = time.perf_counter() - t0
-                if "onnx" in formats:
-                    artifacts.append(art)
-            for fmt, func in exporters.items():
-                say(f"exporting {fmt}")
-                t0 = time.perf_counter()
-                precisions = _precisions_for(fmt, opts.precisions)
-                if fmt == "tflite":
-                    calib = None
-                    if precisions and any(_is_quantized(p) for p in precisions):
-                        calib = _calibration(opts.calibration or meta.get("data"), pre)
-                    made = func(onnx_path, stage, precisions or _default_precisions(fmt),
-                                preprocessing=pre, labels=labels, card=card, calibration=calib,
-                                layout=app.tflite_layout)
-                else:
-                    made = []
-                    for kind in app.coreml_kinds:           # "both": the image package, then the tensor one
-                        made += func(model, stage, precisions or _default_precisions(fmt),
-                                     preprocessing=pre, labels=labels, card=card, input_kind=kind,
-                                     minimum_deployment_target=app.coreml_target)
-                seconds[fmt] = time.perf_counter() - t0
-                artifacts.extend(_relative(a, stage) for a in made)
+                made = step.exporter.export(source_in, dest, step.precisions,
+                                            dataclasses.replace(ctx, root=dest))
+                seconds[cls.format] = seconds.get(cls.format, 0.0) + time.perf_counter() - t0
+                if made:
+                    files.setdefault(cls.format, made[0].resolve(dest))
+                if step.wanted:
+                    artifacts.extend(_relative(a, stage) for a in made)
 
         source = {"model": spec, "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
                   "checkpoint_sha256": sha256_of(checkpoint) if checkpoint else None,
                   "data": meta.get("data"), "model_kwargs": meta.get("model_kwargs", {}),
                   "num_classes": num_classes, "in_chans": pre.channels, **deploy.source(),
-                  "opset": opts.opset, "dynamic_batch": opts.dynamic_batch, **app.source(formats)}
+                  "opset": opts.opset, "dynamic_batch": opts.dynamic_batch, **plan.source()}
         manifest = Manifest(model=name, preprocessing=pre, card=card, artifacts=artifacts,
                             labels=labels, source=source, versions=library_versions())
         manifest.save(stage)
-    return ExportResult(Path(out_dir), manifest, seconds, deploy.warnings + app.warnings)
+    return ExportResult(Path(out_dir), manifest, seconds, deploy.warnings + plan.warnings)
 
 
 @dataclass
-class _AppOptions:
-    """``ExportOptions``' per-format app choices, checked and spelled as the exporters want."""
-    coreml_kinds: tuple[str, ...]
-    coreml_target: str | None
-    tflite_layout: str
-    card: dict[str, str]
+class _Step:
+    exporter: Exporter
+    precisions: tuple[str, ...]
+    wanted: bool                       # False: only the input of a later exporter (temporary folder)
+
+
+@dataclass
+class _Plan:
+    steps: list[_Step]
     warnings: list[str]
 
-    def source(self, formats: tuple[str, ...]) -> dict[str, Any]:
+    def source(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        if "tflite" in formats:
-            out["tflite_layout"] = self.tflite_layout
-        if "coreml" in formats:
-            out["coreml_input"] = "both" if len(self.coreml_kinds) > 1 else self.coreml_kinds[0]
-            out["coreml_target"] = self.coreml_target
+        for step in self.steps:
+            if step.wanted:
+                out.update(step.exporter.options.source())
         return out
 
 
-def _app_options(opts: ExportOptions, formats: tuple[str, ...]) -> _AppOptions:
-    """Check ``coreml_input``, ``coreml_target``, ``tflite_layout`` and ``card`` before any work
-    (one-line errors named after the CLI flags); options for a format not exported are
-    ignored with a warning."""
+def registered_exporters() -> list[type[Exporter]]:
+    """Every exporter: the built-ins, then those registered above exporters/."""
+    exporter_classes()
+    for mod in PLUGIN_MODULES:
+        import_exporter_module(mod)
+    return exporter_classes()
+
+
+def _plan(formats: tuple[str, ...], opts: ExportOptions) -> _Plan:
+    """Which exporters run, in which order, with which precisions and options: all of it
+    checked before any work (one-line errors named after the CLI flags). Options of an
+    exporter whose format is not exported are still checked, and ignored with a warning
+    when set."""
+    classes = registered_exporters()
+    known = tuple(dict.fromkeys(cls.format for cls in classes))
+    bad = [f for f in formats if f not in known]
+    if bad or not formats:
+        raise InputError("--formats", f"a comma list of {', '.join(known)}", ", ".join(bad) or "nothing")
+    chosen = [cls for cls in classes if cls.format in formats]
+    check_precisions_known(chosen, opts.precisions)
+    precisions: dict[type[Exporter], tuple[str, ...]] = {}
+    for fmt in formats:
+        precisions.update(precisions_for([c for c in chosen if c.format == fmt], fmt, opts.precisions))
+    values = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)}
+    options: dict[type[Exporter], ExporterOptions] = {}
     notes: list[str] = []
-    kind = str(opts.coreml_input or "image").strip().lower()
-    if kind not in COREML_INPUTS:
-        raise InputError("--coreml-input", " or ".join(COREML_INPUTS), repr(opts.coreml_input))
-    layout = str(opts.tflite_layout or "NHWC").strip().upper()
-    if layout not in TFLITE_LAYOUTS:
-        raise InputError("--tflite-layout", " or ".join(t.lower() for t in TFLITE_LAYOUTS),
-                         repr(opts.tflite_layout))
-    target = opts.coreml_target.strip() if opts.coreml_target else None
-    if "coreml" in formats:
-        from exporters.coreml import DEFAULT_TARGET
-        target = _coreml_target(target) if target else DEFAULT_TARGET
-    else:
-        notes += [f"{flag} is ignored: coreml is not in --formats" for flag, on in
-                  (("--coreml-input", kind != "image"), ("--coreml-target", target is not None)) if on]
-        target = None
-    if "tflite" not in formats and layout != "NHWC":
-        notes.append("--tflite-layout is ignored: tflite is not in --formats")
-    unknown = sorted(set(opts.card) - set(CARD_FIELDS))
+    for cls in classes:
+        given = opts.exporter_options.get(cls.name)
+        options[cls] = o = given.checked() if given is not None else cls.options_type.from_values(values)
+        if cls.format not in formats:
+            notes += [f"{flag} is ignored: {cls.format} is not in --formats" for flag in o.changed_flags()]
+    steps: list[_Step] = []
+
+    def add(cls: type[Exporter], wanted: bool) -> None:
+        if any(type(s.exporter) is cls for s in steps):
+            return
+        if cls.needs != MODULE:
+            makers = [c for c in classes if c.format == cls.needs and c.needs == MODULE]
+            if not makers:
+                raise InputError("--formats", f"an exporter writing {cls.needs} (which {cls.name} reads)", "none")
+            add(makers[0], makers[0] in precisions)
+        steps.append(_Step(cls(options[cls].resolved()), precisions.get(cls, tuple(cls.default_precisions)),
+                           wanted))
+
+    for cls in precisions:
+        add(cls, True)
+    return _Plan(steps, list(dict.fromkeys(notes)))
+
+
+def _card(fields: dict[str, Any]) -> dict[str, str]:
+    """Check the model card fields before any work; one-line errors named after the flags."""
+    unknown = sorted(set(fields) - set(CARD_FIELDS))
     if unknown:
         raise InputError("model card", f"fields among {', '.join(CARD_FIELDS)}", ", ".join(unknown))
     card: dict[str, str] = {}
-    for key, value in opts.card.items():
+    for key, value in fields.items():
         if value is None:
             continue
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -351,62 +349,18 @@ def _app_options(opts: ExportOptions, formats: tuple[str, ...]) -> _AppOptions:
         if key == "name" and not text:
             raise InputError("--name", "a non-empty model name", "an empty string")
         card[key] = text
-    kinds = ("image", "tensor") if kind == "both" else (kind,)
-    return _AppOptions(kinds, target, layout, card, notes)
+    return card
 
 
-def _coreml_target(name: str) -> str:
-    """coremltools' spelling of a deployment target (``ios16`` -> ``iOS16``), checked by
-    ``exporters.coreml.deployment_target`` (ML Programs: iOS 15 / macOS 12 and later)."""
-    from exporters.coreml import deployment_target, quiet_coremltools
-    with quiet_coremltools():
-        import coremltools as ct
-    canonical = {n.lower(): n for n in ct.target.__members__}.get(name.lower(), name)
-    try:
-        deployment_target(canonical)
-    except InputError as exc:
-        raise InputError("--coreml-target", f"{exc.expected}, or macOS12+, tvOS15+, watchOS8+",
-                         repr(name)) from None
-    return canonical
+def _lazy(load: Callable[[], Any]) -> Callable[[], Any]:
+    """``load()`` once, on first call (calibration data only when a precision needs it)."""
+    cache: list[Any] = []
 
-
-def _default_precisions(fmt: str) -> tuple[str, ...]:
-    mod = importlib.import_module(_EXPORTER_MODULES[fmt][0])
-    return tuple(getattr(mod, "DEFAULT_PRECISIONS", ("fp32",)))
-
-
-def _supported_precisions(fmt: str) -> tuple[str, ...] | None:
-    mod = importlib.import_module(_EXPORTER_MODULES[fmt][0])
-    found = getattr(mod, "PRECISIONS", None) or getattr(mod, "COMPUTE_PRECISIONS", None)
-    return tuple(found) if found else None
-
-
-def _precisions_for(fmt: str, asked: tuple[str, ...] | None) -> tuple[str, ...] | None:
-    """``--precisions`` is one list for every format: each gets the ones it supports
-    (``fp32,fp16,int8`` -> TFLite all three, Core ML fp32 and fp16)."""
-    if not asked:
-        return None
-    supported = _supported_precisions(fmt)
-    if supported is None:
-        return tuple(asked)
-    mine = tuple(p for p in asked if p in supported)
-    if not mine:
-        raise InputError("--precisions", f"for {fmt}, some of {', '.join(supported)}", ", ".join(asked))
-    return mine
-
-
-def _check_precisions_known(formats: dict[str, Any], asked: tuple[str, ...] | None) -> None:
-    if not asked or not formats:
-        return
-    known: set[str] = set()
-    for fmt in formats:
-        supported = _supported_precisions(fmt)
-        if supported is None:
-            return
-        known.update(supported)
-    unknown = [p for p in asked if p not in known]
-    if unknown:
-        raise InputError("--precisions", f"some of {', '.join(sorted(known))}", ", ".join(unknown))
+    def get() -> Any:
+        if not cache:
+            cache.append(load())
+        return cache[0]
+    return get
 
 
 def _relative(a: Artifact, stage: Path) -> Artifact:
@@ -420,7 +374,7 @@ def _relative(a: Artifact, stage: Path) -> Artifact:
 def _pt_artifact(path: Path, pre: Preprocessing, outs: list[torch.Tensor], batch: int | str) -> Artifact:
     import safetensors
     out_specs = [TensorSpec("logits" if i == 0 else f"output_{i}", [batch, *list(o.shape[1:])], "float32",
-                            {4: "NCHW", 2: "NC"}.get(o.ndim, "ANY")) for i, o in enumerate(outs)]
+                            layout_for_ndim(o.ndim)) for i, o in enumerate(outs)]
     return Artifact(path=path.name, format="pt", precision="fp32",
                     inputs=[TensorSpec("input", [batch, pre.channels, *pre.input_size], "float32", "NCHW")],
                     outputs=out_specs, sha256=sha256_of(path), size_bytes=size_of(path),
