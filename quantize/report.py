@@ -49,6 +49,16 @@ def top1_agreement(ref: np.ndarray, out: np.ndarray) -> float:
     return float((np.asarray(ref).argmax(-1) == np.asarray(out).argmax(-1)).mean())
 
 
+def top5_agreement(ref: np.ndarray, out: np.ndarray) -> float | None:
+    """Fraction of samples whose float top-1 class is among the quantized top-5 (None with
+    fewer than 6 classes, where it says nothing)."""
+    ref, out = np.asarray(ref), np.asarray(out)
+    if ref.ndim != 2 or ref.shape[-1] < 6:
+        return None
+    top5 = np.argpartition(-out, 5, axis=-1)[:, :5]
+    return float((top5 == ref.argmax(-1)[:, None]).any(-1).mean())
+
+
 def accuracy(out: np.ndarray, labels: np.ndarray | None) -> float | None:
     if labels is None:
         return None
@@ -108,6 +118,7 @@ class VariantResult:
     top1_agreement: float
     snr_db: dict[str, float | None]
     size_ratio: float | None = None       # float size / this size
+    top5_agreement: float | None = None
 
     @property
     def drop_points(self) -> float | None:
@@ -137,7 +148,7 @@ def measure_variant(key: str, path: str, precision: str, size_bytes: int, ref: M
     return VariantResult(
         key=key, path=path, precision=precision, size_bytes=int(size_bytes), samples=int(len(first_ref)),
         accuracy=accuracy(first_out, labels), float_accuracy=accuracy(first_ref, labels),
-        top1_agreement=top1_agreement(first_ref, first_out),
+        top1_agreement=top1_agreement(first_ref, first_out), top5_agreement=top5_agreement(first_ref, first_out),
         snr_db={n: snr_db(ref[n], o) for n, o in zip(names, outs)},
         size_ratio=(float_size / size_bytes) if float_size and size_bytes else None)
 

@@ -54,6 +54,8 @@ DEFAULT_TECHNIQUES = ("mse", "gptq", "sequential", "bias")
 SCALE_GRID = tuple(float(r) for r in np.linspace(0.70, 1.0, 16))   # clipping ratios tried per channel
 DAMPING = 0.01            # GPTQ's Tikhonov term, as a fraction of the mean diagonal of H
 MAX_POSITIONS = 65_536    # input positions per layer used for H (spatial subsample)
+MIN_POSITIONS_PER_COL = 4  # GPTQ fits H's inverse: with fewer samples than this per column it
+                           # overfits the calibration set (a classifier on 128 images): mse only
 SEQUENTIAL_GROUP = 6      # layers whose inputs are collected in one forward when sequential
 BATCH = 16
 
@@ -252,7 +254,9 @@ def _gptq(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, qmax: int) -> t
 
     Columns are visited in order of decreasing ``diag(H)`` (most energetic inputs first,
     GPTQ's "act-order"), each rounded, its error spread over the remaining columns with
-    the upper Cholesky factor of ``H^-1``.
+    the upper Cholesky factor of ``H^-1``. Each row's largest weight is pinned to
+    ``+-qmax``: that level is what lets a converter's ``max|w| / qmax`` recover the
+    row's scale, and the pinned error is compensated like any other.
     """
     g, rows, cols = w.shape
     w = w.clone()
@@ -267,23 +271,24 @@ def _gptq(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, qmax: int) -> t
     w = torch.gather(w, 2, perm[:, None, :].expand(g, rows, cols))
     h = torch.gather(torch.gather(h, 1, perm[:, :, None].expand(g, cols, cols)), 2,
                      perm[:, None, :].expand(g, cols, cols))
+    pin_col = w.abs().argmax(2)                                                   # g, rows
+    pin_val = torch.sign(torch.gather(w, 2, pin_col[..., None])[..., 0]) * qmax
     hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
     u = torch.linalg.cholesky(hinv, upper=True)                                   # g, cols, cols
     q = torch.empty_like(w)
-    s = scale[..., None]
     for i in range(cols):
         col = w[:, :, i]
         qi = torch.clamp(torch.round(col / scale), -qmax, qmax)
+        qi = torch.where(pin_col == i, pin_val, qi)
         q[:, :, i] = qi
         err = (col - qi * scale) / u[:, i, i][:, None]
         w[:, :, i + 1:] -= err[:, :, None] * u[:, i, i + 1:][:, None, :]
-    del s
     return torch.gather(q, 2, inv[:, None, :].expand(g, rows, cols))
 
 
 @torch.no_grad()
-def _round_layer(m: nn.Module, h: torch.Tensor, techniques: Sequence[str], bits: int, name: str
-                 ) -> LayerRounding:
+def _round_layer(m: nn.Module, h: torch.Tensor, techniques: Sequence[str], bits: int, name: str,
+                 positions: int) -> LayerRounding:
     """Replace ``m.weight`` by its optimised grid values; report the output error."""
     qmax = 2 ** (bits - 1) - 1
     g = _groups(m)
@@ -295,7 +300,7 @@ def _round_layer(m: nn.Module, h: torch.Tensor, techniques: Sequence[str], bits:
     rtn_err = float(_output_error(rtn - w, h).sum() / energy)
     scale = _search_scales(w, h, qmax) if "mse" in techniques else base
     fallback = 0
-    if "gptq" in techniques:
+    if "gptq" in techniques and positions >= MIN_POSITIONS_PER_COL * w.shape[2]:
         q = _gptq(w, h, scale, qmax)
         # every row must keep a level at +-qmax so a converter's max|w|/qmax scale finds
         # ``scale`` again; a row that lost it (rare) is rounded to nearest instead
@@ -403,7 +408,7 @@ def optimize_weights(model: nn.Module, calibration: np.ndarray, techniques: Sequ
         for i, n in enumerate(chunk, start):
             if progress:
                 progress(i, len(names), n)
-            result.layers.append(_round_layer(mods[n], stats[n].mean(), techniques, bits, n))
+            result.layers.append(_round_layer(mods[n], stats[n].mean(), techniques, bits, n, stats[n].count))
     if "bias" in techniques:
         _bias_correct(out, reference, names, calibration)
     if progress:
