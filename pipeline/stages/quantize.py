@@ -47,7 +47,7 @@ LayerProgress = Callable[[int, int, str], None]
 class QuantizeOptions:
     target: str = "snapdragon"                 # snapdragon | generic
     calibration: str | None = None             # data set name, folder, .npy/.npz; None: the checkpoint's
-    method: str = "minmax"                     # minmax | entropy | percentile
+    method: str = "minmax"                     # minmax | entropy | percentile | mse
     samples: int = DEFAULT_CALIBRATION_SAMPLES
     float_fixes: tuple[str, ...] = ()          # from quantize.float_fixes.FIXES
     keep_float: str | int | None = None        # N most sensitive layers, or names
