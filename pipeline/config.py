@@ -65,7 +65,7 @@ class QuantizeSection(_Section):
     """``mdeploy quantize`` on the run's export folder (see ``pipeline.stages.quantize``)."""
 
     target: Literal["snapdragon", "generic"] = "snapdragon"
-    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    method: Literal["minmax", "entropy", "percentile", "mse"] = "minmax"
     samples: int = Field(200, ge=1, description="calibration images from the training split")
     float_fixes: list[str] = Field(default_factory=list, description="bn, cle, hba, bias")
     weight_rounding: list[str] = Field(default_factory=lambda: ["mse", "gptq", "sequential", "bias"],

@@ -48,7 +48,7 @@ LayerProgress = Callable[[int, int, str], None]
 class QuantizeOptions:
     target: str = "snapdragon"                 # snapdragon | generic
     calibration: str | None = None             # data set name, folder, .npy/.npz; None: the checkpoint's
-    method: str = "minmax"                     # minmax | entropy | percentile
+    method: str = "minmax"                     # minmax | entropy | percentile | mse
     samples: int = DEFAULT_CALIBRATION_SAMPLES
     float_fixes: tuple[str, ...] = ()          # from quantize.float_fixes.FIXES
     weight_rounding: tuple[str, ...] | None = None   # quantize.weight_rounding.TECHNIQUES; None: the default set
