@@ -221,6 +221,11 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
                     t0 = time.perf_counter()
                     art = session.quantize(profile, stage / f"{profile.file_stem}.onnx", method=method,
                                            keep_float=keep, w16_layers=wide, root=stage)
+                    if profile.qnn:     # <stem>.encodings.json for qnn-onnx-converter, and the QNN rules
+                        from quantize.qnn_encodings import qnn_sidecar
+                        acts = (profile.activations, "uint16") if wide else profile.activations
+                        art.extra.update(qnn_sidecar(stage / art.path, acts, method=profile.range_method or method,
+                                                     root=stage))
                     seconds[profile.name] = time.perf_counter() - t0
                     if optimized:
                         art.extra["weight_grid_mismatch"] = weight_grid_mismatch(float_onnx, stage / art.path)
