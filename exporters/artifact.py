@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from models.errors import InputError
+from models.images import Preprocessing  # noqa: F401  (defined with the one function applying it)
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -75,23 +76,6 @@ class Artifact:
         d["inputs"] = [TensorSpec(**t) for t in d.get("inputs", [])]
         d["outputs"] = [TensorSpec(**t) for t in d.get("outputs", [])]
         return cls(**d)
-
-
-@dataclass
-class Preprocessing:
-    """How a raw image becomes the model input: ``(pixel / 255 - mean) / std``."""
-
-    input_size: list[int]                 # [H, W]
-    mean: list[float]
-    std: list[float]
-    channel_order: str = "RGB"            # RGB | BGR | GRAY
-    layout: str = "NCHW"
-    pixel_scale: float = 1 / 255          # raw pixel -> [0, 1]
-    resize: str = "bilinear"
-
-    @property
-    def channels(self) -> int:
-        return 1 if self.channel_order == "GRAY" else 3
 
 
 @dataclass
