@@ -36,6 +36,7 @@ from exporters.artifact import Artifact, TensorSpec, sha256_of, size_of
 from exporters.fileio import atomic_write_bytes
 from exporters.layer_map import NAME_SCOPES_KEY, layer_map_from_onnx
 from models.errors import InputError
+from models.util import describe, first_line, layout_for_ndim
 
 DEFAULT_OPSET = 18
 INPUT_NAME = "input"
@@ -72,10 +73,6 @@ def _example_input(input_shape: Sequence[int], dynamic_batch: bool) -> torch.Ten
 
 def _output_names(n: int, output_name: str) -> list[str]:
     return [output_name] + [f"output_{i}" for i in range(1, n)]
-
-
-def _layout(ndim: int) -> str:
-    return {4: "NCHW", 2: "NC"}.get(ndim, "ANY")
 
 
 def flatten_outputs(out: Any) -> list[torch.Tensor]:
@@ -146,7 +143,7 @@ def export_onnx(model: nn.Module, out_path: str | Path, input_shape: Sequence[in
         shape: list[int | str] = list(t.shape)
         if dynamic_batch and shape:
             shape[0] = BATCH_DIM
-        out_specs.append(TensorSpec(name, shape, "float32", _layout(t.ndim)))
+        out_specs.append(TensorSpec(name, shape, "float32", layout_for_ndim(t.ndim)))
     return Artifact(
         path=out_path.name, format="onnx", precision="fp32",
         inputs=[TensorSpec(input_name, in_shape, "float32", "NCHW")], outputs=out_specs,
@@ -160,14 +157,8 @@ def export_onnx(model: nn.Module, out_path: str | Path, input_shape: Sequence[in
 
 def _one_line(exc: BaseException) -> str:
     """``Type: first line`` of an exporter error and of its cause (the cause says why)."""
-    import re
-
-    def first(e: BaseException) -> str:
-        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
-        return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
-
     cause = exc.__cause__ or exc.__context__
-    return first(exc) + (f" (cause: {first(cause)})" if cause is not None else "")
+    return describe(exc) + (f" (cause: {describe(cause)})" if cause is not None else "")
 
 
 def _downgrade(proto: Any, opset: int) -> Any:
@@ -181,9 +172,8 @@ def _downgrade(proto: Any, opset: int) -> Any:
         converted = version_converter.convert_version(proto, opset)
         onnx.checker.check_model(converted, full_check=True)
     except Exception as exc:  # RuntimeError from the C++ adapters, ValidationError
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise InputError("opset", f"an opset this model converts to ({DEFAULT_OPSET} or later always "
-                         "works)", f"{opset}: {first}") from None
+                         "works)", f"{opset}: {first_line(exc)}") from None
     return converted
 
 
@@ -260,8 +250,7 @@ def load_onnx(path: str | Path, *, load_weights: bool = True) -> Any:
     try:
         return onnx.load(str(path), load_external_data=load_weights)
     except Exception as exc:  # DecodeError, ValidationError, OSError
-        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        raise InputError(path, "a valid ONNX model", f"{type(exc).__name__}: {msg}".rstrip(": ")) from None
+        raise InputError(path, "a valid ONNX model", describe(exc)) from None
 
 
 def op_counts(model: Any) -> dict[str, int]:

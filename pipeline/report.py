@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from exporters.fileio import atomic_write_bytes, atomic_write_text
+from models.util import pct
 
 
 def _fig_to_png(fig) -> bytes:
@@ -411,5 +412,4 @@ def _num(v: Any, digits: int = 3) -> str:
     return f"{v:.{digits}g}"
 
 
-def _pct(v: Any) -> str:
-    return "" if v is None else f"{100 * v:.2f}%"
+_pct = pct

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 from typing import Callable, Iterator
 
+from models.util import pct
 from pipeline.commands.export import _csv, _size
 
 TOP_LAYERS = 10
@@ -97,7 +98,7 @@ def sensitivity_progress(ui) -> Iterator[Callable[[int, int, str], None]]:
 
 
 def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.2f}%"
+    return pct(x, missing="-")
 
 
 def _db(x: float | None) -> str:

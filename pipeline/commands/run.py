@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from models.util import pct
 from pipeline.config import STAGES
 
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
@@ -236,7 +237,7 @@ def sparse_shift_table(sh: dict[str, Any]):
 
 
 def _pct(x: float | None) -> str:
-    return "" if x is None else f"{100 * x:.1f}%"
+    return pct(x, 1)
 
 
 def _artifact_size(root: Path, rel: str) -> int | None:

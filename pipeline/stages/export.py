@@ -34,6 +34,7 @@ from exporters.artifact import (Artifact, Manifest, ModelCard, Preprocessing, Te
                                 library_versions, sha256_of, size_of)
 from exporters.fileio import atomic_write_bytes, check_writable_output, staged_output_dir
 from models.errors import InputError
+from models.util import describe, layout_for_ndim
 
 FORMATS = ("onnx", "tflite", "coreml")
 PT_NAME = "model.safetensors"
@@ -155,9 +156,7 @@ def _probe_outputs(model: torch.nn.Module, shape: tuple[int, ...], spec: str) ->
         with torch.no_grad():
             outs = flatten_outputs(model(torch.zeros(shape)))
     except Exception as exc:  # a model that cannot take this input: say which input
-        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise InputError(spec, f"a model accepting inputs of shape {list(shape)}",
-                         f"{type(exc).__name__}: {msg}") from None
+        raise InputError(spec, f"a model accepting inputs of shape {list(shape)}", describe(exc)) from None
     if not outs or any(o.ndim < 2 for o in outs):
         raise InputError(spec, "a model returning (batch, ...) tensors",
                          f"outputs of shapes {[list(o.shape) for o in outs]}")
@@ -409,7 +408,7 @@ def _relative(a: Artifact, stage: Path) -> Artifact:
 def _pt_artifact(path: Path, pre: Preprocessing, outs: list[torch.Tensor], batch: int | str) -> Artifact:
     import safetensors
     out_specs = [TensorSpec("logits" if i == 0 else f"output_{i}", [batch, *list(o.shape[1:])], "float32",
-                            {4: "NCHW", 2: "NC"}.get(o.ndim, "ANY")) for i, o in enumerate(outs)]
+                            layout_for_ndim(o.ndim)) for i, o in enumerate(outs)]
     return Artifact(path=path.name, format="pt", precision="fp32",
                     inputs=[TensorSpec("input", [batch, pre.channels, *pre.input_size], "float32", "NCHW")],
                     outputs=out_specs, sha256=sha256_of(path), size_bytes=size_of(path),
