@@ -64,7 +64,7 @@ import torch.nn as nn
 from exporters.artifact import Artifact, ModelCard, Preprocessing, TensorSpec, sha256_of, size_of
 from exporters.layer_map import call_key
 from models.errors import InputError
-from models.util import describe
+from models.util import error_line
 
 COMPUTE_PRECISIONS = ("fp32", "fp16")
 INPUT_KINDS = ("image", "tensor")
@@ -242,7 +242,7 @@ def export_coreml(model: nn.Module, out_dir: str | Path, precisions: Iterable[st
             y = model(example)
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         raise InputError(type(model).__name__, f"a model taking {shape} ({preprocessing.channel_order} "
-                         f"{h}x{w}, from the preprocessing)", describe(exc, 300)) from None
+                         f"{h}x{w}, from the preprocessing)", error_line(exc, 300)) from None
     if not isinstance(y, torch.Tensor) or y.ndim != 2:
         raise InputError(type(model).__name__, "a model returning one (N, classes) logits tensor",
                          f"{type(y).__name__}{' of shape ' + str(list(y.shape)) if isinstance(y, torch.Tensor) else ''}")
@@ -304,7 +304,7 @@ def _convert(traced: Any, input_type: Any, precision: str, target: Any, labels: 
                               skip_model_load=True, **kwargs)
     except (RuntimeError, ValueError, NotImplementedError, TypeError, KeyError) as exc:
         raise InputError("model", "a model coremltools can convert to an ML Program",
-                         describe(exc, 300)) from exc
+                         error_line(exc, 300)) from exc
 
 
 def _describe(mlmodel: Any, card: ModelCard, pre: Preprocessing, labels: list[str] | None,

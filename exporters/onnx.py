@@ -36,7 +36,7 @@ from exporters.artifact import Artifact, TensorSpec, sha256_of, size_of
 from exporters.fileio import atomic_write_bytes
 from exporters.layer_map import NAME_SCOPES_KEY, layer_map_from_onnx
 from models.errors import InputError
-from models.util import describe, first_line, layout_for_ndim
+from models.util import error_line, first_line, layout_for_ndim
 
 DEFAULT_OPSET = 18
 INPUT_NAME = "input"
@@ -158,7 +158,7 @@ def export_onnx(model: nn.Module, out_path: str | Path, input_shape: Sequence[in
 def _one_line(exc: BaseException) -> str:
     """``Type: first line`` of an exporter error and of its cause (the cause says why)."""
     cause = exc.__cause__ or exc.__context__
-    return describe(exc) + (f" (cause: {describe(cause)})" if cause is not None else "")
+    return error_line(exc) + (f" (cause: {error_line(cause)})" if cause is not None else "")
 
 
 def _downgrade(proto: Any, opset: int) -> Any:
@@ -250,7 +250,7 @@ def load_onnx(path: str | Path, *, load_weights: bool = True) -> Any:
     try:
         return onnx.load(str(path), load_external_data=load_weights)
     except Exception as exc:  # DecodeError, ValidationError, OSError
-        raise InputError(path, "a valid ONNX model", describe(exc)) from None
+        raise InputError(path, "a valid ONNX model", error_line(exc)) from None
 
 
 def op_counts(model: Any) -> dict[str, int]:

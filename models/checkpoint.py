@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from models.errors import InputError
 from models.registry import create_model
-from models.util import describe
+from models.util import error_line
 
 META_KEY = "mdeploy"
 
@@ -49,7 +49,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise InputError(path, "a weights-only PyTorch checkpoint (tensors, no pickled code)",
-                         describe(exc)) from None
+                         error_line(exc)) from None
     meta: dict[str, Any] = {}
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "model_state_dict", "ema"):

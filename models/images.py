@@ -112,7 +112,8 @@ def normalise(images: np.ndarray, size: int | Sequence[int], mean: Sequence[floa
     import torch
     if images.ndim != 4:
         raise InputError("images", "a 4-D uint8 batch (N, H, W, C)", f"shape {tuple(images.shape)}")
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() * float(pixel_scale)
+    # divided by 1/pixel_scale (255 exactly for the default): bit-identical to pixels / 255
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / (1.0 / float(pixel_scale))
     c = x.shape[1]
     channels = channels or len(mean)
     if c != channels:

@@ -1,7 +1,7 @@
 """Small pure helpers every layer may import (numpy and the standard library only, so
 the device runner bundle carries this module too).
 
-* error text: ``first_line`` / ``one_line`` / ``describe`` turn an exception into the
+* error text: ``first_line`` / ``one_line`` / ``error_line`` turn an exception into the
   one line that goes into an ``InputError`` or a report;
 * tensor layout from rank: ``layout_for_ndim``;
 * metrics: ``snr_db`` (and ``db`` for any power ratio);
@@ -37,7 +37,7 @@ def one_line(exc: BaseException | str, limit: int = 300) -> str:
     return text[:limit]
 
 
-def describe(exc: BaseException, limit: int = 200) -> str:
+def error_line(exc: BaseException, limit: int = 200) -> str:
     """``Type: first line`` of an exception, or ``Type`` when its message is empty."""
     text = _ANSI.sub("", str(exc)).strip()
     return f"{type(exc).__name__}: {first_line(text, limit)}" if text else type(exc).__name__

@@ -45,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.errors import InputError
-from models.util import describe
+from models.util import error_line
 
 FIXES = ("bn", "cle", "hba", "bias")
 NEEDS_BN = ("cle", "hba", "bias")
@@ -131,7 +131,7 @@ def apply_float_fixes(model: nn.Module, fixes: Sequence[str], *, calibration: np
         _trace(model)
     except Exception as exc:  # torch.fx raises TraceError, TypeError, NotImplementedError...
         result.reports.append(FixReport(",".join(fixes), note=f"skipped: torch.fx cannot trace the model "
-                                                              f"({describe(exc)})"))
+                                                              f"({error_line(exc)})"))
         return result
     steps: list[tuple[str, Callable[[], FixReport]]] = []
     bn_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -34,7 +34,7 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (built atomically)")
     p.add_argument("--target", choices=tuple(TARGETS), default="snapdragon",
                    help="snapdragon: QNN EP w8a8 + w8a16; generic: ORT CPU int8 (default snapdragon)")
-    p.add_argument("--calib", help="calibration data: mnist | digits | image folder | .npy/.npz "
+    p.add_argument("--calib", help="calibration data: mnist | digits | image folder | image file | .npy/.npz "
                                    "(default: the data set the checkpoint was trained on, train split)")
     p.add_argument("--method", choices=CALIBRATION_METHODS, default="minmax",
                    help="activation range calibration (default minmax)")

@@ -34,7 +34,7 @@ from exporters.artifact import (Artifact, Manifest, ModelCard, Preprocessing, Te
                                 library_versions, sha256_of, size_of)
 from exporters.fileio import atomic_write_bytes, check_writable_output, staged_output_dir
 from models.errors import InputError
-from models.util import describe, layout_for_ndim
+from models.util import error_line, layout_for_ndim
 
 FORMATS = ("onnx", "tflite", "coreml")
 PT_NAME = "model.safetensors"
@@ -156,7 +156,7 @@ def _probe_outputs(model: torch.nn.Module, shape: tuple[int, ...], spec: str) ->
         with torch.no_grad():
             outs = flatten_outputs(model(torch.zeros(shape)))
     except Exception as exc:  # a model that cannot take this input: say which input
-        raise InputError(spec, f"a model accepting inputs of shape {list(shape)}", describe(exc)) from None
+        raise InputError(spec, f"a model accepting inputs of shape {list(shape)}", error_line(exc)) from None
     if not outs or any(o.ndim < 2 for o in outs):
         raise InputError(spec, "a model returning (batch, ...) tensors",
                          f"outputs of shapes {[list(o.shape) for o in outs]}")
