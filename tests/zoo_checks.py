@@ -59,6 +59,21 @@ def trained_like(model: nn.Module, size: int, in_chans: int = 3, seed: int = 0,
     return model
 
 
+def random_bn(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Non-trivial BatchNorm statistics and affine terms (gammas of either sign), so that
+    fusing them into convolutions is really tested; returns ``model``."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(n, generator=g) * 2 + 0.1)
+                m.weight.copy_(torch.randn(n, generator=g))
+                m.bias.copy_(torch.randn(n, generator=g))
+    return model
+
+
 def shift_by_index(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     """out[..., i, j] = x[..., i - dy, j - dx], zero outside: the reference shift, written
     out element by element."""
