@@ -18,6 +18,7 @@ from typing import Any
 
 from models.errors import InputError
 from models.images import Preprocessing  # noqa: F401  (defined with the one function applying it)
+from models.util import error_line
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -131,7 +132,7 @@ class Manifest:
         try:
             return cls.from_dict(json.loads(path.read_text()))
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise InputError(path, "a valid mdeploy manifest", f"{type(exc).__name__}: {exc}") from None
+            raise InputError(path, "a valid mdeploy manifest", error_line(exc)) from None
 
 
 def sha256_of(path: str | Path) -> str:

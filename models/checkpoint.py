@@ -43,7 +43,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
                 meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
                 state = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as exc:  # safetensors raises its own error types
-            raise InputError(path, "a valid safetensors file", f"{type(exc).__name__}: {exc}") from None
+            raise InputError(path, "a valid safetensors file", error_line(exc)) from None
         return state, meta
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -103,7 +103,7 @@ def load_factory(spec: str) -> nn.Module:
     try:
         module_spec.loader.exec_module(module)  # type: ignore[union-attr]
     except Exception as exc:
-        raise InputError(path, "an importable Python file", f"{type(exc).__name__}: {exc}") from None
+        raise InputError(path, "an importable Python file", error_line(exc)) from None
     factory = getattr(module, func_name, None)
     if not callable(factory):
         raise InputError(path, f"a function named {func_name!r}", "no such function")

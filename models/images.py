@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from models.errors import InputError
+from models.util import error_line
 
 if TYPE_CHECKING:
     import torch
@@ -164,7 +165,7 @@ def read_image(path: str | Path, mode: str | None = None) -> np.ndarray:
         raise InputError(path, f"an image of at most {Image.MAX_IMAGE_PIXELS} pixels (Pillow's "
                                "decompression-bomb limit)", _bomb_size(exc)) from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise InputError(path, "a readable image", f"{type(exc).__name__}: {exc}") from None
+        raise InputError(path, "a readable image", error_line(exc)) from None
     return arr[..., None] if arr.ndim == 2 else arr
 
 
@@ -204,8 +205,7 @@ def read_array(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     try:
         data = np.load(path, allow_pickle=False)
     except Exception as exc:  # ValueError (pickled object arrays), OSError, zipfile errors
-        raise InputError(path, "a NumPy .npy/.npz file (no pickles)",
-                         f"{type(exc).__name__}: {str(exc)[:160]}") from None
+        raise InputError(path, "a NumPy .npy/.npz file (no pickles)", error_line(exc, 160)) from None
     if isinstance(data, np.ndarray):
         return data, None
     with data:
@@ -219,7 +219,7 @@ def read_array(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
             lkey = next((k for k in NPZ_LABEL_KEYS if k in keys and k != key), None)
             labels = np.asarray(data[lkey]) if lkey else None
         except ValueError as exc:                     # an object array inside the .npz
-            raise InputError(path, "a NumPy .npy/.npz file (no pickles)", f"ValueError: {exc}") from None
+            raise InputError(path, "a NumPy .npy/.npz file (no pickles)", error_line(exc, 160)) from None
     if labels is not None:
         if labels.ndim != 1 or len(labels) != len(arr):
             raise InputError(path, f"labels of shape ({len(arr)},), one per input", f"shape {tuple(labels.shape)}")
