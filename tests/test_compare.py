@@ -6,16 +6,14 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from device_tests.compare import (DEFAULT_TOLERANCES, ParityReport, Tolerance, class_agreement, compare,
                                   error_metrics, run_all, tolerance_for)
 from device_tests.runners.onnxruntime import OnnxRuntimeRunner
 from device_tests.runners.torch import TorchRunner
 from exporters.artifact import Artifact
-from exporters.onnx import export_onnx
 from models.errors import InputError
-from tests.parity_helpers import SmallNet, make_realistic
+from tests.parity_helpers import exported_small_net
 
 
 def test_error_metrics_follow_their_definitions():
@@ -74,15 +72,12 @@ def test_tolerance_check_names_the_failed_criteria():
 @pytest.fixture(scope="module")
 def runners(tmp_path_factory):
     """The same SmallNet as a static-batch ONNX on ORT and as eager PyTorch."""
-    torch.manual_seed(0)
-    x = torch.randn(7, 3, 32, 32)
-    model = make_realistic(SmallNet(), x)
     folder = tmp_path_factory.mktemp("cmp")
-    art = export_onnx(model, folder / "model.onnx", (1, 3, 32, 32))
+    model, art, x = exported_small_net(folder, 7)
     ort_runner = OnnxRuntimeRunner()
     ort_runner.load(art, folder)
     ref = TorchRunner.from_module(model, Artifact("r", "pt", "fp32", [_dyn(art.inputs[0])], art.outputs))
-    yield {"pt/fp32": ref, "onnx/fp32": ort_runner}, x.numpy()
+    yield {"pt/fp32": ref, "onnx/fp32": ort_runner}, x
     ort_runner.close()
 
 
