@@ -221,6 +221,8 @@ def read_array(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
         except ValueError as exc:                     # an object array inside the .npz
             raise InputError(path, "a NumPy .npy/.npz file (no pickles)", error_line(exc, 160)) from None
     if labels is not None:
+        if labels.size == len(arr):
+            labels = labels.reshape(-1)                   # (N, 1) as well as (N,)
         if labels.ndim != 1 or len(labels) != len(arr):
             raise InputError(path, f"labels of shape ({len(arr)},), one per input", f"shape {tuple(labels.shape)}")
         labels = labels.astype(np.int64)
