@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench._zoo_exports import DEFAULT_MODELS, artifact, zoo_export
+from models.util import first_line
 
 KEYS = ("onnx/fp32", "tflite/fp32", "tflite/int8")
 
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
                 except DeviceError as exc:         # e.g. a delegate that refuses the model
                     counts[key] = None
                     console.print(f"[yellow]{name} {key} on {cpu} failed:[/yellow] "
-                                  f"{str(exc).splitlines()[0][:200]}")
+                                  f"{first_line(exc)}")
 
             def ratio(a: str, b: str) -> str:
                 return f"{counts[a] / counts[b]:.2f}x" if counts[a] and counts[b] else "n/a"

@@ -30,6 +30,7 @@ import numpy as np
 
 from exporters.artifact import safe_join
 from models.errors import InputError
+from models.util import error_line
 
 # MIL.proto DataType -> short name used throughout (as coremltools names them).
 MIL_DTYPES: dict[int, str] = {
@@ -146,7 +147,7 @@ class BlobFile:
         try:
             self.data = path.read_bytes()
         except OSError as exc:
-            raise InputError(path, "a readable Core ML weight file", f"{type(exc).__name__}: {exc}") from None
+            raise InputError(path, "a readable Core ML weight file", error_line(exc)) from None
         if len(self.data) < _HEADER.size:
             raise InputError(path, "a MIL blob storage file", f"{len(self.data)} bytes")
         count, version = _HEADER.unpack_from(self.data, 0)
@@ -301,7 +302,7 @@ def load_spec(path: str | Path) -> Any:
             from coremltools.models.utils import load_spec as _load
             return _load(str(path))
     except Exception as exc:  # coremltools raises several kinds for a broken package
-        raise InputError(path, "a readable Core ML model package", f"{type(exc).__name__}: {exc}") from None
+        raise InputError(path, "a readable Core ML model package", error_line(exc)) from None
 
 
 def model_dir(path: str | Path) -> Path:
@@ -316,7 +317,7 @@ def model_dir(path: str | Path) -> Path:
             rel = info["itemInfoEntries"][root_id]["path"]
         except (OSError, ValueError, KeyError) as exc:
             raise InputError(manifest, "an .mlpackage Manifest.json naming its root model",
-                             f"{type(exc).__name__}: {exc}") from None
+                             error_line(exc)) from None
         return safe_join(path / "Data", rel).parent
     return path.parent
 

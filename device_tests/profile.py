@@ -32,6 +32,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from models.util import one_line
+
 # Marker codes the instruction-count plugin records (see devices/insn_count.c).
 MARK_INIT_BEGIN, MARK_INIT_END, MARK_RUN_BEGIN, MARK_RUN_END = 1, 2, 3, 4
 Marker = Callable[[int], None]
@@ -46,7 +48,7 @@ class ProfileError(RuntimeError):
 
 
 def _prepare_error(runtime: str, path: str, exc: Exception) -> ProfileError:
-    return ProfileError(f"{runtime} could not prepare {Path(path).name}: {' '.join(str(exc).split())[:300]}")
+    return ProfileError(f"{runtime} could not prepare {Path(path).name}: {one_line(exc)}")
 
 
 @dataclass

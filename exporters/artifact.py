@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from models.errors import InputError
+from models.images import Preprocessing  # noqa: F401  (defined with the one function applying it)
+from models.util import error_line
+from models.util import layout_for_ndim as _layout_for_ndim
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -42,8 +45,9 @@ class TensorSpec:
 
 
 def layout_for_ndim(ndim: int, image_layout: str = "NCHW") -> str:
-    """The layout a tensor of ``ndim`` dims is recorded with: images 4-D, logits 2-D."""
-    return {4: image_layout, 2: "NC"}.get(ndim, "ANY")
+    """The layout a tensor of ``ndim`` dims is recorded with: images 4-D (in
+    ``image_layout``), logits 2-D; ``models.util.layout_for_ndim`` for the NCHW default."""
+    return image_layout if ndim == 4 else _layout_for_ndim(ndim)
 
 
 def to_nchw_shape(shape: list[int | str], layout: str) -> list[int | str]:
@@ -102,23 +106,6 @@ class Artifact:
 
 
 @dataclass
-class Preprocessing:
-    """How a raw image becomes the model input: ``(pixel / 255 - mean) / std``."""
-
-    input_size: list[int]                 # [H, W]
-    mean: list[float]
-    std: list[float]
-    channel_order: str = "RGB"            # RGB | BGR | GRAY
-    layout: str = "NCHW"
-    pixel_scale: float = 1 / 255          # raw pixel -> [0, 1]
-    resize: str = "bilinear"
-
-    @property
-    def channels(self) -> int:
-        return 1 if self.channel_order == "GRAY" else 3
-
-
-@dataclass
 class ModelCard:
     """What an app store / model viewer shows: written into TFLite and Core ML metadata."""
 
@@ -171,7 +158,7 @@ class Manifest:
         try:
             return cls.from_dict(json.loads(path.read_text()))
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise InputError(path, "a valid mdeploy manifest", f"{type(exc).__name__}: {exc}") from None
+            raise InputError(path, "a valid mdeploy manifest", error_line(exc)) from None
 
 
 def sha256_of(path: str | Path) -> str:

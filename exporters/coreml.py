@@ -66,6 +66,7 @@ from exporters.artifact import Artifact, ModelCard, Preprocessing, TensorSpec, s
 from exporters.base import ExportContext, Exporter, ExporterOptions, option
 from exporters.layer_map import call_key
 from models.errors import InputError
+from models.util import error_line
 
 COMPUTE_PRECISIONS = ("fp32", "fp16")
 INPUT_KINDS = ("image", "tensor")
@@ -242,9 +243,8 @@ def export_coreml(model: nn.Module, out_dir: str | Path, precisions: Iterable[st
         with torch.no_grad():
             y = model(example)
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise InputError(type(model).__name__, f"a model taking {shape} ({preprocessing.channel_order} "
-                         f"{h}x{w}, from the preprocessing)", f"{type(exc).__name__}: {first}") from None
+                         f"{h}x{w}, from the preprocessing)", error_line(exc, 300)) from None
     if not isinstance(y, torch.Tensor) or y.ndim != 2:
         raise InputError(type(model).__name__, "a model returning one (N, classes) logits tensor",
                          f"{type(y).__name__}{' of shape ' + str(list(y.shape)) if isinstance(y, torch.Tensor) else ''}")
@@ -305,9 +305,8 @@ def _convert(traced: Any, input_type: Any, precision: str, target: Any, labels: 
                               compute_precision=compute, minimum_deployment_target=target,
                               skip_model_load=True, **kwargs)
     except (RuntimeError, ValueError, NotImplementedError, TypeError, KeyError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise InputError("model", "a model coremltools can convert to an ML Program",
-                         f"{type(exc).__name__}: {first}") from exc
+                         error_line(exc, 300)) from exc
 
 
 def _describe(mlmodel: Any, card: ModelCard, pre: Preprocessing, labels: list[str] | None,

@@ -38,6 +38,7 @@ from exporters.base import ExportContext, Exporter, ExporterOptions, option
 from exporters.fileio import atomic_write_bytes
 from exporters.layer_map import NAME_SCOPES_KEY, layer_map_from_onnx
 from models.errors import InputError
+from models.util import error_line, first_line, layout_for_ndim
 
 DEFAULT_OPSET = 18
 INPUT_NAME = "input"
@@ -158,14 +159,8 @@ def export_onnx(model: nn.Module, out_path: str | Path, input_shape: Sequence[in
 
 def _one_line(exc: BaseException) -> str:
     """``Type: first line`` of an exporter error and of its cause (the cause says why)."""
-    import re
-
-    def first(e: BaseException) -> str:
-        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
-        return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
-
     cause = exc.__cause__ or exc.__context__
-    return first(exc) + (f" (cause: {first(cause)})" if cause is not None else "")
+    return error_line(exc) + (f" (cause: {error_line(cause)})" if cause is not None else "")
 
 
 def _downgrade(proto: Any, opset: int) -> Any:
@@ -179,9 +174,8 @@ def _downgrade(proto: Any, opset: int) -> Any:
         converted = version_converter.convert_version(proto, opset)
         onnx.checker.check_model(converted, full_check=True)
     except Exception as exc:  # RuntimeError from the C++ adapters, ValidationError
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise InputError("opset", f"an opset this model converts to ({DEFAULT_OPSET} or later always "
-                         "works)", f"{opset}: {first}") from None
+                         "works)", f"{opset}: {first_line(exc)}") from None
     return converted
 
 
@@ -258,8 +252,7 @@ def load_onnx(path: str | Path, *, load_weights: bool = True) -> Any:
     try:
         return onnx.load(str(path), load_external_data=load_weights)
     except Exception as exc:  # DecodeError, ValidationError, OSError
-        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        raise InputError(path, "a valid ONNX model", f"{type(exc).__name__}: {msg}".rstrip(": ")) from None
+        raise InputError(path, "a valid ONNX model", error_line(exc)) from None
 
 
 def op_counts(model: Any) -> dict[str, int]:

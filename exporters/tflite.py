@@ -1,7 +1,7 @@
 """ONNX -> TFLite (LiteRT): fp32, fp16 weights, dynamic-range int8, full-integer int8
 (float I/O) and full-integer int8 with int8 input and output.
 
-Route (see TOOLCHAIN.md): onnx2tf turns the ONNX graph into a TensorFlow SavedModel
+Route: onnx2tf turns the ONNX graph into a TensorFlow SavedModel
 with NHWC activations (its layout handling is the reason to use it); TensorFlow's
 own ``TFLiteConverter.from_saved_model`` then writes every precision, with our
 representative dataset for the integer kinds (onnx2tf's own quantized outputs were
@@ -36,6 +36,7 @@ from exporters.onnx import load_onnx
 from exporters.tflite_metadata import TensorInfo, image_classifier_metadata, pack_model, populate
 from exporters.tflite_ops import delegate_fallbacks, graph_ops, op_counts
 from models.errors import InputError
+from models.util import layout_for_ndim
 
 PRECISIONS = ("fp32", "fp16", "dynamic", "int8", "int8-io")
 DEFAULT_PRECISIONS = ("fp32", "fp16")        # the integer kinds need calibration data: asked for explicitly

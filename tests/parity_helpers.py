@@ -141,6 +141,17 @@ def make_realistic(model: nn.Module, x: torch.Tensor, logit_std: float = 3.0, se
     return model
 
 
+def exported_small_net(folder: Path, samples: int, dynamic_batch: bool = False) -> tuple[nn.Module, Any, np.ndarray]:
+    """A trained-like ``SmallNet`` (seed 0) exported to ``folder/model.onnx`` at 1x3x32x32, its
+    ``Artifact`` and the ``samples`` random inputs its BatchNorm statistics were measured on."""
+    from exporters.onnx import export_onnx
+    torch.manual_seed(0)
+    x = torch.randn(samples, 3, 32, 32)
+    model = make_realistic(SmallNet(), x)
+    art = export_onnx(model, Path(folder) / "model.onnx", (1, 3, 32, 32), dynamic_batch=dynamic_batch)
+    return model, art, x.numpy()
+
+
 def mnist_checkpoint(path: Path, *, input_size: int = 28, width_mult: float = 0.35) -> Path:
     """An mdeploy checkpoint of a small MobileNetV2 for 1-channel MNIST, metadata as
     ``mdeploy train`` writes it (normalisation measured on MNIST, logits a few units

@@ -6,27 +6,22 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 
 from device_tests.compare import Tolerance, compare, run_all, tolerance_for
 from device_tests.divergence import find_first_divergent, layer_keys, worst_samples
 from device_tests.runners.onnxruntime import OnnxRuntimeRunner
 from device_tests.runners.torch import TorchRunner
 from exporters.artifact import Artifact
-from exporters.onnx import export_onnx
-from tests.parity_helpers import SmallNet, change_bn_epsilon, corrupt_layer, make_realistic
+from tests.parity_helpers import change_bn_epsilon, corrupt_layer, exported_small_net
 
 FP32 = tolerance_for("fp32")
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    torch.manual_seed(0)
-    x = torch.randn(6, 3, 32, 32)
-    model = make_realistic(SmallNet(), x)
     folder = tmp_path_factory.mktemp("div")
-    art = export_onnx(model, folder / "model.onnx", (1, 3, 32, 32), dynamic_batch=True)
-    return model, art, folder, x.numpy()
+    model, art, x = exported_small_net(folder, 6, dynamic_batch=True)
+    return model, art, folder, x
 
 
 def _variant(exported, tmp_path, edit=None):

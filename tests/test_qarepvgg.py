@@ -10,18 +10,7 @@ from models import create_model
 from models.complexity import count_params
 from models.reparam import reparameterize_model
 from models.repvgg import RepVGGBlock
-
-
-def _randomize_bn(model: nn.Module, seed: int = 1) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
-            m.running_var.copy_(torch.rand(n, generator=g) * 2 + 0.1)
-            m.weight.data.copy_(torch.randn(n, generator=g))
-            m.bias.data.copy_(torch.randn(n, generator=g))
-    return model
+from tests.zoo_checks import random_bn
 
 
 def test_block_has_bn_only_on_the_3x3_branch_and_after_the_sum():
@@ -39,7 +28,7 @@ def test_block_has_bn_only_on_the_3x3_branch_and_after_the_sum():
     (8, 8, 1, 1), (8, 16, 2, 1), (8, 8, 1, 2), (16, 16, 1, 4), (8, 16, 1, 4)])
 def test_block_fuses_exactly(in_chs, out_chs, stride, groups):
     torch.manual_seed(0)
-    block = _randomize_bn(RepVGGBlock(in_chs, out_chs, stride, groups, quant_friendly=True)).eval()
+    block = random_bn(RepVGGBlock(in_chs, out_chs, stride, groups, quant_friendly=True)).eval()
     x = torch.randn(2, in_chs, 9, 9)
     with torch.no_grad():
         ref = block(x)

@@ -8,7 +8,7 @@ from models import create_model
 from models.complexity import count_params
 from models.reparam import reparameterize_model
 from models.repvgg import RepVGGBlock
-from tests.zoo_checks import check_forward, meta_complexity, train_losses
+from tests.zoo_checks import check_forward, meta_complexity, random_bn, train_losses
 
 # Deploy form, paper Table 4 ("Params (M)", "Theo FLOPs (B)", FLOPs being multiply-adds).
 # The paper's parameter figures are truncated, not rounded, to two decimals:
@@ -43,18 +43,6 @@ def test_a0_exact_counts():
     assert meta_complexity("repvgg_a0", 224, deploy=True).params == 8_309_384
 
 
-def _randomize_bn(model: torch.nn.Module) -> None:
-    """Non-trivial BN statistics and affine terms, so that fusing them is really tested."""
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
-            m.running_var.copy_(torch.rand(n, generator=g) * 2 + 0.1)
-            m.weight.data.copy_(torch.randn(n, generator=g))
-            m.bias.data.copy_(torch.randn(n, generator=g))
-
-
 @pytest.mark.parametrize("in_chs,out_chs,stride,groups", [
     (8, 8, 1, 1),      # all three branches
     (8, 16, 2, 1),     # no identity branch
@@ -65,7 +53,7 @@ def _randomize_bn(model: torch.nn.Module) -> None:
 def test_block_reparameterize_is_equivalent(in_chs, out_chs, stride, groups):
     torch.manual_seed(0)
     block = RepVGGBlock(in_chs, out_chs, stride, groups)
-    _randomize_bn(block)
+    random_bn(block)
     block.eval()
     x = torch.randn(2, in_chs, 9, 9)
     with torch.no_grad():
@@ -80,7 +68,7 @@ def test_block_reparameterize_is_equivalent(in_chs, out_chs, stride, groups):
 def test_reparameterize_model_matches_a_deploy_built_model():
     torch.manual_seed(0)
     model = create_model("repvgg_tiny", num_classes=10)   # grouped blocks with identity
-    _randomize_bn(model)
+    random_bn(model)
     model.eval()
     x = torch.randn(2, 3, 32, 32)
     fused = reparameterize_model(model)

@@ -2,7 +2,8 @@
 fp16, checked against PyTorch on LiteRT. ``make test-zoo`` (marker ``zoo``).
 
 Each model is built at its registered small input size with 3 channels and 10
-classes, random weights, eval mode. Tolerances (see tests/test_tflite_export.py):
+classes, trained-like random weights (``tests.zoo_checks.trained_like``, the recipe of
+every zoo sweep), eval mode. Tolerances (see tests/test_tflite_export.py):
 fp32 1e-5 x max(1, |logit|) (float32 rounding grows with the magnitude of the
 values, which random-weight deep nets make larger than 1); fp16 weights
 2e-3 x max(1, |logit|).
@@ -28,6 +29,7 @@ from exporters.tflite import export_tflite
 from models.errors import InputError
 from models import create_model, list_models, model_entry
 from models.reparam import is_reparameterizable, reparameterize_model
+from tests.zoo_checks import trained_like
 
 pytestmark = pytest.mark.zoo
 
@@ -72,11 +74,7 @@ def test_converts_at_64(name, tmp_path):
 
 def _check_parity(name: str, size: int, tmp_path) -> None:
     torch.manual_seed(0)
-    model = create_model(name, num_classes=10, in_chans=3).eval()
-    with torch.no_grad():       # zero-initialised heads/gammas would make the comparison vacuous
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0.0, 0.05)
+    model = trained_like(create_model(name, num_classes=10, in_chans=3), size)
     if is_reparameterizable(model):       # what `mdeploy export` ships: the deploy form
         model = reparameterize_model(model)
     pre = Preprocessing([size, size], [0.5, 0.5, 0.5], [0.25, 0.25, 0.25], "RGB")
@@ -97,7 +95,7 @@ def _check_parity(name: str, size: int, tmp_path) -> None:
 
 
 def test_int8_model_xnnpack_refuses_runs_on_builtin_kernels(tmp_path):
-    """LiteRT 2.3.0's XNNPACK fails to prepare the int8 ShuffleNetV2 ("Node number 186
+    """The pinned LiteRT's XNNPACK fails to prepare the int8 ShuffleNetV2 ("Node number N
     (TfLiteXNNPackDelegate) failed to prepare"); the runner falls back to the builtin
     kernels, says so in its label, and gives exactly what an XNNPACK-off runner gives."""
     torch.manual_seed(0)

@@ -22,7 +22,8 @@ from device_tests.devices.base import Batch, DeviceError
 from exporters.artifact import Artifact
 
 _ROOT = Path(__file__).resolve().parents[2]
-BUNDLE_MODULES = ("models/errors.py", "exporters/artifact.py", "device_tests/profile.py",
+BUNDLE_MODULES = ("models/errors.py", "models/images.py", "models/util.py", "exporters/artifact.py",
+                  "device_tests/profile.py",
                   "device_tests/runners/base.py", "device_tests/runners/onnxruntime.py",
                   "device_tests/runners/litert.py", "device_tests/devices/remote_main.py")
 STUB_PACKAGES = ("models", "exporters", "device_tests", "device_tests/runners", "device_tests/devices")

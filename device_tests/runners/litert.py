@@ -32,12 +32,13 @@ from device_tests.runners.base import Runner, dequantize_array, with_native
 from exporters.artifact import Artifact, TensorSpec, nhwc_to_nchw
 from exporters.native_output import captured_native_output
 from models.errors import InputError
+from models.util import one_line
 
 
 def _interpreter_cls() -> Any:
     try:
         from ai_edge_litert.interpreter import Interpreter, OpResolverType
-    except ImportError:   # tflite-runtime as a fallback (broken on numpy 2, see TOOLCHAIN.md)
+    except ImportError:   # tflite-runtime as a fallback (broken on numpy 2)
         from tflite_runtime.interpreter import Interpreter, OpResolverType  # type: ignore
     return Interpreter, OpResolverType
 
@@ -75,8 +76,8 @@ class LiteRTRunner(Runner):
         """An interpreter over the model; with XNNPACK unless asked not to (or debugging).
 
         XNNPACK is applied when tensors are allocated and can refuse a model the builtin
-        kernels run (LiteRT 2.3.0: the int8 ShuffleNetV2's channel-split slices fail in
-        its Prepare). LiteRT's own benchmark tool then runs the default kernels, so does
+        kernels run (the int8 ShuffleNetV2's channel-split slices fail in its Prepare with
+        the pinned LiteRT). LiteRT's own benchmark tool then runs the default kernels, so does
         this runner: it retries without the delegate and says so in its label, rather than
         failing a model that an app would run.
         """
@@ -84,7 +85,7 @@ class LiteRTRunner(Runner):
         try:
             return self._interpreter(use_xnnpack, debug)
         except (ValueError, RuntimeError) as exc:
-            found = " ".join(str(exc).split())[:240]
+            found = one_line(exc, 240)
             if not use_xnnpack:
                 raise InputError(self.path, "a .tflite model LiteRT can load", found) from None
             self.xnnpack_refused = found
@@ -92,7 +93,7 @@ class LiteRTRunner(Runner):
             return self._interpreter(False, debug)
         except (ValueError, RuntimeError) as exc:
             raise InputError(self.path, "a .tflite model LiteRT can load",
-                             " ".join(str(exc).split())[:240]) from None
+                             one_line(exc, 240)) from None
 
     def _interpreter(self, use_xnnpack: bool, debug: bool) -> Any:
         Interpreter, OpResolverType = _interpreter_cls()

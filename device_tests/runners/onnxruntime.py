@@ -25,6 +25,7 @@ import numpy as np
 from device_tests.runners.base import Runner, dequantize_array, with_native
 from exporters.artifact import Artifact
 from models.errors import InputError
+from models.util import one_line
 
 OPT_LEVELS = ("disable", "basic", "extended", "all")
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -71,7 +72,7 @@ class OnnxRuntimeRunner(Runner):
             return ort.InferenceSession(model, self._session_options(),
                                         providers=["CPUExecutionProvider"])
         except Exception as exc:   # ORT raises its own Fail/InvalidProtobuf/... types
-            msg = " ".join(str(exc).split())[:240]
+            msg = one_line(exc, 240)
             raise InputError(self.path, "an ONNX model that ONNX Runtime can load", msg) from None
 
     def load(self, artifact: Artifact, root: str | Path | None = None) -> None:

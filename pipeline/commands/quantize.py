@@ -13,6 +13,7 @@ import argparse
 import contextlib
 from typing import Callable, Iterator
 
+from models.util import pct
 from pipeline.commands.export import _csv, _size
 
 TOP_LAYERS = 10
@@ -33,7 +34,7 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (built atomically)")
     p.add_argument("--target", choices=tuple(TARGETS), default="snapdragon",
                    help="snapdragon: QNN EP w8a8 + w8a16; generic: ORT CPU int8 (default snapdragon)")
-    p.add_argument("--calib", help="calibration data: mnist | digits | image folder | .npy/.npz "
+    p.add_argument("--calib", help="calibration data: mnist | digits | image folder | image file | .npy/.npz "
                                    "(default: the data set the checkpoint was trained on, train split)")
     p.add_argument("--method", choices=CALIBRATION_METHODS, default="minmax",
                    help="activation range calibration (default minmax)")
@@ -105,7 +106,7 @@ def sensitivity_progress(ui) -> Iterator[Callable[[int, int, str], None]]:
 
 
 def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.2f}%"
+    return pct(x, missing="-")
 
 
 def _db(x: float | None) -> str:

@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from models.util import pct
 from pipeline.config import STAGES
 
 if TYPE_CHECKING:
@@ -230,4 +231,4 @@ def sparse_shift_table(sh: dict[str, Any]):
 
 
 def _pct(x: float | None) -> str:
-    return "" if x is None else f"{100 * x:.1f}%"
+    return pct(x, 1)

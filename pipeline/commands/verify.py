@@ -63,7 +63,7 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
                     "Exit 0: all pass, 1: a pair fails, 2: bad input.")
     p.add_argument("folder", help="an export folder (with manifest.json)")
     p.add_argument("--inputs", help="mnist | digits | .npy/.npz (float NCHW inputs or uint8 images) | "
-                                    "image folder (default: the held-out split of the checkpoint's data)")
+                                    "image folder | image file (default: the held-out split of the checkpoint's data)")
     p.add_argument("--samples", type=_samples, default=100, help="number of inputs, or 'all' (default 100)")
     p.add_argument("--tolerance", type=parse_tolerance, action="append", default=[],
                    metavar="[PRECISION:]KEY=VALUE,...",

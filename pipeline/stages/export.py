@@ -37,6 +37,7 @@ from exporters.base import (MODULE, ExportContext, Exporter, ExporterOptions, ch
                             exporter_classes, import_exporter_module, precisions_for)
 from exporters.fileio import atomic_write_bytes, check_writable_output, staged_output_dir
 from models.errors import InputError
+from models.util import error_line, layout_for_ndim
 
 PT_NAME = "model.safetensors"
 # Exporters registered outside exporters/ (which may not import them): Core ML weight
@@ -168,9 +169,7 @@ def _probe_outputs(model: torch.nn.Module, shape: tuple[int, ...], spec: str) ->
         with torch.no_grad():
             outs = flatten_outputs(model(torch.zeros(shape)))
     except Exception as exc:  # a model that cannot take this input: say which input
-        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise InputError(spec, f"a model accepting inputs of shape {list(shape)}",
-                         f"{type(exc).__name__}: {msg}") from None
+        raise InputError(spec, f"a model accepting inputs of shape {list(shape)}", error_line(exc)) from None
     if not outs or any(o.ndim < 2 for o in outs):
         raise InputError(spec, "a model returning (batch, ...) tensors",
                          f"outputs of shapes {[list(o.shape) for o in outs]}")

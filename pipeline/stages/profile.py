@@ -17,6 +17,7 @@ from device_tests.devices.base import DeviceUnavailable
 from device_tests.profile import NotProfilable, Profile, ProfileError
 from exporters.artifact import Artifact, Manifest
 from models.errors import InputError
+from models.util import one_line
 
 DEFAULT_SKIP_FORMATS = ("pt",)     # the PyTorch reference weights are not a deployment target
 
@@ -84,7 +85,7 @@ def profile_folder(folder: str | Path, opts: ProfileOptions,
                                                       threads=opts.threads, op_profile=opts.op_profile,
                                                       **extra))
             except (NotProfilable, ProfileError, DeviceUnavailable, DeviceError) as exc:
-                result.skipped.append(Skipped(art.key, device.spec, " ".join(str(exc).split())[:400]))
+                result.skipped.append(Skipped(art.key, device.spec, one_line(exc, 400)))
     return result
 
 

@@ -18,14 +18,13 @@ import numpy as np
 from device_tests.compare import ParityReport, compare, run_all, run_batched, tolerance_for, tolerance_row
 from device_tests.divergence import find_first_divergent, worst_samples
 from device_tests.runners.base import Runner, runner_for
-from exporters.artifact import Artifact, Manifest, Preprocessing, sha256_of
-from models.datasets import BUNDLED, load_dataset, to_model_input
+from exporters.artifact import Artifact, Manifest, sha256_of
+from models.datasets import BUNDLED
 from models.errors import InputError
+from models.images import load_images, preprocess
 
 DEFAULT_SAMPLES = 100          # 1% resolution on top-1 agreement, seconds on CPU for small models
 DIVERGENCE_SAMPLES = 4         # the worst-differing inputs are enough to localise a fault
-NPZ_INPUT_KEYS = ("inputs", "images", "x")
-NPZ_LABEL_KEYS = ("labels", "y")
 
 
 @dataclass
@@ -66,53 +65,6 @@ Progress = Callable[[str], None]
 
 # -- inputs -------------------------------------------------------------------
 
-def _expected_shape(pre: Preprocessing) -> list[int | str]:
-    return ["N", pre.channels, *pre.input_size]
-
-
-def _from_images(images: np.ndarray, labels: np.ndarray | None, pre: Preprocessing, source: str
-                 ) -> VerifyInputs:
-    x = to_model_input(images, tuple(pre.input_size), tuple(pre.mean), tuple(pre.std), pre.channels)
-    return VerifyInputs(x, labels, source)
-
-
-def _read_array_file(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    try:
-        data = np.load(path, allow_pickle=False)
-    except Exception as exc:  # ValueError (pickled object arrays), OSError, zipfile errors
-        raise InputError(path, "a .npy/.npz array file (no pickled objects)",
-                         f"{type(exc).__name__}: {str(exc)[:160]}") from None
-    if isinstance(data, np.ndarray):
-        return data, None
-    with data:
-        keys = list(data.keys())
-        key = next((k for k in NPZ_INPUT_KEYS if k in keys), keys[0] if len(keys) == 1 else None)
-        if key is None:
-            raise InputError(path, f"an array named {' or '.join(NPZ_INPUT_KEYS)}", f"keys {keys}")
-        lkey = next((k for k in NPZ_LABEL_KEYS if k in keys), None)
-        return data[key], (np.asarray(data[lkey]).astype(np.int64).reshape(-1) if lkey else None)
-
-
-def _from_array(path: Path, pre: Preprocessing) -> VerifyInputs:
-    arr, labels = _read_array_file(path)
-    if labels is not None and len(labels) != len(arr):
-        raise InputError(path, f"{len(arr)} labels (one per input)", f"{len(labels)}")
-    if np.issubdtype(arr.dtype, np.floating):
-        want = _expected_shape(pre)
-        if arr.ndim != 4 or list(arr.shape[1:]) != want[1:]:
-            raise InputError(path, f"preprocessed model inputs of shape {want} (float NCHW), or uint8 "
-                             f"images (N, H, W[, C])", f"{arr.dtype} array of shape {list(arr.shape)}")
-        return VerifyInputs(arr.astype(np.float32), labels, str(path))
-    if arr.dtype == np.uint8:
-        if arr.ndim == 3:
-            arr = arr[..., None]
-        if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
-            raise InputError(path, "uint8 images of shape (N, H, W) or (N, H, W, 1|3)",
-                             f"shape {list(arr.shape)}")
-        return _from_images(arr, labels, pre, str(path))
-    raise InputError(path, "float32 model inputs or uint8 images", f"dtype {arr.dtype}")
-
-
 def _folder_labels(found: np.ndarray, classes: list[str], model_labels: list[str] | None
                    ) -> np.ndarray | None:
     """Folder class names -> the model's class indices. Folder ``7/`` is class ``"7"`` of
@@ -125,73 +77,27 @@ def _folder_labels(found: np.ndarray, classes: list[str], model_labels: list[str
     return np.asarray([index[classes[i]] for i in found], np.int64)
 
 
-def _from_folder(path: Path, pre: Preprocessing, model_labels: list[str] | None = None) -> VerifyInputs:
-    split = "test" if any((path / s).is_dir() for s in ("test", "val")) else "all"
-    try:
-        s = load_dataset(path, split)
-        return _from_images(s.images, _folder_labels(s.labels, s.classes, model_labels), pre,
-                            f"{path} ({split})")
-    except InputError as exc:
-        if "class" not in exc.expected:      # not an ImageFolder layout: try a flat folder
-            raise
-    return _from_images(_flat_images(path), None, pre, str(path))
-
-
-def _flat_images(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    from models.datasets import IMAGE_SUFFIXES
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise InputError(path, "images, or one sub-folder of images per class", "no images")
-    arrays, size, mode = [], None, None
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                mode = mode or ("L" if im.mode in ("L", "1", "I;16", "I") else "RGB")
-                im = im.convert(mode)
-                size = size or im.size
-                arr = np.asarray(im.resize(size) if im.size != size else im, dtype=np.uint8)
-        except (UnidentifiedImageError, OSError) as exc:
-            raise InputError(f, "a readable image", f"{type(exc).__name__}: {exc}") from None
-        arrays.append(arr[..., None] if arr.ndim == 2 else arr)
-    return np.stack(arrays)
-
-
 def load_inputs(spec: str | None, manifest: Manifest, samples: int | None, seed: int = 0
                 ) -> VerifyInputs:
-    """Preprocessed model inputs (and labels when known) for verification."""
+    """Preprocessed model inputs (and labels when known) for verification, read and
+    preprocessed by ``models.images.load_images`` as calibration is: the held-out split
+    of a bundled set, an image folder's ``test/``/``val/`` sub-folder (else all of it)."""
     pre = manifest.preprocessing
     data = spec or manifest.source.get("data")
     if data is None:
         rng = np.random.default_rng(seed)
         h, w = pre.input_size
         pixels = rng.integers(0, 256, (samples or DEFAULT_SAMPLES, h, w, pre.channels), dtype=np.uint8)
-        res = _from_images(pixels, None, pre, "random pixels")
-        res.random = True
-        return res
+        return VerifyInputs(preprocess(pixels, pre), None, "random pixels", random=True)
     path = Path(str(data))
-    if str(data).lower() in BUNDLED:
-        s = load_dataset(str(data).lower(), "test")
-        s = s.subset(samples, seed=seed)
-        return _from_images(s.images, s.labels if s.labelled else None, pre,
-                            f"{str(data).lower()} (held-out test split)")
-    if path.suffix.lower() in (".npy", ".npz"):
-        if not path.is_file():
-            raise InputError(path, "an array file of inputs", "no such file")
-        res = _from_array(path, pre)
-    elif path.is_dir():
-        res = _from_folder(path, pre, manifest.labels)
-    else:
-        raise InputError(path, f"a bundled data set ({', '.join(BUNDLED)}), a .npy/.npz file or an "
-                         "image folder", "no such file or folder" if not path.exists() else "a file of another kind")
-    if len(res.x) == 0:
-        raise InputError(path, "at least one input", "none")
-    if samples is not None and len(res.x) > samples:
-        idx = np.sort(np.random.default_rng(seed).choice(len(res.x), samples, replace=False))
-        res.x = res.x[idx]
-        res.labels = res.labels[idx] if res.labels is not None else None
-    return res
+    bundled = str(data).lower() in BUNDLED
+    held_out = bundled or (path.is_dir() and any((path / s).is_dir() for s in ("test", "val")))
+    got = load_images(data, pre, "test" if held_out else "all", samples, seed)
+    labels = got.labels
+    if labels is not None and got.classes is not None and not bundled:
+        labels = _folder_labels(labels, got.classes, manifest.labels)
+    source = f"{str(data).lower()} (held-out test split)" if bundled else got.source
+    return VerifyInputs(got.x, labels, source)
 
 
 # -- running ------------------------------------------------------------------

@@ -1,0 +1,325 @@
+"""Images in, model inputs out: the one reader and the one preprocessing for every stage.
+
+Training, calibration, verification and evaluation all read their inputs here, so a
+folder is never preprocessed one way for calibration and another for parity:
+
+* ``read_image``: one image file -> ``uint8 (H, W, C)`` (C = 1 or 3), Pillow's
+  decompression-bomb limit enforced as an error (``Image.MAX_IMAGE_PIXELS``).
+* ``read_images``: image files -> one ``uint8 (N, H, W, C)`` batch; every image takes
+  the colour mode of the first (grey or RGB) and images of another size are resized
+  to ``size`` (default: the first image's) by ``resize_pixels``.
+* ``read_array``: a ``.npy``/``.npz`` (never unpickled) -> array and labels if any;
+  an ``.npz`` holds the array under the first of ``NPZ_INPUT_KEYS`` it has (or its
+  only array) and labels under the first of ``NPZ_LABEL_KEYS``.
+* ``preprocess``: uint8 pixels -> the model's float32 NCHW input as its
+  ``Preprocessing`` says (channel order, size, resize filter, pixel scale, mean/std).
+* ``load_images``: any source (a bundled set's name, an ImageFolder-layout folder,
+  a flat folder of images, a single image, ``.npy``/``.npz``) -> ``ModelInputs``,
+  sampled and preprocessed.
+
+Resize policy: ``Preprocessing.resize`` names the filter (``RESIZE_FILTERS``); every
+resize (to the model's size, or of an odd-sized image in a folder) goes through
+``resize_pixels`` with it: PyTorch's ``interpolate`` with antialiasing when shrinking,
+the same function training uses.
+
+Importing this module needs numpy only (torch and Pillow are imported when used), so
+the ``Preprocessing`` record travels in the device runner bundle.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from models.errors import InputError
+from models.util import error_line
+
+if TYPE_CHECKING:
+    import torch
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+RESIZE_FILTERS = ("bilinear", "bicubic", "nearest")
+NPZ_INPUT_KEYS = ("images", "inputs", "x")
+NPZ_LABEL_KEYS = ("labels", "y")
+GREY_MODES = ("L", "1", "I;16", "I", "LA")
+
+
+@dataclass
+class Preprocessing:
+    """How a raw image becomes the model input: ``(pixel * pixel_scale - mean) / std``,
+    resized to ``input_size`` with the ``resize`` filter, in ``channel_order``."""
+
+    input_size: list[int]                 # [H, W]
+    mean: list[float]
+    std: list[float]
+    channel_order: str = "RGB"            # RGB | BGR | GRAY
+    layout: str = "NCHW"
+    pixel_scale: float = 1 / 255          # raw pixel -> [0, 1]
+    resize: str = "bilinear"              # one of RESIZE_FILTERS
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.channel_order == "GRAY" else 3
+
+
+@dataclass
+class ModelInputs:
+    """Preprocessed inputs of a source: ``x`` float32 NCHW, labels (indices into
+    ``classes`` for a folder) when the source has them."""
+
+    x: np.ndarray
+    labels: np.ndarray | None
+    classes: list[str] | None
+    source: str
+
+
+# -- the one resize and the one preprocessing ----------------------------------
+
+def _check_filter(resize: str) -> str:
+    if resize not in RESIZE_FILTERS:
+        raise InputError("preprocessing resize", f"one of {', '.join(RESIZE_FILTERS)}", repr(resize))
+    return resize
+
+
+def _resize(x: "torch.Tensor", size: tuple[int, int], resize: str) -> "torch.Tensor":
+    """Float NCHW -> ``size`` with the named filter (antialiased for bilinear/bicubic)."""
+    import torch.nn.functional as F
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if _check_filter(resize) == "nearest":
+        return F.interpolate(x, size=size, mode="nearest")
+    return F.interpolate(x, size=size, mode=resize, align_corners=False, antialias=True)
+
+
+def resize_pixels(images: np.ndarray, size: tuple[int, int], resize: str = "bilinear") -> np.ndarray:
+    """uint8 NHWC -> uint8 NHWC of ``size`` (H, W), by the same filter as ``preprocess``."""
+    import torch
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    y = _resize(x, tuple(size), resize).round().clamp(0, 255)
+    return y.permute(0, 2, 3, 1).to(torch.uint8).numpy()
+
+
+def normalise(images: np.ndarray, size: int | Sequence[int], mean: Sequence[float], std: Sequence[float],
+              channels: int | None = None, resize: str = "bilinear", pixel_scale: float = 1 / 255
+              ) -> np.ndarray:
+    """uint8 NHWC pixels -> float32 NCHW: ``* pixel_scale``, grey <-> RGB, resize, ``(x-mean)/std``.
+
+    ``channels`` converts grey <-> RGB when the model wants the other (grey is replicated;
+    RGB is reduced with the ITU-R 601 luma weights, as PIL's ``convert("L")``).
+    """
+    import torch
+    if images.ndim != 4:
+        raise InputError("images", "a 4-D uint8 batch (N, H, W, C)", f"shape {tuple(images.shape)}")
+    # divided by 1/pixel_scale (255 exactly for the default): bit-identical to pixels / 255
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / (1.0 / float(pixel_scale))
+    c = x.shape[1]
+    channels = channels or len(mean)
+    if c != channels:
+        if c == 1 and channels == 3:
+            x = x.expand(-1, 3, -1, -1)
+        elif c == 3 and channels == 1:
+            w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+            x = (x * w).sum(1, keepdim=True)
+        else:
+            raise InputError("images", f"{channels} channels", f"{c} channels")
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    x = _resize(x, hw, resize)
+    m = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
+    return ((x - m) / s).numpy().astype(np.float32)
+
+
+def preprocess(images: np.ndarray, pre: Preprocessing, source: str | Path = "images") -> np.ndarray:
+    """uint8 NHWC pixels -> the model's float32 NCHW input, as ``pre`` says (BGR honoured)."""
+    c = images.shape[-1]
+    if images.ndim != 4 or c not in (1, 3):
+        raise InputError(source, "images (N, H, W, C) with 1 (grey) or 3 (RGB) channels",
+                         f"shape {tuple(images.shape)}")
+    if pre.channel_order == "BGR" and c == 3:
+        images = images[..., ::-1]
+    return normalise(images, tuple(pre.input_size), tuple(pre.mean), tuple(pre.std), pre.channels,
+                     pre.resize, pre.pixel_scale)
+
+
+# -- reading --------------------------------------------------------------------
+
+def read_image(path: str | Path, mode: str | None = None) -> np.ndarray:
+    """One image file -> uint8 ``(H, W, C)``: grey (C=1) or RGB (C=3), or ``mode`` if given.
+
+    Refuses what Pillow cannot read and images beyond Pillow's decompression-bomb limit
+    (``PIL.Image.MAX_IMAGE_PIXELS``), both as ``InputError``.
+    """
+    from PIL import Image, UnidentifiedImageError
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                mode = mode or ("L" if im.mode in GREY_MODES else "RGB")
+                arr = np.array(im.convert(mode), dtype=np.uint8)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InputError(path, f"an image of at most {Image.MAX_IMAGE_PIXELS} pixels (Pillow's "
+                               "decompression-bomb limit)", _bomb_size(exc)) from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise InputError(path, "a readable image", error_line(exc)) from None
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def _bomb_size(exc: Exception) -> str:
+    text = str(exc)
+    return text.split(" exceeds")[0].strip() if " exceeds" in text else type(exc).__name__
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files of a folder (by suffix), in sorted order."""
+    return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_images(files: Sequence[Path], size: Sequence[int] | None = None, resize: str = "bilinear"
+                ) -> np.ndarray:
+    """Image files -> uint8 ``(N, H, W, C)``: every image in the first one's mode (grey or
+    RGB); an image whose (H, W) differs from ``size`` (default: the first image's) is
+    resized to it by ``resize_pixels``."""
+    images: list[np.ndarray] = []
+    mode: str | None = None
+    hw = tuple(size) if size is not None else None
+    for f in files:
+        arr = read_image(f, mode)
+        mode = mode or ("L" if arr.shape[-1] == 1 else "RGB")
+        hw = hw or arr.shape[:2]
+        if arr.shape[:2] != hw:
+            arr = resize_pixels(arr[None], hw, resize)[0]
+        images.append(arr)
+    if not images:
+        raise InputError("images", "at least one image file", "none")
+    return np.stack(images)
+
+
+def read_array(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """A ``.npy``/``.npz`` (``allow_pickle=False``) -> (array, int64 labels or None)."""
+    path = Path(path)
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as exc:  # ValueError (pickled object arrays), OSError, zipfile errors
+        raise InputError(path, "a NumPy .npy/.npz file (no pickles)", error_line(exc, 160)) from None
+    if isinstance(data, np.ndarray):
+        return data, None
+    with data:
+        keys = list(data.keys())
+        key = next((k for k in NPZ_INPUT_KEYS if k in keys), keys[0] if len(keys) == 1 else None)
+        if key is None:
+            raise InputError(path, f"an .npz with an array named one of {', '.join(NPZ_INPUT_KEYS)}",
+                             f"keys {', '.join(keys) or '(none)'}")
+        try:
+            arr = data[key]
+            lkey = next((k for k in NPZ_LABEL_KEYS if k in keys and k != key), None)
+            labels = np.asarray(data[lkey]) if lkey else None
+        except ValueError as exc:                     # an object array inside the .npz
+            raise InputError(path, "a NumPy .npy/.npz file (no pickles)", error_line(exc, 160)) from None
+    if labels is not None:
+        if labels.size == len(arr):
+            labels = labels.reshape(-1)                   # (N, 1) as well as (N,)
+        if labels.ndim != 1 or len(labels) != len(arr):
+            raise InputError(path, f"labels of shape ({len(arr)},), one per input", f"shape {tuple(labels.shape)}")
+        labels = labels.astype(np.int64)
+    return arr, labels
+
+
+def check_model_inputs(arr: np.ndarray, pre: Preprocessing, source: str | Path) -> np.ndarray:
+    """Floating-point arrays are model inputs already preprocessed: ``(N, C, H, W)`` exactly."""
+    want = (pre.channels, *pre.input_size)
+    if arr.ndim != 4 or tuple(arr.shape[1:]) != want:
+        raise InputError(source, f"preprocessed model inputs of shape (N, {', '.join(map(str, want))}) "
+                                 "(or uint8 raw images)", f"{arr.dtype} shape {tuple(arr.shape)}")
+    if not np.isfinite(arr).all():
+        raise InputError(source, "finite values", "NaN or infinity")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def as_pixels(arr: np.ndarray, source: str | Path) -> np.ndarray:
+    """uint8 ``(N, H, W)`` or ``(N, H, W, 1|3)`` -> uint8 NHWC."""
+    if arr.dtype != np.uint8:
+        raise InputError(source, "uint8 raw images or floating-point model inputs", f"dtype {arr.dtype}")
+    if arr.ndim == 3:
+        arr = arr[..., None]
+    if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
+        raise InputError(source, "uint8 images (N, H, W), (N, H, W, 1) or (N, H, W, 3)",
+                         f"shape {tuple(arr.shape)}")
+    return arr
+
+
+# -- any source -> model inputs --------------------------------------------------
+
+def sample_indices(n: int, labels: np.ndarray | None, samples: int | None, seed: int = 0) -> np.ndarray:
+    """Sorted indices of ``samples`` of ``n`` items: class-stratified when labels are known
+    (every class represented), a seeded choice otherwise; all when ``samples`` is None."""
+    if n == 0:
+        raise InputError("inputs", "at least one sample", "none")
+    if samples is None or samples >= n:
+        return np.arange(n)
+    if labels is not None:
+        from models.datasets import _stratified_pick
+        return _stratified_pick(labels, samples, seed)
+    return np.sort(np.random.default_rng(seed).choice(n, samples, replace=False))
+
+
+def _has_class_folders(root: Path) -> bool:
+    return any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir())
+
+
+def load_images(source: str | Path, pre: Preprocessing, split: str = "all", samples: int | None = None,
+                seed: int = 0) -> ModelInputs:
+    """``samples`` preprocessed model inputs from ``source`` (all when None).
+
+    ``source``: ``mnist``/``digits`` (its ``split``), a folder in ImageFolder layout (its
+    ``split``: a ``train/``/``test/``/``val/`` sub-folder or the seeded 80/20 split;
+    ``all`` is every image), a flat folder of images, one image file, or a ``.npy``/
+    ``.npz`` of uint8 images ``(N, H, W[, C])`` or float model inputs ``(N, C, H, W)``.
+    """
+    from models.datasets import BUNDLED, load_dataset
+    if samples is not None and samples < 1:
+        raise InputError("samples", "a positive number", str(samples))
+    _check_filter(pre.resize)
+    key = str(source).lower()
+    path = Path(source)
+    classes: list[str] | None = None
+    labels: np.ndarray | None = None
+    label = str(source)
+    groups: np.ndarray | None = None          # stratifies sampling; never reported as labels
+    if key in BUNDLED:
+        ds = load_dataset(key, split)
+        pixels, labels, classes, label = ds.images, ds.labels, ds.classes, f"{key} ({split} split)"
+        if not ds.labelled:                   # photos: labels only say which photo a crop came from
+            groups, labels, classes = labels, None, None
+    elif path.suffix.lower() in (".npy", ".npz") and path.is_file():
+        arr, labels = read_array(path)
+        if np.issubdtype(arr.dtype, np.floating):
+            x = check_model_inputs(arr, pre, path)
+            idx = sample_indices(len(x), labels, samples, seed)
+            return ModelInputs(x[idx], None if labels is None else labels[idx], None, label)
+        pixels = as_pixels(arr, path)
+    elif path.is_dir():
+        if _has_class_folders(path):
+            ds = load_dataset(path, split, size=tuple(pre.input_size), resize=pre.resize)
+            pixels, labels, classes, label = ds.images, ds.labels, ds.classes, f"{path} ({split})"
+        else:
+            files = image_files(path)
+            if not files:
+                raise InputError(path, f"image files ({', '.join(IMAGE_SUFFIXES[:4])}, ...) or class "
+                                       "sub-folders", "no images")
+            pixels = read_images(files, tuple(pre.input_size), pre.resize)
+    elif path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        pixels = read_images([path], tuple(pre.input_size), pre.resize)
+    elif path.exists():
+        raise InputError(path, f"inputs: {', '.join(BUNDLED)}, an image folder, an image, .npy or .npz",
+                         f"a {path.suffix or 'extensionless'} file")
+    else:
+        raise InputError(source, f"inputs: {', '.join(BUNDLED)}, an image folder, an image, .npy or .npz",
+                         "no such file or folder")
+    idx = sample_indices(len(pixels), labels if groups is None else groups, samples, seed)
+    return ModelInputs(preprocess(pixels[idx], pre, path), None if labels is None else labels[idx],
+                       classes, label)
