@@ -40,8 +40,8 @@ TECHNIQUE_SETS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("mse scales", ("mse",)),
     ("gptq", ("gptq",)),
     ("mse + gptq", ("mse", "gptq")),
-    ("mse + gptq + sequential", ("mse", "gptq", "sequential")),
-    ("default: + bias corr.", ("mse", "gptq", "sequential", "bias")),
+    ("default: + bias corr.", ("mse", "gptq", "bias")),
+    ("+ sequential", ("mse", "gptq", "sequential", "bias")),
 )
 BARS = {"w8a8": (0.97, 25.0), "w8a16": (0.99, 35.0)}
 
@@ -82,7 +82,9 @@ def _run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x[i:i + 32]})[0] for i in range(0, len(x), 32)])
+    batch = sess.get_inputs()[0].shape[0]
+    step = batch if isinstance(batch, int) and batch > 0 else 32
+    return np.concatenate([sess.run(None, {name: x[i:i + step]})[0] for i in range(0, len(x), step)])
 
 
 def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> list[Row]:

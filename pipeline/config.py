@@ -69,7 +69,7 @@ class QuantizeSection(_Section):
     method: Literal["minmax", "entropy", "percentile", "mse"] = "minmax"
     samples: int = Field(200, ge=1, description="calibration images from the training split")
     float_fixes: list[str] = Field(default_factory=list, description="bn, cle, hba, bias")
-    weight_rounding: list[str] = Field(default_factory=lambda: ["mse", "gptq", "sequential", "bias"],
+    weight_rounding: list[str] = Field(default_factory=lambda: ["mse", "gptq", "bias"],
                                        description="rtn (plain), or any of mse, gptq, sequential, bias")
     keep_float: int | None = Field(None, ge=0, description="keep the N most sensitive layers float")
     w8a16_layers: int | None = Field(None, ge=0, description="N most sensitive layers at 16-bit activations")

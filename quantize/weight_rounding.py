@@ -50,10 +50,12 @@ import torch.nn.functional as F
 from models.errors import InputError
 
 TECHNIQUES = ("rtn", "mse", "gptq", "sequential", "bias")
-DEFAULT_TECHNIQUES = ("mse", "gptq", "sequential", "bias")
+DEFAULT_TECHNIQUES = ("mse", "gptq", "bias")
 SCALE_GRID = tuple(float(r) for r in np.linspace(0.70, 1.0, 16))   # clipping ratios tried per channel
 DAMPING = 0.01            # GPTQ's Tikhonov term, as a fraction of the mean diagonal of H
 MAX_POSITIONS = 65_536    # input positions per layer used for H (spatial subsample)
+MAX_GATHER = 1 << 23      # floats gathered per layer and batch (a 1152-channel 5x5 depthwise input
+                          # has 28,800 values per position: a few hundred positions a batch suffice)
 MIN_POSITIONS_PER_COL = 4  # GPTQ fits H's inverse: with fewer samples than this per column it
                            # overfits the calibration set (a classifier on 128 images): mse only
 SEQUENTIAL_GROUP = 6      # layers whose inputs are collected in one forward when sequential
@@ -177,7 +179,10 @@ class _Moments:
         self.rng = torch.Generator().manual_seed(seed)
 
     def add(self, x: torch.Tensor) -> None:
-        cols = _columns(self.m, x.detach(), self.budget, self.rng)
+        m = self.m
+        per_position = m.in_features if isinstance(m, nn.Linear) else \
+            m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+        cols = _columns(m, x.detach(), max(64, min(self.budget, MAX_GATHER // per_position)), self.rng)
         h = (cols.transpose(1, 2) @ cols).double()
         self.h = h if self.h is None else self.h + h
         self.count += cols.shape[1]
@@ -264,8 +269,11 @@ def _gptq(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, qmax: int) -> t
     diag = torch.diagonal(h, dim1=1, dim2=2)
     dead = diag <= 0
     diag_mean = diag.mean(1, keepdim=True).clamp_min(1e-12)
+    # An input never active on the calibration set (a channel a ReLU kept at zero there)
+    # gets a unit diagonal: rounded to nearest, no error pushed onto it. GPTQ's own code
+    # zeroes such weights, which fits the calibration set and breaks every input where
+    # the channel does fire.
     h = h + torch.diag_embed(torch.where(dead, torch.ones_like(diag), DAMPING * diag_mean.expand_as(diag)))
-    w = torch.where(dead[:, None, :], torch.zeros_like(w), w)
     perm = torch.argsort(torch.diagonal(h, dim1=1, dim2=2), dim=1, descending=True)
     inv = torch.argsort(perm, dim=1)
     w = torch.gather(w, 2, perm[:, None, :].expand(g, rows, cols))
@@ -273,12 +281,17 @@ def _gptq(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, qmax: int) -> t
                      perm[:, None, :].expand(g, cols, cols))
     pin_col = w.abs().argmax(2)                                                   # g, rows
     pin_val = torch.sign(torch.gather(w, 2, pin_col[..., None])[..., 0]) * qmax
+    # AdaRound's search space: each weight rounds down or up from its own value, never
+    # further; the compensation only chooses between the two (unbounded, GPTQ moves
+    # weights along directions a few hundred calibration patches barely see, and the
+    # layer fits its calibration set at the cost of held-out inputs)
+    floor = torch.floor(w / scale[..., None])
     hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
     u = torch.linalg.cholesky(hinv, upper=True)                                   # g, cols, cols
     q = torch.empty_like(w)
     for i in range(cols):
         col = w[:, :, i]
-        qi = torch.clamp(torch.round(col / scale), -qmax, qmax)
+        qi = torch.clamp(torch.round(col / scale), floor[:, :, i], floor[:, :, i] + 1).clamp(-qmax, qmax)
         qi = torch.where(pin_col == i, pin_val, qi)
         q[:, :, i] = qi
         err = (col - qi * scale) / u[:, i, i][:, None]

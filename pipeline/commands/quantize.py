@@ -43,7 +43,7 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
                    help=f"applied to the float model first: comma list of {', '.join(FIXES)} "
                         "(BatchNorm folding, cross-layer equalization, high-bias absorption, bias correction)")
     p.add_argument("--weight-rounding", type=_csv, default=None, metavar="TECHNIQUE,...",
-                   help="how int8 weights are chosen (default mse,gptq,sequential,bias): mse (per-channel scale "
+                   help="how int8 weights are chosen (default mse,gptq,bias): mse (per-channel scale "
                         "search), gptq (rounding with error feedback), sequential (on already-quantized inputs), "
                         "bias (bias correction); rtn = plain round-to-nearest, as quantize_static alone does")
     p.add_argument("--rounding-samples", type=int, default=128,
