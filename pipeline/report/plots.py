@@ -130,6 +130,39 @@ def plot_sensitivity(sens: dict[str, Any], top: int = 15) -> bytes:
     return _fig_to_png(fig)
 
 
+def plot_mixed_precision(mixed: dict[str, Any]) -> bytes:
+    """Model size against logit SQNR along the ``--target-sqnr`` search: every measured step
+    (16-bit activations, then float), the target, and the configuration chosen."""
+    plt = _plt()
+    path = mixed["path"]
+    cap = max([p["sqnr_db"] for p in path if p["sqnr_db"] is not None] + [mixed["target_sqnr_db"]]) + 10
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    xs = [p["size_bytes"] / 1024 for p in path]
+    ys = [cap if p["sqnr_db"] is None else p["sqnr_db"] for p in path]
+    ax.plot(xs, ys, "-", color="0.6", lw=1, zorder=1)
+    style = {"start": ("tab:blue", "o", "w8a8 (start)"), "w16": ("tab:orange", "s", "+ 16-bit activations"),
+             "float": ("tab:green", "D", "+ float")}
+    for action, (color, marker, label) in style.items():
+        pts = [(x, y) for x, y, p in zip(xs, ys, path) if p["action"] == action]
+        if pts:
+            ax.scatter(*zip(*pts), color=color, marker=marker, s=40, label=label, zorder=2, edgecolors="k",
+                       linewidths=0.4)
+    chosen = mixed.get("chosen_step", 0)
+    if 0 <= chosen < len(path):
+        ax.scatter([xs[chosen]], [ys[chosen]], s=180, facecolors="none", edgecolors="r", linewidths=1.5,
+                   label="chosen", zorder=3)
+    target = mixed["target_sqnr_db"]
+    if target <= cap:
+        ax.axhline(target, color="k", ls="--", lw=1, label=f"target {target:g} dB")
+    ax.set_xlabel("QDQ model size (KiB)")
+    ax.set_ylabel("logit SQNR vs float (dB)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"mixed precision: size vs SQNR along the search ({mixed.get('profile', '')}, "
+                 f"{'reached' if mixed.get('reached') else 'not reached'})")
+    return _fig_to_png(fig)
+
+
 def plot_repvgg(rep: dict[str, Any]) -> bytes:
     plt = _plt()
     variants = [v for v in rep["variants"] if v.get("int8")]
@@ -182,5 +215,5 @@ def plot_sparse_shift(sh: dict[str, Any]) -> bytes:
     return _fig_to_png(fig)
 
 
-__all__ = ["plot_layer_errors", "plot_parity", "plot_repvgg", "plot_sensitivity", "plot_sparse_shift",
+__all__ = ["plot_layer_errors", "plot_mixed_precision", "plot_parity", "plot_repvgg", "plot_sensitivity", "plot_sparse_shift",
            "plot_tradeoff", "plot_training"]
