@@ -135,11 +135,18 @@ def plot_mixed_precision(mixed: dict[str, Any]) -> bytes:
     (16-bit activations, then float), the target, and the configuration chosen."""
     plt = _plt()
     path = mixed["path"]
-    cap = max([p["sqnr_db"] for p in path if p["sqnr_db"] is not None] + [mixed["target_sqnr_db"]]) + 10
+    target = mixed["target_sqnr_db"]
+    top = max([p["sqnr_db"] for p in path if p["sqnr_db"] is not None] or [target])
+    show_target = target <= top + 15          # a far-off target (e.g. 200 dB) is named, not drawn
+    cap = max(top, target if show_target else top) + 10     # where "identical to float" is drawn
     fig, ax = plt.subplots(figsize=(8, 4.2))
     xs = [p["size_bytes"] / 1024 for p in path]
     ys = [cap if p["sqnr_db"] is None else p["sqnr_db"] for p in path]
-    ax.plot(xs, ys, "-", color="0.6", lw=1, zorder=1)
+    ax.plot(xs, ys, "-", color="0.6", lw=1, zorder=1, label="search path")
+    front = sorted(zip(xs, ys))
+    pareto = [pt for i, pt in enumerate(front) if all(q[1] < pt[1] for q in front[:i])]
+    if len(pareto) > 1:
+        ax.step(*zip(*pareto), where="post", color="tab:red", ls=":", lw=1.2, zorder=1, label="Pareto front")
     style = {"start": ("tab:blue", "o", "w8a8 (start)"), "w16": ("tab:orange", "s", "+ 16-bit activations"),
              "float": ("tab:green", "D", "+ float")}
     for action, (color, marker, label) in style.items():
@@ -151,15 +158,14 @@ def plot_mixed_precision(mixed: dict[str, Any]) -> bytes:
     if 0 <= chosen < len(path):
         ax.scatter([xs[chosen]], [ys[chosen]], s=180, facecolors="none", edgecolors="r", linewidths=1.5,
                    label="chosen", zorder=3)
-    target = mixed["target_sqnr_db"]
-    if target <= cap:
+    if show_target:
         ax.axhline(target, color="k", ls="--", lw=1, label=f"target {target:g} dB")
     ax.set_xlabel("QDQ model size (KiB)")
     ax.set_ylabel("logit SQNR vs float (dB)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"mixed precision: size vs SQNR along the search ({mixed.get('profile', '')}, "
-                 f"{'reached' if mixed.get('reached') else 'not reached'})")
+    ax.legend(fontsize=8, loc="best")
+    fig.suptitle(f"mixed precision: size vs logit SQNR along the search ({mixed.get('profile', '')}; target "
+                 f"{target:g} dB {'reached' if mixed.get('reached') else 'not reached'})")
     return _fig_to_png(fig)
 
 
