@@ -282,10 +282,11 @@ class MixedPrecisionResult:
     unfixed: list[str] = field(default_factory=list)
     note: str | None = None
     split: SplitReport | None = None
+    float_sqnr_db: float | None = None     # the session's float model against the reference (None: it is the reference)
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"target_sqnr_db": self.target_db, "profile": self.profile, "method": self.method,
+        return {"float_sqnr_db": self.float_sqnr_db, "target_sqnr_db": self.target_db, "profile": self.profile, "method": self.method,
                 "samples": self.samples, "reached": self.reached, "start_sqnr_db": self.start_sqnr_db,
                 "sqnr_db": self.sqnr_db, "size_bytes": self.size_bytes,
                 "w8a16_layers": [_key(l) for l in self.w16_layers], "keep_float": [_key(l) for l in self.keep_float],
@@ -324,9 +325,15 @@ def _weight_problem(layers: list[Layer], noise: dict[str, float], budget: float)
 def search_mixed_precision(session: PtqSession, profile: QuantProfile, x: np.ndarray, target_db: float, *,
                            method: str = "minmax", split: SplitReport | None = None,
                            keep_float: Sequence[Layer] = (), w16_layers: Sequence[Layer] = (),
+                           reference: np.ndarray | None = None,
                            progress: Progress | None = None) -> MixedPrecisionResult:
     """The fewest layers to raise (16-bit activations, then float) for a logit SQNR of
-    ``target_db`` on ``x``, re-measuring the real QDQ model of ``profile`` at each step."""
+    ``target_db`` on ``x``, re-measuring the real QDQ model of ``profile`` at each step.
+
+    The SQNR is against ``reference`` (the logits of the model the user trained, when the
+    session's float model is a fixed or weight-rounded variant of it), by default against
+    the session's own float model.
+    """
     from quantize.sensitivity import run_onnx
     if not math.isfinite(target_db):
         raise InputError("--target-sqnr", "a finite number of dB", repr(target_db))
@@ -341,7 +348,9 @@ def search_mixed_precision(session: PtqSession, profile: QuantProfile, x: np.nda
     w_noise = {l.name: _noise(by_node[l.name].weight_only_snr_db) for l in layers
                if l.name in by_node and by_node[l.name].has_weights}
     budget = _noise(target_db)
-    ref = run_onnx(session.model_path, session.input_name, x)
+    own = run_onnx(session.model_path, session.input_name, x)
+    ref = own if reference is None else np.asarray(reference, np.float32).reshape(own.shape)
+    floor = None if reference is None else snr_db(ref, own)      # the float model being quantized, vs reference
     work = session.work_dir / "mixed"
     work.mkdir(exist_ok=True)
     w16: list[Layer] = list(w16_layers)
@@ -416,7 +425,7 @@ def search_mixed_precision(session: PtqSession, profile: QuantProfile, x: np.nda
         target_db=float(target_db), profile=profile.name, method=split.method, samples=int(len(x)),
         reached=reached(point.sqnr_db), start_sqnr_db=start, sqnr_db=point.sqnr_db, size_bytes=point.size_bytes,
         w16_layers=w16_final, keep_float=keep_final, path=path,
-        chosen_step=best, split=split)
+        chosen_step=best, split=split, float_sqnr_db=floor)
     if not result.reached:
         # what is still quantized and alone below the target: the layers it could not fix
         unfixed = []
@@ -434,7 +443,10 @@ def search_mixed_precision(session: PtqSession, profile: QuantProfile, x: np.nda
             f" (+{len(result.unfixed) - NAMES_SHOWN} more)" if len(result.unfixed) > NAMES_SHOWN else "")
         result.note = (f"target SQNR {target_db:g} dB not reached: best {_fmt(point.sqnr_db)} dB "
                        f"(w8a8 {_fmt(start)} dB) with {point.w16} layer(s) at 16-bit activations and "
-                       f"{len(keep_final)} in float; could not fix: "
+                       f"{len(keep_final)} in float; "
+                       + (f"the float model it quantizes (float fixes, weight rounding) is itself at {_fmt(floor)} "
+                          "dB; " if floor is not None and floor < target_db else "")
+                       + "could not fix: "
                        + (shown or "the quantized tensors between layers (model input, pooling, reshapes)"))
     result.seconds = time.perf_counter() - t0
     return result

@@ -84,6 +84,19 @@ def test_unreachable_target_ends_with_a_note(planted):  # noqa: F811
     assert len(res.keep_float) < len(s.layers)
 
 
+def test_sqnr_against_the_users_model_names_the_float_floor(planted):  # noqa: F811
+    """When the float model being quantized is itself a variant (float fixes, weight rounding),
+    the target is against the user's logits, and the note says how far the variant already is."""
+    x = planted["calib"]
+    own = run_onnx(planted["onnx"], "input", x)
+    rng = np.random.default_rng(1)
+    users = own + rng.normal(size=own.shape).astype(np.float32) * np.sqrt((own ** 2).mean() * 10 ** -5)  # 50 dB away
+    with _session(planted, False) as s:
+        res = search_mixed_precision(s, GENERIC_INT8, x, 55.0, reference=users)
+    assert res.float_sqnr_db == pytest.approx(50.0, abs=1.0)
+    assert not res.reached and "is itself at 50." in res.note, res.note
+
+
 # ---------------------------------------------------------------- the command
 
 

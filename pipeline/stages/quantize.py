@@ -218,7 +218,8 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
                 keep = pick_layers(session, opts.keep_float, sensitivity)
                 wide = pick_layers(session, opts.w8a16_layers, sensitivity)
                 split, mixed = _mixed_precision(session, profiles[0], calib[:opts.sensitivity_samples], opts, method,
-                                                keep, wide, say, layer_progress, seconds)
+                                                keep, wide, say, layer_progress, seconds,
+                                                model if fix_result is not None else None)
                 if keep and profiles[0].qnn:
                     notes.append(f"{len(keep)} layer(s) kept in float: the QNN EP runs them on the CPU, "
                                  "outside the HTP graph")
@@ -302,9 +303,10 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
 
 def _mixed_precision(session: Any, profile: Any, x: np.ndarray, opts: QuantizeOptions, method: str,
                      keep: list[Any], wide: list[Any], say: Progress, layer_progress: LayerProgress | None,
-                     seconds: dict[str, float]) -> tuple[Any, Any]:
+                     seconds: dict[str, float], original: Any = None) -> tuple[Any, Any]:
     """Weight-only / activation-only sensitivity (with the sensitivity pass or a target) and
-    the ``--target-sqnr`` search on the first profile (``quantize.mixed_precision``)."""
+    the ``--target-sqnr`` search on the first profile (``quantize.mixed_precision``); its SQNR
+    is against the user's model (``original``) when float fixes or weight rounding changed it."""
     if not (opts.sensitivity or opts.target_sqnr is not None):
         return None, None
     from quantize.mixed_precision import search_mixed_precision, split_sensitivity
@@ -316,8 +318,14 @@ def _mixed_precision(session: Any, profile: Any, x: np.ndarray, opts: QuantizeOp
         return split, None
     say(f"mixed precision to {opts.target_sqnr:g} dB logit SQNR ({profile.name}, {len(x)} inputs)")
     t0 = time.perf_counter()
+    reference = None
+    if original is not None:
+        import torch
+        with torch.no_grad():
+            out = original.eval()(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+        reference = (out[0] if isinstance(out, (tuple, list)) else out).numpy()
     mixed = search_mixed_precision(session, profile, x, opts.target_sqnr, method=method, split=split,
-                                   keep_float=keep, w16_layers=wide, progress=layer_progress)
+                                   keep_float=keep, w16_layers=wide, reference=reference, progress=layer_progress)
     seconds["mixed_precision"] = time.perf_counter() - t0
     return split, mixed
 
