@@ -11,7 +11,9 @@ edit each, so they cost one inference pass per probe (no quantizer run):
   computes with, ``(q - zero_point) * scale`` read from the DequantizeLinear of the real
   QDQ model of the profile (so the integers and scales are the quantizer's own, per
   channel or per tensor as the profile says, and any optimised rounding is included);
-  everything else float. Layers without weights (Add) have no weight-only figure.
+  everything else float. Layers without weights (Add) have no weight-only figure. When
+  the weights were already optimised onto their int8 grid (``quantize.weight_rounding``),
+  the float model carries them and the figure is exact (no error left to find).
 * *activation-only*: a ``QuantizeLinear -> DequantizeLinear`` pair on the layer's output
   activation (after its folded ReLU/Clip) with the scale and zero point the QDQ model uses
   there (the calibrated range of the session's cache); weights float. Input activations
@@ -286,9 +288,9 @@ class MixedPrecisionResult:
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"float_sqnr_db": self.float_sqnr_db, "target_sqnr_db": self.target_db, "profile": self.profile, "method": self.method,
-                "samples": self.samples, "reached": self.reached, "start_sqnr_db": self.start_sqnr_db,
-                "sqnr_db": self.sqnr_db, "size_bytes": self.size_bytes,
+        return {"target_sqnr_db": self.target_db, "profile": self.profile, "method": self.method,
+                "float_sqnr_db": self.float_sqnr_db, "samples": self.samples, "reached": self.reached,
+                "start_sqnr_db": self.start_sqnr_db, "sqnr_db": self.sqnr_db, "size_bytes": self.size_bytes,
                 "w8a16_layers": [_key(l) for l in self.w16_layers], "keep_float": [_key(l) for l in self.keep_float],
                 "path": [p.to_dict() for p in self.path], "chosen_step": self.chosen_step,
                 "unfixed": self.unfixed, "note": self.note,

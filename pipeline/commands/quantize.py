@@ -159,7 +159,8 @@ def show_report(ui, report, top: int = TOP_LAYERS) -> None:
         s = Table(title=f"most sensitive layers ({sens['profile']}, {label}; {sens['samples']} calibration "
                         f"inputs; whole model {_db(sens['quantized']['snr_db'])} dB)")
         split = "activation_only_snr_db" in sens["layers"][0]
-        cols = ("#", "layer", "op", "SNR dB", "top-1 agree") + (("weights only dB", "activations only dB") if split else ())
+        cols = ("#", "layer", "op", "SNR dB", "top-1 agree")
+        cols += ("weights only dB", "activations only dB") if split else ()
         for col in cols:
             s.add_column(col, justify="left" if col in ("layer", "op") else "right")
         for i, layer in enumerate(sens["layers"][:top], 1):

@@ -221,5 +221,5 @@ def plot_sparse_shift(sh: dict[str, Any]) -> bytes:
     return _fig_to_png(fig)
 
 
-__all__ = ["plot_layer_errors", "plot_mixed_precision", "plot_parity", "plot_repvgg", "plot_sensitivity", "plot_sparse_shift",
-           "plot_tradeoff", "plot_training"]
+__all__ = ["plot_layer_errors", "plot_mixed_precision", "plot_parity", "plot_repvgg", "plot_sensitivity",
+           "plot_sparse_shift", "plot_tradeoff", "plot_training"]

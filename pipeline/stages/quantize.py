@@ -17,7 +17,9 @@ Used by ``mdeploy quantize`` and ``mdeploy run``, without argparse: every choice
 Data: calibration from ``--calib`` (default: the data set the checkpoint was trained
 on, its train split); accuracy on the held-out split (the verify stage's loader, the
 same preprocessing); per-layer sensitivity on calibration inputs, so the held-out split
-never influences a choice that is then measured on it.
+never influences a choice that is then measured on it. ``target_sqnr`` (``--target-sqnr``)
+raises layers of the first profile's model until its logit SQNR on those inputs gets
+there (``quantize.mixed_precision``); the chosen layers apply to that model only.
 """
 from __future__ import annotations
 
@@ -220,8 +222,9 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
                 split, mixed = _mixed_precision(session, profiles[0], calib[:opts.sensitivity_samples], opts, method,
                                                 keep, wide, say, layer_progress, seconds,
                                                 model if fix_result is not None else None)
-                if keep and profiles[0].qnn:
-                    notes.append(f"{len(keep)} layer(s) kept in float: the QNN EP runs them on the CPU, "
+                kept = mixed.keep_float if mixed is not None else keep
+                if kept and profiles[0].qnn:
+                    notes.append(f"{len(kept)} layer(s) kept in float: the QNN EP runs them on the CPU, "
                                  "outside the HTP graph")
                 for profile in profiles:
                     say(f"quantizing {profile.name}")
@@ -334,7 +337,7 @@ def _reached_note(mixed: Any) -> str:
     sq = "inf" if mixed.sqnr_db is None else f"{mixed.sqnr_db:.1f}"
     start = "inf" if mixed.start_sqnr_db is None else f"{mixed.start_sqnr_db:.1f}"
     return (f"target SQNR {mixed.target_db:g} dB reached on {mixed.samples} calibration inputs: {sq} dB "
-            f"(w8a8 {start} dB) with {len(mixed.w16_layers)} layer(s) at 16-bit activations and "
+            f"(w8a8 {start} dB) with {mixed.path[mixed.chosen_step].w16} layer(s) at 16-bit activations and "
             f"{len(mixed.keep_float)} in float, applied to {mixed.profile}")
 
 
