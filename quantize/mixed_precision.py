@@ -260,8 +260,10 @@ class ParetoPoint:
     added: list[str]            # layers raised at this step
     w16: int                    # layers at 16-bit activations (not in float)
     float: int                  # layers kept in float
-    size_bytes: int
+    size_bytes: int             # the QDQ file
     sqnr_db: float | None       # None: identical to float
+    weight_bytes: int = 0       # its initializers' payload (ORT serialises some of them as varints: the file
+                                # size moves with that encoding, this does not)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -365,7 +367,7 @@ def search_mixed_precision(session: PtqSession, profile: QuantProfile, x: np.nda
         session.write(profile, out, method=method, keep_float=keep, w16_layers=w16)
         snr = snr_db(ref, run_onnx(out, session.input_name, x))
         path.append(ParetoPoint(len(path), action, [_key(l) for l in added], len([l for l in w16 if l not in keep]),
-                                len(keep), int(out.stat().st_size), snr))
+                                len(keep), int(out.stat().st_size), snr, _payload(out)))
         configs.append((list(w16), list(keep)))
         out.unlink(missing_ok=True)
         if progress:
@@ -418,9 +420,10 @@ def search_mixed_precision(session: PtqSession, profile: QuantProfile, x: np.nda
 
     ok = [i for i, p in enumerate(path) if reached(p.sqnr_db)]
     if ok:
-        best = min(ok, key=lambda i: (path[i].size_bytes, i))
+        # the fewest raised layers (float first: it costs size and leaves the accelerator), then size
+        best = min(ok, key=lambda i: (path[i].float, path[i].w16, path[i].weight_bytes, i))
     else:
-        best = max(range(len(path)), key=lambda i: (path[i].sqnr_db, -path[i].size_bytes))
+        best = max(range(len(path)), key=lambda i: (path[i].sqnr_db, -path[i].weight_bytes))
     w16_final, keep_final = configs[best]
     point = path[best]
     result = MixedPrecisionResult(
@@ -452,6 +455,13 @@ def search_mixed_precision(session: PtqSession, profile: QuantProfile, x: np.nda
                        + (shown or "the quantized tensors between layers (model input, pooling, reshapes)"))
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _payload(path: Path) -> int:
+    """Bytes of a model's initializers as arrays (what the weights weigh, whatever the encoding)."""
+    import onnx
+    from onnx import numpy_helper
+    return int(sum(numpy_helper.to_array(t).nbytes for t in onnx.load(str(path)).graph.initializer))
 
 
 def _fmt(snr: float | None) -> str:

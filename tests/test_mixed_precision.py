@@ -70,7 +70,7 @@ def test_target_sqnr_is_reached_by_the_written_model(planted, profile, target, t
     assert art.extra["mixed_precision"]["w8a16"] == [l.module for l in res.w16_layers]
     d = res.to_dict()
     assert json.loads(json.dumps(d))["w8a16_layers"] == [l.module for l in res.w16_layers]
-    assert all(p["size_bytes"] > 0 for p in d["path"])
+    assert all(p["size_bytes"] > 0 and 0 < p["weight_bytes"] < p["size_bytes"] for p in d["path"])
 
 
 def test_unreachable_target_ends_with_a_note(planted):  # noqa: F811

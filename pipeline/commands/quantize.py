@@ -174,13 +174,14 @@ def show_report(ui, report, top: int = TOP_LAYERS) -> None:
     if mixed.get("path"):
         m = Table(title=f"mixed precision to {mixed['target_sqnr_db']:g} dB logit SQNR ({mixed['profile']}, "
                         f"{mixed['samples']} calibration inputs; * = chosen)")
-        for col in ("step", "raised", "16-bit", "float", "size", "SQNR dB"):
+        for col in ("step", "raised", "16-bit", "float", "weights", "file", "SQNR dB"):
             m.add_column(col, justify="left" if col == "raised" else "right")
         for p in mixed["path"]:
             names = ", ".join(p["added"][:3]) + (f" (+{len(p['added']) - 3})" if len(p["added"]) > 3 else "")
             raised = f"{p['action']}: {names}" if p["added"] else p["action"]
             m.add_row(f"{p['step']}{'*' if p['step'] == mixed['chosen_step'] else ''}", raised, str(p["w16"]),
-                      str(p["float"]), _size(p["size_bytes"]), _db(p["sqnr_db"]))
+                      str(p["float"]), _size(p.get("weight_bytes") or 0), _size(p["size_bytes"]),
+                                      _db(p["sqnr_db"]))
         ui.table(m)
 
     if any(v.drop_points is not None for v in report.variants):

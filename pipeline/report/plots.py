@@ -140,7 +140,8 @@ def plot_mixed_precision(mixed: dict[str, Any]) -> bytes:
     show_target = target <= top + 15          # a far-off target (e.g. 200 dB) is named, not drawn
     cap = max(top, target if show_target else top) + 10     # where "identical to float" is drawn
     fig, ax = plt.subplots(figsize=(8, 4.2))
-    xs = [p["size_bytes"] / 1024 for p in path]
+    key = "weight_bytes" if all(p.get("weight_bytes") for p in path) else "size_bytes"
+    xs = [p[key] / 1024 for p in path]
     ys = [cap if p["sqnr_db"] is None else p["sqnr_db"] for p in path]
     ax.plot(xs, ys, "-", color="0.6", lw=1, zorder=1, label="search path")
     front = sorted(zip(xs, ys))
@@ -160,7 +161,7 @@ def plot_mixed_precision(mixed: dict[str, Any]) -> bytes:
                    label="chosen", zorder=3)
     if show_target:
         ax.axhline(target, color="k", ls="--", lw=1, label=f"target {target:g} dB")
-    ax.set_xlabel("QDQ model size (KiB)")
+    ax.set_xlabel("weights and quantization parameters (KiB)" if key == "weight_bytes" else "QDQ model size (KiB)")
     ax.set_ylabel("logit SQNR vs float (dB)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
