@@ -73,6 +73,8 @@ class QuantizeSection(_Section):
                                        description="rtn (plain), or any of mse, gptq, sequential, bias")
     keep_float: int | None = Field(None, ge=0, description="keep the N most sensitive layers float")
     w8a16_layers: int | None = Field(None, ge=0, description="N most sensitive layers at 16-bit activations")
+    target_sqnr: float | None = Field(None, description="dB: mixed precision until the 8-bit model's logit SQNR "
+                                                     "reaches it (16-bit activations, then float)")
     sensitivity: bool = True
     eval_samples: int = Field(1000, ge=1, description="held-out images for the accuracy figures")
 

@@ -156,6 +156,7 @@ class QuantReport:
     float_fixes: list[dict[str, Any]] = field(default_factory=list)
     sensitivity: dict[str, Any] | None = None
     weight_rounding: dict[str, Any] | None = None
+    mixed_precision: dict[str, Any] | None = None      # quantize.mixed_precision: split probes, --target-sqnr search
     notes: list[str] = field(default_factory=list)
     references: tuple[ReferencePoint, ...] = REFERENCES
 
@@ -179,7 +180,8 @@ class QuantReport:
             "float_size_bytes": self.float_size_bytes, "eval_source": self.eval_source,
             "eval_samples": self.eval_samples, "calibration": self.calibration,
             "variants": [v.to_dict() for v in self.variants], "float_fixes": self.float_fixes,
-            "sensitivity": self.sensitivity, "weight_rounding": self.weight_rounding, "notes": self.notes,
+            "sensitivity": self.sensitivity, "weight_rounding": self.weight_rounding,
+            "mixed_precision": self.mixed_precision, "notes": self.notes,
             "references": [r.to_dict() for r in self.references], "comparison": self.comparison(),
         }
 

@@ -52,6 +52,11 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
                    help="keep the N most sensitive layers (or these comma-separated layers) in float")
     p.add_argument("--w8a16-layers", metavar="N|LAYERS",
                    help="16-bit activations for the N most sensitive layers (or these layers) in the 8-bit models")
+    p.add_argument("--target-sqnr", type=float, metavar="DB",
+                   help="mixed precision to a target: starting from the 8-bit model (w8a8 / int8), raise the most "
+                        "sensitive layers to 16-bit activations, then to float for the layers whose weights are the "
+                        "problem, until the logit SQNR on the sensitivity inputs reaches DB (re-measured on the "
+                        "quantized model at each step); a note says when it cannot")
     p.add_argument("--no-tflite", action="store_true", help="skip the full-integer TFLite")
     p.add_argument("--no-sensitivity", action="store_true", help="skip the per-layer sensitivity analysis")
     p.add_argument("--sensitivity-mode", choices=("only", "exclude"), default="only",
@@ -74,7 +79,7 @@ def run(args: argparse.Namespace, ui) -> int:
         target=args.target, calibration=args.calib, method=args.method, samples=args.samples,
         float_fixes=tuple(args.float_fixes), keep_float=args.keep_float,
         weight_rounding=tuple(args.weight_rounding) if args.weight_rounding is not None else None,
-        rounding_samples=args.rounding_samples, w8a16_layers=args.w8a16_layers,
+        rounding_samples=args.rounding_samples, w8a16_layers=args.w8a16_layers, target_sqnr=args.target_sqnr,
         tflite=not args.no_tflite, sensitivity=not args.no_sensitivity,
         sensitivity_mode=args.sensitivity_mode, sensitivity_samples=args.sensitivity_samples,
         eval_data=args.eval_data, eval_samples=args.eval_samples, force=args.force, seed=args.seed)
@@ -154,11 +159,31 @@ def show_report(ui, report, top: int = TOP_LAYERS) -> None:
         label = "only this layer quantized" if sens["mode"] == "only" else "all but this layer quantized"
         s = Table(title=f"most sensitive layers ({sens['profile']}, {label}; {sens['samples']} calibration "
                         f"inputs; whole model {_db(sens['quantized']['snr_db'])} dB)")
-        for col in ("#", "layer", "op", "SNR dB", "top-1 agree"):
+        split = "activation_only_snr_db" in sens["layers"][0]
+        cols = ("#", "layer", "op", "SNR dB", "top-1 agree")
+        cols += ("weights only dB", "activations only dB") if split else ()
+        for col in cols:
             s.add_column(col, justify="left" if col in ("layer", "op") else "right")
         for i, layer in enumerate(sens["layers"][:top], 1):
-            s.add_row(str(i), layer["layer"], layer["op_type"], _db(layer["snr_db"]), _pct(layer["top1_agreement"]))
+            extra = ((_db(layer["weight_only_snr_db"]) if layer.get("has_weights") else "-",
+                      _db(layer["activation_only_snr_db"])) if split else ())
+            s.add_row(str(i), layer["layer"], layer["op_type"], _db(layer["snr_db"]), _pct(layer["top1_agreement"]),
+                      *extra)
         ui.table(s)
+
+    mixed = report.mixed_precision or {}
+    if mixed.get("path"):
+        m = Table(title=f"mixed precision to {mixed['target_sqnr_db']:g} dB logit SQNR ({mixed['profile']}, "
+                        f"{mixed['samples']} calibration inputs; * = chosen)")
+        for col in ("step", "raised", "16-bit", "float", "weights", "file", "SQNR dB"):
+            m.add_column(col, justify="left" if col == "raised" else "right")
+        for p in mixed["path"]:
+            names = ", ".join(p["added"][:3]) + (f" (+{len(p['added']) - 3})" if len(p["added"]) > 3 else "")
+            raised = f"{p['action']}: {names}" if p["added"] else p["action"]
+            m.add_row(f"{p['step']}{'*' if p['step'] == mixed['chosen_step'] else ''}", raised, str(p["w16"]),
+                      str(p["float"]), _size(p.get("weight_bytes") or 0), _size(p["size_bytes"]),
+                                      _db(p["sqnr_db"]))
+        ui.table(m)
 
     if any(v.drop_points is not None for v in report.variants):
         r = Table(title="accuracy drop next to Qualcomm's published figures (MobileNetV2, ImageNet top-1)")

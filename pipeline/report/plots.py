@@ -130,6 +130,46 @@ def plot_sensitivity(sens: dict[str, Any], top: int = 15) -> bytes:
     return _fig_to_png(fig)
 
 
+def plot_mixed_precision(mixed: dict[str, Any]) -> bytes:
+    """Model size against logit SQNR along the ``--target-sqnr`` search: every measured step
+    (16-bit activations, then float), the target, and the configuration chosen."""
+    plt = _plt()
+    path = mixed["path"]
+    target = mixed["target_sqnr_db"]
+    top = max([p["sqnr_db"] for p in path if p["sqnr_db"] is not None] or [target])
+    show_target = target <= top + 15          # a far-off target (e.g. 200 dB) is named, not drawn
+    cap = max(top, target if show_target else top) + 10     # where "identical to float" is drawn
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    key = "weight_bytes" if all(p.get("weight_bytes") for p in path) else "size_bytes"
+    xs = [p[key] / 1024 for p in path]
+    ys = [cap if p["sqnr_db"] is None else p["sqnr_db"] for p in path]
+    ax.plot(xs, ys, "-", color="0.6", lw=1, zorder=1, label="search path")
+    front = sorted(zip(xs, ys))
+    pareto = [pt for i, pt in enumerate(front) if all(q[1] < pt[1] for q in front[:i])]
+    if len(pareto) > 1:
+        ax.step(*zip(*pareto), where="post", color="tab:red", ls=":", lw=1.2, zorder=1, label="Pareto front")
+    style = {"start": ("tab:blue", "o", "w8a8 (start)"), "w16": ("tab:orange", "s", "+ 16-bit activations"),
+             "float": ("tab:green", "D", "+ float")}
+    for action, (color, marker, label) in style.items():
+        pts = [(x, y) for x, y, p in zip(xs, ys, path) if p["action"] == action]
+        if pts:
+            ax.scatter(*zip(*pts), color=color, marker=marker, s=40, label=label, zorder=2, edgecolors="k",
+                       linewidths=0.4)
+    chosen = mixed.get("chosen_step", 0)
+    if 0 <= chosen < len(path):
+        ax.scatter([xs[chosen]], [ys[chosen]], s=180, facecolors="none", edgecolors="r", linewidths=1.5,
+                   label="chosen", zorder=3)
+    if show_target:
+        ax.axhline(target, color="k", ls="--", lw=1, label=f"target {target:g} dB")
+    ax.set_xlabel("weights and quantization parameters (KiB)" if key == "weight_bytes" else "QDQ model size (KiB)")
+    ax.set_ylabel("logit SQNR vs float (dB)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.suptitle(f"mixed precision: size vs logit SQNR along the search ({mixed.get('profile', '')}; target "
+                 f"{target:g} dB {'reached' if mixed.get('reached') else 'not reached'})")
+    return _fig_to_png(fig)
+
+
 def plot_repvgg(rep: dict[str, Any]) -> bytes:
     plt = _plt()
     variants = [v for v in rep["variants"] if v.get("int8")]
@@ -182,5 +222,5 @@ def plot_sparse_shift(sh: dict[str, Any]) -> bytes:
     return _fig_to_png(fig)
 
 
-__all__ = ["plot_layer_errors", "plot_parity", "plot_repvgg", "plot_sensitivity", "plot_sparse_shift",
-           "plot_tradeoff", "plot_training"]
+__all__ = ["plot_layer_errors", "plot_mixed_precision", "plot_parity", "plot_repvgg", "plot_sensitivity",
+           "plot_sparse_shift", "plot_tradeoff", "plot_training"]

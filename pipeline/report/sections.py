@@ -161,6 +161,11 @@ def _size(root: Path, rel: str) -> int | None:
     return size_of(path) if path.exists() else None
 
 
+def _db(v: float | None) -> str:
+    """An SNR in dB; None means no error at all."""
+    return "exact" if v is None else num(v, 3)
+
+
 def tradeoff_points(run: RunRecord) -> list[dict[str, Any]]:
     """One point per verified artifact: accuracy, size and local p50 latency."""
     profile = run.sections_of(ProfileRecord)
@@ -186,8 +191,12 @@ class QuantizeRecord:
         return {"folder": self.folder, **self.report.to_dict(), "seconds": self.seconds}
 
     def plots(self, run: RunRecord) -> dict[str, bytes]:
-        sens = self.report.to_dict().get("sensitivity")
-        return {"int8_sensitivity": draw.plot_sensitivity(sens)} if sens and sens.get("layers") else {}
+        q = self.report.to_dict()
+        sens, mixed = q.get("sensitivity"), q.get("mixed_precision") or {}
+        out = {"int8_sensitivity": draw.plot_sensitivity(sens)} if sens and sens.get("layers") else {}
+        if mixed.get("path"):
+            out["mixed_precision_pareto"] = draw.plot_mixed_precision(mixed)
+        return out
 
     def markdown(self, run: RunRecord, figure: Figure) -> list[str]:
         q = self.report.to_dict()
@@ -207,7 +216,26 @@ class QuantizeRecord:
             lines += ["", "Reference points (MobileNetV2, ImageNet top-1): " + "; ".join(
                 f"{r['short']}: {r['float_accuracy']:.2f}% -> {r['quantized_accuracy']:.2f}% "
                 f"({r['drop']:.2f} points)" for r in refs) + "."]
-        return lines + [""] + figure("int8_sensitivity")
+        lines += [""] + figure("int8_sensitivity")
+        sens = q.get("sensitivity") or {}
+        top = (sens.get("layers") or [])[:10]
+        if top and "activation_only_snr_db" in top[0]:
+            lines += [f"Most sensitive layers ({sens.get('profile')}; logit SNR in dB with only this layer quantized, "
+                      f"only its weights, only its activations; {sens.get('samples')} calibration inputs):", ""]
+            lines += table(["layer", "op", "layer quantized", "weights only", "activations only"], "llrrr",
+                           [[x["layer"], x["op_type"], _db(x.get("snr_db")),
+                             _db(x.get("weight_only_snr_db")) if x.get("has_weights") else "-",
+                             _db(x.get("activation_only_snr_db"))] for x in top]) + [""]
+        mixed = q.get("mixed_precision") or {}
+        if mixed.get("path"):
+            lines += [f"Mixed precision to {mixed['target_sqnr_db']:g} dB logit SQNR ({mixed['profile']}, "
+                      f"{mixed['samples']} calibration inputs): "
+                      + (mixed.get("note") or f"reached, {_db(mixed.get('sqnr_db'))} dB (w8a8 "
+                         f"{_db(mixed.get('start_sqnr_db'))} dB)") + ". 16-bit activations: "
+                      + (", ".join(f"`{x}`" for x in mixed["w8a16_layers"]) or "none") + "; float: "
+                      + (", ".join(f"`{x}`" for x in mixed["keep_float"]) or "none") + ".", ""]
+            lines += figure("mixed_precision_pareto")
+        return lines
 
 
 @dataclass

@@ -17,10 +17,13 @@ Used by ``mdeploy quantize`` and ``mdeploy run``, without argparse: every choice
 Data: calibration from ``--calib`` (default: the data set the checkpoint was trained
 on, its train split); accuracy on the held-out split (the verify stage's loader, the
 same preprocessing); per-layer sensitivity on calibration inputs, so the held-out split
-never influences a choice that is then measured on it.
+never influences a choice that is then measured on it. ``target_sqnr`` (``--target-sqnr``)
+raises layers of the first profile's model until its logit SQNR on those inputs gets
+there (``quantize.mixed_precision``); the chosen layers apply to that model only.
 """
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 import time
@@ -55,6 +58,7 @@ class QuantizeOptions:
     rounding_samples: int = DEFAULT_ROUNDING_SAMPLES
     keep_float: str | int | None = None        # N most sensitive layers, or names
     w8a16_layers: str | int | None = None      # N most sensitive layers, or names
+    target_sqnr: float | None = None           # dB: raise layers of the first profile until its logit SQNR gets there
     tflite: bool = True
     sensitivity: bool = True
     sensitivity_mode: str = "only"
@@ -99,6 +103,8 @@ def _check_options(opts: QuantizeOptions) -> None:
         raise InputError("--eval-samples", "a positive number", str(opts.eval_samples))
     if opts.sensitivity_mode not in MODES:
         raise InputError("--sensitivity-mode", f"one of {', '.join(MODES)}", repr(opts.sensitivity_mode))
+    if opts.target_sqnr is not None and not math.isfinite(opts.target_sqnr):
+        raise InputError("--target-sqnr", "a finite number of dB", repr(opts.target_sqnr))
     for flag, value in (("--keep-float", opts.keep_float), ("--w8a16-layers", opts.w8a16_layers)):
         if isinstance(value, int) and value < 0:
             raise InputError(flag, "a count or a comma list of layer names", str(value))
@@ -213,17 +219,24 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
                     seconds["sensitivity"] = time.perf_counter() - t0
                 keep = pick_layers(session, opts.keep_float, sensitivity)
                 wide = pick_layers(session, opts.w8a16_layers, sensitivity)
-                if keep and profiles[0].qnn:
-                    notes.append(f"{len(keep)} layer(s) kept in float: the QNN EP runs them on the CPU, "
+                split, mixed = _mixed_precision(session, profiles[0], calib[:opts.sensitivity_samples], opts, method,
+                                                keep, wide, say, layer_progress, seconds,
+                                                model if fix_result is not None else None)
+                kept = mixed.keep_float if mixed is not None else keep
+                if kept and profiles[0].qnn:
+                    notes.append(f"{len(kept)} layer(s) kept in float: the QNN EP runs them on the CPU, "
                                  "outside the HTP graph")
                 for profile in profiles:
                     say(f"quantizing {profile.name}")
                     t0 = time.perf_counter()
+                    chosen = mixed is not None and profile is profiles[0]      # the search's layers: first profile
                     art = session.quantize(profile, stage / f"{profile.file_stem}.onnx", method=method,
-                                           keep_float=keep, w16_layers=wide, root=stage)
+                                           keep_float=mixed.keep_float if chosen else keep,
+                                           w16_layers=mixed.w16_layers if chosen else wide, root=stage)
                     if profile.qnn:     # <stem>.encodings.json for qnn-onnx-converter, and the QNN rules
                         from quantize.qnn_encodings import qnn_sidecar
-                        acts = (profile.activations, "uint16") if wide else profile.activations
+                        raised = mixed.w16_layers if chosen else wide
+                        acts = (profile.activations, "uint16") if raised else profile.activations
                         art.extra.update(qnn_sidecar(stage / art.path, acts, method=profile.range_method or method,
                                                      root=stage))
                     seconds[profile.name] = time.perf_counter() - t0
@@ -244,7 +257,7 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
                                               "method": "minmax (TFLiteConverter)"}
                 artifacts.extend(made)
                 seconds["tflite"] = time.perf_counter() - t0
-                if keep or wide:
+                if keep or wide or (mixed is not None and (mixed.keep_float or mixed.w16_layers)):
                     notes.append("mixed precision applies to the ONNX models only: the TFLite int8-io model is "
                                  "full integer (TFLite has no per-layer float fallback in that mode)")
             for a in artifacts[1:]:
@@ -263,6 +276,12 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
                                     f"{fix_result.max_abs_change:.3g} on {min(32, len(calib))} calibration inputs")
             if sensitivity is not None:
                 report.sensitivity = sensitivity.to_dict()
+            if split is not None:
+                from quantize.mixed_precision import merge_into_sensitivity
+                merge_into_sensitivity(report.sensitivity, split)
+                report.mixed_precision = mixed.to_dict() if mixed is not None else {"split": split.to_dict()}
+            if mixed is not None:
+                notes.append(mixed.note or _reached_note(mixed))
             if rounding_result is not None:
                 report.weight_rounding = rounding_result.to_dict()
                 moved = {a.key: sum(a.extra.get("weight_grid_mismatch", {}).values())
@@ -278,6 +297,10 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
                                   "weight_rounding": list(rounding),
                                        "keep_float": [l.module or l.name for l in keep],
                                        "w8a16_layers": [l.module or l.name for l in wide]}}
+            if mixed is not None:
+                source["quantization"]["target_sqnr"] = {
+                    k: v for k, v in mixed.to_dict().items()
+                    if k in ("target_sqnr_db", "profile", "reached", "sqnr_db", "w8a16_layers", "keep_float", "note")}
             out_manifest = Manifest(model=manifest.model, preprocessing=pre, card=manifest.card,
                                     artifacts=artifacts, labels=manifest.labels, source=source,
                                     versions=library_versions())
@@ -285,6 +308,43 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
             atomic_write_text(stage / REPORT_NAME, json.dumps(report.to_dict(), indent=2, default=_json) + "\n")
             out_manifest.save(stage)
     return QuantizeResult(Path(out_dir), out_manifest, report, seconds)
+
+
+def _mixed_precision(session: Any, profile: Any, x: np.ndarray, opts: QuantizeOptions, method: str,
+                     keep: list[Any], wide: list[Any], say: Progress, layer_progress: LayerProgress | None,
+                     seconds: dict[str, float], original: Any = None) -> tuple[Any, Any]:
+    """Weight-only / activation-only sensitivity (with the sensitivity pass or a target) and
+    the ``--target-sqnr`` search on the first profile (``quantize.mixed_precision``); its SQNR
+    is against the user's model (``original``) when float fixes or weight rounding changed it."""
+    if not (opts.sensitivity or opts.target_sqnr is not None):
+        return None, None
+    from quantize.mixed_precision import search_mixed_precision, split_sensitivity
+    say(f"weight-only and activation-only sensitivity ({len(session.layers)} layers, {len(x)} inputs)")
+    t0 = time.perf_counter()
+    split = split_sensitivity(session, profile, x, method=method, progress=layer_progress)
+    seconds["split_sensitivity"] = time.perf_counter() - t0
+    if opts.target_sqnr is None:
+        return split, None
+    say(f"mixed precision to {opts.target_sqnr:g} dB logit SQNR ({profile.name}, {len(x)} inputs)")
+    t0 = time.perf_counter()
+    reference = None
+    if original is not None:
+        import torch
+        with torch.no_grad():
+            out = original.eval()(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+        reference = (out[0] if isinstance(out, (tuple, list)) else out).numpy()
+    mixed = search_mixed_precision(session, profile, x, opts.target_sqnr, method=method, split=split,
+                                   keep_float=keep, w16_layers=wide, reference=reference, progress=layer_progress)
+    seconds["mixed_precision"] = time.perf_counter() - t0
+    return split, mixed
+
+
+def _reached_note(mixed: Any) -> str:
+    sq = "inf" if mixed.sqnr_db is None else f"{mixed.sqnr_db:.1f}"
+    start = "inf" if mixed.start_sqnr_db is None else f"{mixed.start_sqnr_db:.1f}"
+    return (f"target SQNR {mixed.target_db:g} dB reached on {mixed.samples} calibration inputs: {sq} dB "
+            f"(w8a8 {start} dB) with {mixed.path[mixed.chosen_step].w16} layer(s) at 16-bit activations and "
+            f"{len(mixed.keep_float)} in float, applied to {mixed.profile}")
 
 
 def _measure(stage: Path, artifacts: list[Artifact], evaluation: Any, manifest: Manifest,

@@ -1,0 +1,184 @@
+"""Mixed precision to a target (quantize/mixed_precision.py): weight-only and
+activation-only sensitivity per layer, and the ``--target-sqnr`` search, on real QDQ
+models run by ONNX Runtime.
+
+The library tests reuse test_sensitivity's network with a planted activation outlier
+(conv2's output channel 0 scaled up 1000x): its damage is in an *activation*, so the
+activation-only probe must find it and the weight-only probe must not; a 16-bit
+activation there repairs it. The CLI tests quantize an untrained (but realistically
+scaled) MobileNetV2 for MNIST with ``mdeploy quantize --target-sqnr``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from exporters.artifact import Manifest
+from quantize.mixed_precision import search_mixed_precision, split_sensitivity
+from quantize.onnx_ptq import GENERIC_INT8, QNN_W8A8, PtqSession
+from quantize.report import snr_db
+from quantize.sensitivity import run_onnx
+from tests.test_sensitivity import planted  # noqa: F401  (module fixture)
+
+
+def _session(planted, qnn: bool) -> PtqSession:  # noqa: F811
+    return PtqSession(planted["onnx"], planted["calib"], qnn=qnn, layer_map=planted["layer_map"])
+
+
+@pytest.mark.parametrize("profile", [QNN_W8A8, GENERIC_INT8], ids=lambda p: p.name)
+def test_split_sensitivity_finds_the_planted_activation(planted, profile):  # noqa: F811
+    x = planted["calib"]
+    with _session(planted, profile.qnn) as s:
+        rep = split_sensitivity(s, profile, x)
+    assert [l.layer for l in rep.layers] == ["0", "2", "4", "8"] and rep.samples == len(x)
+    for l in rep.layers:
+        assert l.has_weights
+        assert l.weight_only_snr_db is not None and math.isfinite(l.weight_only_snr_db), l
+        assert l.activation_only_snr_db is not None and math.isfinite(l.activation_only_snr_db), l
+    by = {l.layer: l for l in rep.layers}
+    # conv2 writes the tensor with the outlier channel: its activation is the worst by far,
+    # its weights (per-channel scales) are harmless
+    assert by["2"].activation_only_snr_db < min(by[k].activation_only_snr_db for k in "048") - 15, rep.layers
+    assert by["2"].weight_only_snr_db > by["2"].activation_only_snr_db + 20, by["2"]
+    # the whole model carries every error: worse than the best single-layer figure
+    best = max(v for l in rep.layers for v in (l.weight_only_snr_db, l.activation_only_snr_db))
+    assert rep.quantized_snr_db < best
+    assert rep.quantized_snr_db <= min(l.activation_only_snr_db for l in rep.layers) + 0.5
+
+
+@pytest.mark.parametrize("profile,target", [(QNN_W8A8, 45.0), (GENERIC_INT8, 60.0)], ids=["qnn-45dB", "int8-60dB"])
+def test_target_sqnr_is_reached_by_the_written_model(planted, profile, target, tmp_path):  # noqa: F811
+    x = planted["calib"]
+    with _session(planted, profile.qnn) as s:
+        res = search_mixed_precision(s, profile, x, target)
+        art = s.quantize(profile, tmp_path / "mixed.onnx", keep_float=res.keep_float, w16_layers=res.w16_layers)
+    assert res.reached and res.note is None and res.sqnr_db >= target, res.to_dict()
+    assert res.start_sqnr_db < target and res.path[0].action == "start"
+    assert res.path[res.chosen_step].sqnr_db == res.sqnr_db
+    assert "2" in [l.module for l in res.w16_layers]              # the planted activation, raised to 16 bits
+    if target > 55:                                              # 16-bit activations alone stop near 55 dB here:
+        assert res.keep_float and any(p.action == "float" for p in res.path)       # the float fallback was needed
+    # the model written with the chosen layers, measured again: the target holds
+    measured = snr_db(run_onnx(planted["onnx"], "input", x),
+                      run_onnx(tmp_path / "mixed.onnx", "input", x))
+    assert measured >= target, (measured, res.to_dict()["path"])
+    assert art.extra["mixed_precision"]["float"] == [l.module for l in res.keep_float]
+    assert art.extra["mixed_precision"]["w8a16"] == [l.module for l in res.w16_layers]
+    d = res.to_dict()
+    assert json.loads(json.dumps(d))["w8a16_layers"] == [l.module for l in res.w16_layers]
+    assert all(p["size_bytes"] > 0 and 0 < p["weight_bytes"] < p["size_bytes"] for p in d["path"])
+
+
+def test_unreachable_target_ends_with_a_note(planted):  # noqa: F811
+    with _session(planted, True) as s:
+        res = search_mixed_precision(s, QNN_W8A8, planted["calib"], 200.0)
+    assert not res.reached and res.note.startswith("target SQNR 200 dB not reached")
+    assert res.unfixed and all(name.split(" ")[0] in {"0", "2", "4", "8"} for name in res.unfixed)
+    assert all(name.split(" ")[0] in res.note for name in res.unfixed)
+    # the best measured configuration is the one chosen, and it is not all-float
+    assert res.sqnr_db == max(p.sqnr_db for p in res.path)
+    assert len(res.keep_float) < len(s.layers)
+
+
+def test_sqnr_against_the_users_model_names_the_float_floor(planted):  # noqa: F811
+    """When the float model being quantized is itself a variant (float fixes, weight rounding),
+    the target is against the user's logits, and the note says how far the variant already is."""
+    x = planted["calib"]
+    own = run_onnx(planted["onnx"], "input", x)
+    rng = np.random.default_rng(1)
+    users = own + rng.normal(size=own.shape).astype(np.float32) * np.sqrt((own ** 2).mean() * 10 ** -5)  # 50 dB away
+    with _session(planted, False) as s:
+        res = search_mixed_precision(s, GENERIC_INT8, x, 55.0, reference=users)
+    assert res.float_sqnr_db == pytest.approx(50.0, abs=1.0)
+    assert not res.reached and "is itself at 50." in res.note, res.note
+
+
+# ---------------------------------------------------------------- the command
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory) -> Path:
+    from pipeline.stages.export import ExportOptions, export_model
+    from tests.parity_helpers import mnist_checkpoint
+    root = tmp_path_factory.mktemp("mixed_cli")
+    ckpt = mnist_checkpoint(root / "ckpt" / "model.safetensors")
+    out = root / "export"
+    export_model(None, out, checkpoint=ckpt, options=ExportOptions(formats=("onnx",)))
+    return out
+
+
+ARGS = ("--samples", "32", "--sensitivity-samples", "16", "--weight-rounding", "rtn", "--no-tflite",
+        "--eval-samples", "50", "--json", "-q")
+
+
+def _calibration(folder: Path) -> np.ndarray:
+    from quantize.calibration import load_calibration
+    return load_calibration("mnist", Manifest.load(folder).preprocessing, 32, seed=0)[:16]
+
+
+def test_cli_target_sqnr_writes_a_w8a8_model_that_reaches_it(cli, export_dir, tmp_path):
+    out = tmp_path / "q"
+    code, stdout, err = cli("quantize", str(export_dir), "--target-sqnr", "40", "--out", str(out), *ARGS)
+    assert code == 0, err
+    report = json.loads(stdout)["report"]
+    mixed = report["mixed_precision"]
+    assert mixed["reached"] and mixed["sqnr_db"] >= 40 > mixed["start_sqnr_db"], mixed["path"]
+    assert mixed["profile"] == "qnn-w8a8" and len(mixed["path"]) >= 2
+    # per layer: weight-only and activation-only figures beside the "only this layer" probe
+    layers = report["sensitivity"]["layers"]
+    assert all(math.isfinite(l["activation_only_snr_db"]) for l in layers)
+    assert all(math.isfinite(l["weight_only_snr_db"]) for l in layers if l["has_weights"])
+    # recorded in the manifest, applied to the w8a8 model only
+    manifest = Manifest.load(out)
+    w8a8 = next(a for a in manifest.artifacts if a.key == "onnx/w8a8-qnn")
+    w8a16 = next(a for a in manifest.artifacts if a.key == "onnx/w8a16-qnn")
+    assert w8a8.extra["mixed_precision"] == {"float": mixed["keep_float"], "w8a16": mixed["w8a16_layers"]}
+    assert w8a16.extra["mixed_precision"] == {"float": [], "w8a16": []}
+    assert manifest.source["quantization"]["target_sqnr"]["reached"] is True
+    assert any("target SQNR 40 dB reached" in n for n in report["notes"])
+    # the written file, run again on the same calibration inputs: the target holds
+    x = _calibration(export_dir)
+    measured = snr_db(run_onnx(export_dir / "model.onnx", "input", x), run_onnx(out / w8a8.path, "input", x))
+    assert measured >= 40, measured
+    # the report section draws the size-vs-SQNR plot and names the layers
+    from pipeline.report import QuantizeRecord
+    from pipeline.report.plots import plot_mixed_precision
+
+    class _Report:
+        def to_dict(self):
+            return report
+    rec = QuantizeRecord(str(out), _Report(), {})
+    plots = rec.plots(None)
+    assert plots["mixed_precision_pareto"][:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_mixed_precision(mixed)[:4] == b"\x89PNG"
+    md = "\n".join(rec.markdown(None, lambda name: [f"![{name}]"]))
+    assert "![mixed_precision_pareto]" in md and "Mixed precision to 40 dB" in md and "weights only" in md
+    # and the run record's quantize section, with the new keys, still matches the documented schema
+    from tests.json_schema import validate
+    root = Path(__file__).resolve().parents[1]
+    schema = json.loads((root / "pipeline/report/run_record.schema.json").read_text())
+    sub = dict(schema["properties"]["quantize"], **{"$defs": schema["$defs"]})
+    assert validate(json.loads(json.dumps(rec.to_dict())), sub) == []
+
+
+def test_cli_unreachable_target_is_a_note_not_a_failure(cli, export_dir, tmp_path):
+    out = tmp_path / "q"
+    code, stdout, err = cli("quantize", str(export_dir), "--target-sqnr", "200", "--out", str(out),
+                            "--no-sensitivity", *ARGS)
+    assert code == 0, err
+    report = json.loads(stdout)["report"]
+    mixed = report["mixed_precision"]
+    assert not mixed["reached"] and mixed["unfixed"]
+    note = next(n for n in report["notes"] if n.startswith("target SQNR 200 dB not reached"))
+    assert mixed["unfixed"][0].split(" ")[0] in note
+    assert report["sensitivity"] is None and mixed["split"]["layers"]     # split probes run for the search anyway
+    assert (out / "model_qnn_w8a8.onnx").is_file()
+
+
+def test_cli_rejects_a_non_finite_target(cli, export_dir, tmp_path):
+    code, _, err = cli("quantize", str(export_dir), "--target-sqnr", "nan", "--out", str(tmp_path / "q"), *ARGS)
+    assert code == 2 and "--target-sqnr" in err and "Traceback" not in err
