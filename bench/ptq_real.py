@@ -117,7 +117,7 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> list[Row]:
         if args.techniques and label.split(" ")[0] not in args.techniques and label not in args.techniques:
             continue
         with_tflite = not args.no_tflite and (techniques == ("rtn",) or label.startswith("default"))
-        opts = QuantizeOptions(target="snapdragon", calibration="photos", eval_data="photos",
+        opts = QuantizeOptions(target="snapdragon", calibration="photos", eval_data="photos", method=args.method,
                                samples=args.calib_samples, eval_samples=args.eval_samples,
                                rounding_samples=args.rounding_samples, weight_rounding=techniques,
                                sensitivity=False, tflite=with_tflite, force=True)
@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--techniques", type=lambda s: [t.strip() for t in s.split(",") if t.strip()], default=None,
                    help="only these rows (first word of the label, e.g. rtn,default)")
     p.add_argument("--no-tflite", action="store_true")
+    p.add_argument("--method", default="minmax", help="activation calibration of the mdeploy rows (default minmax)")
     args = p.parse_args(argv)
     header = (f"| {'technique':<26} | {'w8a8 top1/top5/SQNR':>20} | {'w8a16 top1/top5/SQNR':>20} | "
               f"{'TFLite int8 top1/top5/SQNR':>20} | {'size':>8} | {'time':>6} |")

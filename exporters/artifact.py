@@ -19,7 +19,7 @@ from typing import Any
 from models.errors import InputError
 from models.images import Preprocessing  # noqa: F401  (defined with the one function applying it)
 from models.util import error_line
-from models.util import layout_for_ndim as _layout_for_ndim
+from models.util import layout_for_ndim  # noqa: F401  (re-exported: exporters' one layout rule)
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -42,12 +42,6 @@ class TensorSpec:
     @property
     def quantized(self) -> bool:
         return self.scale is not None
-
-
-def layout_for_ndim(ndim: int, image_layout: str = "NCHW") -> str:
-    """The layout a tensor of ``ndim`` dims is recorded with: images 4-D (in
-    ``image_layout``), logits 2-D; ``models.util.layout_for_ndim`` for the NCHW default."""
-    return image_layout if ndim == 4 else _layout_for_ndim(ndim)
 
 
 def to_nchw_shape(shape: list[int | str], layout: str) -> list[int | str]:

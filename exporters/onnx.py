@@ -38,7 +38,7 @@ from exporters.base import ExportContext, Exporter, ExporterOptions, option
 from exporters.fileio import atomic_write_bytes
 from exporters.layer_map import NAME_SCOPES_KEY, layer_map_from_onnx
 from models.errors import InputError
-from models.util import error_line, first_line, layout_for_ndim
+from models.util import error_line, first_line
 
 DEFAULT_OPSET = 18
 INPUT_NAME = "input"

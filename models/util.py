@@ -45,9 +45,10 @@ def error_line(exc: BaseException, limit: int = 200) -> str:
 
 # -- layout -------------------------------------------------------------------
 
-def layout_for_ndim(ndim: int) -> str:
-    """The layout a float tensor of rank ``ndim`` is recorded with: images NCHW, logits NC."""
-    return {4: "NCHW", 2: "NC"}.get(ndim, "ANY")
+def layout_for_ndim(ndim: int, image_layout: str = "NCHW") -> str:
+    """The layout a float tensor of rank ``ndim`` is recorded with: images ``image_layout``
+    (NCHW unless the file says otherwise), logits NC."""
+    return {4: image_layout, 2: "NC"}.get(ndim, "ANY")
 
 
 # -- metrics ------------------------------------------------------------------

@@ -37,7 +37,7 @@ from exporters.base import (MODULE, ExportContext, Exporter, ExporterOptions, ch
                             exporter_classes, import_exporter_module, precisions_for)
 from exporters.fileio import atomic_write_bytes, check_writable_output, staged_output_dir
 from models.errors import InputError
-from models.util import error_line, layout_for_ndim
+from models.util import error_line
 
 PT_NAME = "model.safetensors"
 # Exporters registered outside exporters/ (which may not import them): Core ML weight
