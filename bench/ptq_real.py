@@ -114,7 +114,7 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> list[Row]:
     rows.append(naive)
     print(_line(naive), flush=True)
     for label, techniques in TECHNIQUE_SETS:
-        if args.techniques and label.split(" ")[0] not in args.techniques and label not in args.techniques:
+        if args.techniques and label.split(" ")[0].rstrip(":") not in args.techniques and label not in args.techniques:
             continue
         with_tflite = not args.no_tflite and (techniques == ("rtn",) or label.startswith("default"))
         opts = QuantizeOptions(target="snapdragon", calibration="photos", eval_data="photos", method=args.method,
