@@ -36,7 +36,6 @@ from exporters.onnx import load_onnx
 from exporters.tflite_metadata import TensorInfo, image_classifier_metadata, pack_model, populate
 from exporters.tflite_ops import delegate_fallbacks, graph_ops, op_counts
 from models.errors import InputError
-from models.util import layout_for_ndim
 
 PRECISIONS = ("fp32", "fp16", "dynamic", "int8", "int8-io")
 DEFAULT_PRECISIONS = ("fp32", "fp16")        # the integer kinds need calibration data: asked for explicitly

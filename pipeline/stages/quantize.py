@@ -250,6 +250,11 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
                 made = export_tflite(float_onnx, stage, ["int8-io"], preprocessing=pre, labels=manifest.labels,
                                      card=manifest.card, calibration=calib, root=stage)
                 for a in made:
+                    if optimized and a.precision == "int8-io":
+                        from quantize.grid_check import tflite_weight_mismatch
+                        grid = tflite_weight_mismatch(float_onnx, stage / a.path)
+                        a.extra["weight_grid_mismatch"] = grid.mismatch
+                        a.extra["weight_grid_unmatched"] = grid.unmatched
                     if fix_result is not None:
                         a.extra["layer_map"] = fix_result.remap_layer_map(a.extra.get("layer_map", {}))
                     a.extra["float_fixes"] = list(fixes)
@@ -287,6 +292,12 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
                 moved = {a.key: sum(a.extra.get("weight_grid_mismatch", {}).values())
                          for a in artifacts if "weight_grid_mismatch" in a.extra}
                 report.weight_rounding["grid_mismatch"] = moved
+                unmatched = {a.key: len(a.extra["weight_grid_unmatched"]) for a in artifacts
+                             if "weight_grid_unmatched" in a.extra}
+                report.weight_rounding["grid_unmatched"] = unmatched
+                if any(unmatched.values()):
+                    notes.append("weights the grid check could not pair with a quantized tensor: "
+                                 + ", ".join(f"{k}: {v}" for k, v in unmatched.items() if v))
                 if any(moved.values()):
                     notes.append("the quantizer re-rounded some optimized weights: "
                                  + ", ".join(f"{k}: {v}" for k, v in moved.items() if v))
