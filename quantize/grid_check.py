@@ -49,6 +49,7 @@ class GridCheck:
     mismatch: dict[str, int] = field(default_factory=dict)
     unmatched: list[str] = field(default_factory=list)
     extra_tensors: list[str] = field(default_factory=list)
+    kept_float: list[str] = field(default_factory=list)    # below the converter's size threshold: not int8
 
     @property
     def total(self) -> int:
@@ -56,7 +57,8 @@ class GridCheck:
 
     def to_dict(self) -> dict[str, Any]:
         return {"mismatch": dict(self.mismatch), "total": self.total, "checked": len(self.mismatch),
-                "unmatched": list(self.unmatched), "extra_tensors": list(self.extra_tensors)}
+                "unmatched": list(self.unmatched), "extra_tensors": list(self.extra_tensors),
+                "kept_float": list(self.kept_float)}
 
 
 def float_weights(source: Any) -> dict[str, np.ndarray]:
@@ -113,8 +115,10 @@ def tflite_int8_weights(tflite_path: str | Path) -> dict[str, tuple[np.ndarray, 
     (integers, scales, quantized dimension). Activations carry one scale, weights one per
     output channel; a per-tensor weight of rank >= 2 is included when its buffer is
     readable before inference (a constant)."""
-    from device_tests.runners.litert import _interpreter_cls
-    Interpreter, _ = _interpreter_cls()
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:   # tflite-runtime as a fallback
+        from tflite_runtime.interpreter import Interpreter  # type: ignore
     interp = Interpreter(model_path=str(tflite_path))
     interp.allocate_tensors()
     io = {d["index"] for d in interp.get_input_details() + interp.get_output_details()}
@@ -190,7 +194,7 @@ def coreml_int8_weights(mlpackage: str | Path) -> dict[str, tuple[np.ndarray, np
                              file_weights_dir=mlmodel.weights_dir)
     out: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None, int]] = {}
     for fn in prog.functions.values():
-        for op in fn.find_ops(op_type=None, exclude_const=False) if hasattr(fn, "find_ops") else []:
+        for op in [op for kind in _DEQUANT_OPS for op in fn.find_ops(op_type=kind)]:
             if op.op_type == "constexpr_affine_dequantize":
                 q = np.asarray(op.quantized_data.val)
                 zp = np.asarray(op.zero_point.val) if op.zero_point is not None else None
@@ -206,11 +210,12 @@ def coreml_int8_weights(mlpackage: str | Path) -> dict[str, tuple[np.ndarray, np
     return out
 
 
-def coreml_weight_mismatch(float_source: Any, mlpackage: str | Path) -> GridCheck:
+def coreml_weight_mismatch(float_source: Any, mlpackage: str | Path, weight_threshold: int = 2048) -> GridCheck:
     """Per float weight, how many integers of the package's int8 weights differ from
     ``round(w / (max|w| / 127))``; a nonzero zero point counts every integer of its channel
     as a mismatch (it is a different grid). Matching is by shape (Core ML keeps PyTorch's
-    OIHW and (out, in) layouts) and value."""
+    OIHW and (out, in) layouts) and value. Weights under ``weight_threshold`` elements
+    (coremltools' default: it leaves them in float) go to ``kept_float`` when unmatched."""
     weights = float_weights(float_source)
     tensors = coreml_int8_weights(mlpackage)
     check = GridCheck()
@@ -230,7 +235,7 @@ def coreml_weight_mismatch(float_source: Any, mlpackage: str | Path) -> GridChec
                 if best is None or err < best[0]:
                     best = (err, tname)
         if best is None:
-            check.unmatched.append(name)
+            (check.kept_float if w.size < weight_threshold else check.unmatched).append(name)
             continue
         tname = best[1]
         used.add(tname)
