@@ -77,6 +77,10 @@ def test_the_coreml_int8w_package_carries_the_optimised_integers(stage):
     # and the package runs (numpy MIL interpreter off macOS) close to float on held-out digits
     (v,) = [v for v in result.report.variants if v.key == pkg.key]
     assert v.top1_agreement >= 0.9 and min(v.snr_db.values()) > 20
+    # `mdeploy verify DIR2` checks it like the other quantized files
+    from pipeline.stages.verify import VerifyOptions, verify_folder
+    pairs = {p["target"]: p for p in verify_folder(tmp / "q", VerifyOptions(samples=8)).report.to_dict()["pairs"]}
+    assert pairs[pkg.key]["passed"], pairs[pkg.key]
 
 
 def test_the_plain_route_is_measured_shown_and_not_written(stage):

@@ -9,6 +9,8 @@ Used by ``mdeploy quantize`` and ``mdeploy run``, without argparse: every choice
   ``snapdragon`` -> ``model_qnn_w8a8.onnx`` and ``model_qnn_w8a16.onnx`` (QNN EP),
   ``generic`` -> ``model_int8.onnx`` (ORT CPU);
 * the full-integer TFLite with int8 input and output (``exporters.tflite``, ``int8-io``);
+* with ``coreml`` (``--coreml``), an ``int8w`` ``.mlpackage``: the registered Core ML exporters,
+  per-channel symmetric int8 weights compressed from the fp32 program (``quantize.coreml``);
 * a copy of the PyTorch reference, so ``mdeploy verify DIR2`` checks every quantized file
   against the model the user trained (not against a float-fixed variant of it);
 * ``manifest.json`` (the encodings of each QDQ model in its ``extra``) and
@@ -20,6 +22,13 @@ same preprocessing); per-layer sensitivity on calibration inputs, so the held-ou
 never influences a choice that is then measured on it. ``target_sqnr`` (``--target-sqnr``)
 raises layers of the first profile's model until its logit SQNR on those inputs gets
 there (``quantize.mixed_precision``); the chosen layers apply to that model only.
+
+With weight rounding other than ``rtn``, every written model's int8 weights are read back
+and compared with the optimised float weights' own grid (``weight_grid_mismatch`` for the
+QDQ ONNX, ``quantize.grid_check`` for the TFLite and Core ML files), and, unless
+``plain_baseline`` is off, the first profile is also quantized with round-to-nearest
+weights in the temporary folder and measured on the same held-out inputs
+(``report.plain_route``), so the report shows what the rounding bought.
 """
 from __future__ import annotations
 
