@@ -303,6 +303,9 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
                 t0 = time.perf_counter()
                 plain = _plain_route(model, fixes, calib, profiles[0], method, shape, calib_source, tmp)
                 seconds["plain_route"] = time.perf_counter() - t0
+                if keep or wide or (mixed is not None and (mixed.keep_float or mixed.w16_layers)):
+                    notes.append(f"the plain round-to-nearest {profiles[0].name} row has no layers kept in float "
+                                 "or raised to 16 bits: it compares the weight rounding, not the mixed precision")
 
             say(f"measuring accuracy on {len(evaluation.x)} held-out inputs")
             t0 = time.perf_counter()
