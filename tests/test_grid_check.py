@@ -3,7 +3,6 @@ TFLite int8-io model of the quantize stage, and the Core ML int8w package of ``-
 read back and compared to ``round(w / (max|w| / 127))`` of the optimised float model."""
 from __future__ import annotations
 
-
 import pytest
 
 from tests.parity_helpers import mnist_checkpoint
