@@ -76,6 +76,9 @@ class QuantizeSection(_Section):
     target_sqnr: float | None = Field(None, description="dB: mixed precision until the 8-bit model's logit SQNR "
                                                      "reaches it (16-bit activations, then float)")
     sensitivity: bool = True
+    coreml: bool = Field(False, description="also write a Core ML package with int8 weights (int8w), grid-checked")
+    plain_baseline: bool = Field(True, description="measure the first profile with round-to-nearest weights too "
+                                                   "(not written), to show what the weight rounding gained")
     eval_samples: int = Field(1000, ge=1, description="held-out images for the accuracy figures")
 
 

@@ -157,6 +157,7 @@ class QuantReport:
     sensitivity: dict[str, Any] | None = None
     weight_rounding: dict[str, Any] | None = None
     mixed_precision: dict[str, Any] | None = None      # quantize.mixed_precision: split probes, --target-sqnr search
+    plain_route: VariantResult | None = None           # the first profile with round-to-nearest weights (not written)
     notes: list[str] = field(default_factory=list)
     references: tuple[ReferencePoint, ...] = REFERENCES
 
@@ -181,7 +182,8 @@ class QuantReport:
             "eval_samples": self.eval_samples, "calibration": self.calibration,
             "variants": [v.to_dict() for v in self.variants], "float_fixes": self.float_fixes,
             "sensitivity": self.sensitivity, "weight_rounding": self.weight_rounding,
-            "mixed_precision": self.mixed_precision, "notes": self.notes,
+            "mixed_precision": self.mixed_precision,
+            "plain_route": self.plain_route.to_dict() if self.plain_route is not None else None, "notes": self.notes,
             "references": [r.to_dict() for r in self.references], "comparison": self.comparison(),
         }
 

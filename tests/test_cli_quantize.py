@@ -54,6 +54,13 @@ def test_snapdragon_target_writes_qnn_models_and_tflite_within_one_point(cli, ex
     assert json.loads((out / "quantization_report.json").read_text())["variants"] == report["variants"]
     for a in manifest.artifacts:
         assert (out / a.path).is_file()
+    # the default weight rounding: every written model carries the optimised integers, and the
+    # plain round-to-nearest w8a8 model is measured beside them (not written)
+    assert report["weight_rounding"]["grid_mismatch"] == {k: 0 for k in keys}
+    assert report["weight_rounding"]["grid_unmatched"] == {"tflite/int8-io": 0}
+    plain = report["plain_route"]
+    assert plain["key"] == "onnx/w8a8-qnn (plain rtn, not written)" and plain["samples"] == 500
+    assert not any("plain" in p.name for p in out.iterdir())
     # the comparison with Qualcomm's published figures is in the data
     assert {r["reference"] for r in report["comparison"]} == {r["name"] for r in report["references"]}
     # and `mdeploy verify` accepts the folder: every quantized file against the PyTorch model
@@ -71,7 +78,8 @@ def test_generic_target_with_float_fixes_mixed_precision_and_tables(cli, export_
                             "--no-tflite", "--eval-samples", "200", "--top", "3", "--out", str(out))
     assert code == 0, err
     for text in ("onnx/int8", "float fixes", "cle", "most sensitive layers", "AIMET data-free W8A8",
-                 "AI Hub w8a8 TFLite", "ours: onnx/int8", "mdeploy verify"):
+                 "AI Hub w8a8 TFLite", "ours: onnx/int8", "mdeploy verify", "(plain rtn, not written)",
+                 "Grid check", "onnx/int8 0 integer(s) differ"):
         assert text in stdout, text
     report = json.loads((out / "quantization_report.json").read_text())
     assert [f["name"] for f in report["float_fixes"]] == ["bn", "cle", "bias"]

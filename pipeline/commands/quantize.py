@@ -58,6 +58,12 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
                         "problem, until the logit SQNR on the sensitivity inputs reaches DB (re-measured on the "
                         "quantized model at each step); a note says when it cannot")
     p.add_argument("--no-tflite", action="store_true", help="skip the full-integer TFLite")
+    p.add_argument("--coreml", action="store_true",
+                   help="also write a Core ML package with per-channel symmetric int8 weights (int8w, from the fp32 "
+                        "program); its integers are checked against the optimised weights")
+    p.add_argument("--no-plain-baseline", action="store_true",
+                   help="skip the comparison row: the first profile quantized with plain round-to-nearest weights "
+                        "(measured on the same held-out inputs, not written)")
     p.add_argument("--no-sensitivity", action="store_true", help="skip the per-layer sensitivity analysis")
     p.add_argument("--sensitivity-mode", choices=("only", "exclude"), default="only",
                    help="only: quantize one layer at a time; exclude: keep one layer float at a time")
@@ -80,7 +86,8 @@ def run(args: argparse.Namespace, ui) -> int:
         float_fixes=tuple(args.float_fixes), keep_float=args.keep_float,
         weight_rounding=tuple(args.weight_rounding) if args.weight_rounding is not None else None,
         rounding_samples=args.rounding_samples, w8a16_layers=args.w8a16_layers, target_sqnr=args.target_sqnr,
-        tflite=not args.no_tflite, sensitivity=not args.no_sensitivity,
+        tflite=not args.no_tflite, coreml=args.coreml, plain_baseline=not args.no_plain_baseline,
+        sensitivity=not args.no_sensitivity,
         sensitivity_mode=args.sensitivity_mode, sensitivity_samples=args.sensitivity_samples,
         eval_data=args.eval_data, eval_samples=args.eval_samples, force=args.force, seed=args.seed)
     with sensitivity_progress(ui) as on_layer:
@@ -95,6 +102,38 @@ def run(args: argparse.Namespace, ui) -> int:
     ui.result(f"wrote {len(result.manifest.artifacts)} artifacts, manifest.json and quantization_report.json "
               f"to {result.folder} ({times}); check them with `mdeploy verify {result.folder}`")
     return 0
+
+
+TECHNIQUE_WORDS = {"mse": "per-channel scale search (mse)", "gptq": "GPTQ rounding with error feedback",
+                   "sequential": "sequential (on already-quantized inputs)", "bias": "bias correction",
+                   "rtn": "round to nearest"}
+
+
+def rounding_summary(q: dict) -> str:
+    """One paragraph on the weight rounding (also in the run report): techniques, median
+    per-layer gain, the grid checks of each written model and the plain route beside it."""
+    wr = q.get("weight_rounding") or {}
+    if not wr:
+        return ""
+    words = ", ".join(TECHNIQUE_WORDS.get(t, t) for t in wr.get("techniques", []))
+    gain = wr.get("median_gain_db")
+    text = (f"weight rounding: {words} on {wr.get('samples')} calibration inputs"
+            + (f", median per-layer output error {gain:+.2f} dB better than round-to-nearest" if gain is not None
+               else "") + ".")
+    grid = wr.get("grid_mismatch") or {}
+    if grid:
+        unmatched = wr.get("grid_unmatched") or {}
+        text += (" Grid check (the written int8 weights against round(w / (max|w| / 127)) of the optimised model): "
+                 + "; ".join(f"{k} {v} integer(s) differ" + (f", {unmatched[k]} weight(s) unpaired"
+                                                            if unmatched.get(k) else "")
+                             for k, v in grid.items()) + ".")
+    plain = q.get("plain_route")
+    if plain:
+        snr = ", ".join(_db(s) for s in (plain.get("snr_db") or {}).values())
+        text += (f" Plain route ({plain['key']}): the same profile with round-to-nearest weights, top-1 agreement "
+                 f"{_pct(plain.get('top1_agreement'))}, SNR {snr} dB"
+                 + (f", accuracy {_pct(plain.get('accuracy'))}" if plain.get("accuracy") is not None else "") + ".")
+    return text
 
 
 @contextlib.contextmanager
@@ -136,10 +175,18 @@ def show_report(ui, report, top: int = TOP_LAYERS) -> None:
         t.add_row(v.key, _pct(v.accuracy), _points(change), _pct(v.top1_agreement),
                   ", ".join(_db(s) for s in v.snr_db.values()), _size(v.size_bytes),
                   f"{v.size_ratio:.1f}x" if v.size_ratio else "")
+    plain = getattr(report, "plain_route", None)
+    if plain is not None:
+        change = None if plain.drop_points is None else -plain.drop_points
+        t.add_row(plain.key, _pct(plain.accuracy), _points(change), _pct(plain.top1_agreement),
+                  ", ".join(_db(s) for s in plain.snr_db.values()), _size(plain.size_bytes), "", style="dim")
     ui.table(t)
     cal = report.calibration
     ui.result(f"calibration: {cal.get('samples')} inputs from {cal.get('source')}, {cal.get('method')} ranges; "
               "size is against the float ONNX model")
+    text = rounding_summary(report.to_dict())
+    if text:
+        ui.result(text)
 
     if report.float_fixes:
         f = Table(title="float fixes (applied to the PyTorch model before export and quantization)")

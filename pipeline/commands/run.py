@@ -128,7 +128,7 @@ def run(args: argparse.Namespace, ui) -> int:
                                float_fixes=tuple(q.float_fixes), weight_rounding=tuple(q.weight_rounding),
                                keep_float=q.keep_float,
                                w8a16_layers=q.w8a16_layers, target_sqnr=q.target_sqnr, sensitivity=q.sensitivity,
-                               eval_samples=q.eval_samples)
+                               coreml=q.coreml, plain_baseline=q.plain_baseline, eval_samples=q.eval_samples)
         with sensitivity_progress(ui) as on_layer:
             res = quantize_folder(export_dir, quant_dir, opts, progress=ui.info, layer_progress=on_layer)
         record.add(QuantizeRecord(str(quant_dir), res.report, res.seconds))

@@ -206,11 +206,20 @@ class QuantizeRecord:
         rows = [[v["key"], pct(v.get("accuracy")), num(v.get("drop_points"), 3), pct(v.get("top1_agreement")),
                  ", ".join(num(x, 3) for x in (v.get("snr_db") or {}).values()), f"{v['size_bytes'] / 1024:,.1f}",
                  f"{num(v.get('size_ratio'), 3)}x"] for v in q["variants"]]
+        plain = q.get("plain_route")
+        if plain:
+            rows.append([plain["key"], pct(plain.get("accuracy")), num(plain.get("drop_points"), 3),
+                         pct(plain.get("top1_agreement")),
+                         ", ".join(num(x, 3) for x in (plain.get("snr_db") or {}).values()), "-", "-"])
         lines = [f"## Quantization ({q.get('target')})", "",
                  f"Float (PyTorch) accuracy {pct(q.get('float_accuracy'))} on {q.get('eval_samples')} held-out "
                  f"inputs; calibration: {calib.get('samples')} inputs, {calib.get('method')} ranges.", ""]
         lines += table(["artifact", "accuracy", "drop (points; negative = gained)", "top-1 agree", "SNR dB",
                         "size (KiB)", "smaller"], "lrrrrrr", rows)
+        from pipeline.commands.quantize import rounding_summary
+        summary = rounding_summary(q)
+        if summary:
+            lines += ["", summary[0].upper() + summary[1:]]
         refs = q.get("references") or []
         if refs:
             lines += ["", "Reference points (MobileNetV2, ImageNet top-1): " + "; ".join(

@@ -9,6 +9,8 @@ Used by ``mdeploy quantize`` and ``mdeploy run``, without argparse: every choice
   ``snapdragon`` -> ``model_qnn_w8a8.onnx`` and ``model_qnn_w8a16.onnx`` (QNN EP),
   ``generic`` -> ``model_int8.onnx`` (ORT CPU);
 * the full-integer TFLite with int8 input and output (``exporters.tflite``, ``int8-io``);
+* with ``coreml`` (``--coreml``), an ``int8w`` ``.mlpackage``: the registered Core ML exporters,
+  per-channel symmetric int8 weights compressed from the fp32 program (``quantize.coreml``);
 * a copy of the PyTorch reference, so ``mdeploy verify DIR2`` checks every quantized file
   against the model the user trained (not against a float-fixed variant of it);
 * ``manifest.json`` (the encodings of each QDQ model in its ``extra``) and
@@ -20,6 +22,13 @@ same preprocessing); per-layer sensitivity on calibration inputs, so the held-ou
 never influences a choice that is then measured on it. ``target_sqnr`` (``--target-sqnr``)
 raises layers of the first profile's model until its logit SQNR on those inputs gets
 there (``quantize.mixed_precision``); the chosen layers apply to that model only.
+
+With weight rounding other than ``rtn``, every written model's int8 weights are read back
+and compared with the optimised float weights' own grid (``weight_grid_mismatch`` for the
+QDQ ONNX, ``quantize.grid_check`` for the TFLite and Core ML files), and, unless
+``plain_baseline`` is off, the first profile is also quantized with round-to-nearest
+weights in the temporary folder and measured on the same held-out inputs
+(``report.plain_route``), so the report shows what the rounding bought.
 """
 from __future__ import annotations
 
@@ -60,6 +69,8 @@ class QuantizeOptions:
     w8a16_layers: str | int | None = None      # N most sensitive layers, or names
     target_sqnr: float | None = None           # dB: raise layers of the first profile until its logit SQNR gets there
     tflite: bool = True
+    coreml: bool = False                       # also an int8w .mlpackage (per-channel symmetric int8 weights)
+    plain_baseline: bool = True                # measure the first profile with round-to-nearest weights too
     sensitivity: bool = True
     sensitivity_mode: str = "only"
     sensitivity_samples: int = DEFAULT_SENSITIVITY_SAMPLES
@@ -250,6 +261,11 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
                 made = export_tflite(float_onnx, stage, ["int8-io"], preprocessing=pre, labels=manifest.labels,
                                      card=manifest.card, calibration=calib, root=stage)
                 for a in made:
+                    if optimized and a.precision == "int8-io":
+                        from quantize.grid_check import tflite_weight_mismatch
+                        grid = tflite_weight_mismatch(float_onnx, stage / a.path)
+                        a.extra["weight_grid_mismatch"] = grid.mismatch
+                        a.extra["weight_grid_unmatched"] = grid.unmatched
                     if fix_result is not None:
                         a.extra["layer_map"] = fix_result.remap_layer_map(a.extra.get("layer_map", {}))
                     a.extra["float_fixes"] = list(fixes)
@@ -260,13 +276,40 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
                 if keep or wide or (mixed is not None and (mixed.keep_float or mixed.w16_layers)):
                     notes.append("mixed precision applies to the ONNX models only: the TFLite int8-io model is "
                                  "full integer (TFLite has no per-layer float fallback in that mode)")
+            if opts.coreml:
+                say("converting the Core ML package with int8 weights (int8w, from the fp32 program)")
+                t0 = time.perf_counter()
+                made = _coreml_int8w(fixed if fix_result is not None else model, shape, pre, manifest, stage)
+                for a in made:
+                    a.extra["float_fixes"] = list(fixes)
+                    if optimized:
+                        from quantize.grid_check import coreml_weight_mismatch
+                        grid = coreml_weight_mismatch(float_onnx, stage / a.path)
+                        a.extra["weight_grid_mismatch"] = grid.mismatch
+                        a.extra["weight_grid_unmatched"] = grid.unmatched
+                        a.extra["weight_grid_kept_float"] = grid.kept_float
+                        if grid.kept_float:
+                            notes.append(f"{a.key}: {len(grid.kept_float)} weight(s) under 2,048 elements stay "
+                                         "float (coremltools' weight_threshold); the grid check covers the "
+                                         f"{len(grid.mismatch)} int8 ones")
+                artifacts.extend(made)
+                seconds["coreml"] = time.perf_counter() - t0
             for a in artifacts[1:]:
                 if a.format == "onnx":
                     a.extra["float_fixes"] = list(fixes)
+            plain = None
+            if optimized and opts.plain_baseline:
+                say(f"quantizing {profiles[0].name} with round-to-nearest weights (for comparison, not written)")
+                t0 = time.perf_counter()
+                plain = _plain_route(model, fixes, calib, profiles[0], method, shape, calib_source, tmp)
+                seconds["plain_route"] = time.perf_counter() - t0
+                if keep or wide or (mixed is not None and (mixed.keep_float or mixed.w16_layers)):
+                    notes.append(f"the plain round-to-nearest {profiles[0].name} row has no layers kept in float "
+                                 "or raised to 16 bits: it compares the weight rounding, not the mixed precision")
 
             say(f"measuring accuracy on {len(evaluation.x)} held-out inputs")
             t0 = time.perf_counter()
-            report = _measure(stage, artifacts, evaluation, manifest, opts, float_size, notes)
+            report = _measure(stage, artifacts, evaluation, manifest, opts, float_size, notes, plain)
             seconds["evaluation"] = time.perf_counter() - t0
             report.calibration = {"source": str(calib_source), "samples": int(len(calib)), "method": method,
                                   "seed": opts.seed}
@@ -287,6 +330,12 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
                 moved = {a.key: sum(a.extra.get("weight_grid_mismatch", {}).values())
                          for a in artifacts if "weight_grid_mismatch" in a.extra}
                 report.weight_rounding["grid_mismatch"] = moved
+                unmatched = {a.key: len(a.extra["weight_grid_unmatched"]) for a in artifacts
+                             if "weight_grid_unmatched" in a.extra}
+                report.weight_rounding["grid_unmatched"] = unmatched
+                if any(unmatched.values()):
+                    notes.append("weights the grid check could not pair with a quantized tensor: "
+                                 + ", ".join(f"{k}: {v}" for k, v in unmatched.items() if v))
                 if any(moved.values()):
                     notes.append("the quantizer re-rounded some optimized weights: "
                                  + ", ".join(f"{k}: {v}" for k, v in moved.items() if v))
@@ -347,20 +396,65 @@ def _reached_note(mixed: Any) -> str:
             f"{len(mixed.keep_float)} in float, applied to {mixed.profile}")
 
 
+def _coreml_int8w(model: Any, shape: tuple[int, ...], pre: Any, manifest: Manifest, stage: Path) -> list[Artifact]:
+    """The ``int8w`` package through the registered Core ML exporters, compressed from the
+    **fp32** program: coremltools computes the per-channel scale in the weight's dtype, and
+    from fp16 weights that division can move an integer off the optimised grid
+    (``quantize.grid_check``)."""
+    from exporters.base import ExportContext, exporters_for, import_exporter_module
+    from exporters.coreml import CoreMLOptions
+    import_exporter_module("quantize.coreml")           # registers the compressed Core ML exporter
+    cls = next((c for c in exporters_for("coreml") if c.supports("int8w")), None)
+    if cls is None:
+        raise InputError("--coreml", "a registered Core ML exporter offering int8w (quantize.coreml)", "none")
+    exporter = cls(CoreMLOptions().checked())
+    exporter.compress_from = "fp32"
+    ctx = ExportContext(model=model.eval(), input_shape=shape, preprocessing=pre, root=stage,
+                        labels=manifest.labels, card=manifest.card)
+    return exporter.export(model.eval(), stage, ["int8w"], ctx)
+
+
+def _plain_route(model: Any, fixes: tuple[str, ...], calib: np.ndarray, profile: Any, method: str,
+                 shape: tuple[int, ...], calib_source: Any, tmp: Path) -> tuple[Artifact, Path]:
+    """The first profile quantized the plain way: the user's model with the same float
+    fixes (BatchNorm folded) but round-to-nearest weights, calibrated the same way, in the
+    temporary folder (not shipped). The report measures it on the same held-out inputs."""
+    from exporters.onnx import export_onnx
+    from quantize.float_fixes import apply_float_fixes
+    from quantize.onnx_ptq import PtqSession
+    plain_dir = tmp / "plain"
+    plain_dir.mkdir(exist_ok=True)
+    applied = tuple(dict.fromkeys(fixes + ("bn",)))
+    fixed = apply_float_fixes(model, applied, calibration=calib, per_channel=profile.per_channel)
+    export_onnx(fixed.model, plain_dir / "float.onnx", shape)
+    with PtqSession(plain_dir / "float.onnx", calib, qnn=profile.qnn, calibration_source=str(calib_source)) as s:
+        s.ranges(method)
+        art = s.quantize(profile, plain_dir / f"{profile.file_stem}.onnx", method=method, root=plain_dir)
+    return art, plain_dir
+
+
 def _measure(stage: Path, artifacts: list[Artifact], evaluation: Any, manifest: Manifest,
-             opts: QuantizeOptions, float_size: int, notes: list[str]) -> Any:
-    """Run the reference and every quantized artifact on the held-out inputs."""
+             opts: QuantizeOptions, float_size: int, notes: list[str],
+             plain: tuple[Artifact, Path] | None = None) -> Any:
+    """Run the reference and every quantized artifact on the held-out inputs (and the
+    plain round-to-nearest model, from the temporary folder, when there is one)."""
     from device_tests.compare import run_all
     from device_tests.runners.base import runner_for
     from quantize.report import QuantReport, accuracy, measure_variant
 
     runners = {}
+    plain, plain_root = plain if plain is not None else (None, None)
+    plain_key = f"{plain.key} (plain rtn, not written)" if plain is not None else None
     try:
         for art in artifacts:
             cls = runner_for(art)
             runner = cls()
             runner.load(art, stage)
             runners[art.key] = runner
+        if plain is not None:
+            runner = runner_for(plain)()
+            runner.load(plain, plain_root)
+            runners[plain_key] = runner
         results = run_all(runners, {artifacts[0].inputs[0].name: evaluation.x}, batch_size=32)
     finally:
         for r in runners.values():
@@ -374,6 +468,9 @@ def _measure(stage: Path, artifacts: list[Artifact], evaluation: Any, manifest: 
     for art in artifacts[1:]:
         report.variants.append(measure_variant(art.key, art.path, art.precision, art.size_bytes, ref,
                                                results.outputs[art.key], evaluation.labels, float_size))
+    if plain is not None:
+        report.plain_route = measure_variant(plain_key, "", plain.precision, plain.size_bytes, ref,
+                                             results.outputs[plain_key], evaluation.labels, float_size)
     return report
 
 
