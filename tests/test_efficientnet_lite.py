@@ -79,3 +79,11 @@ def test_photos_split_keeps_calibration_and_evaluation_photos_apart():
     from exporters.artifact import Preprocessing
     got = load_images("photos", Preprocessing([64, 64], [0.5] * 3, [0.5] * 3), "test", 16)
     assert got.labels is None and got.x.shape == (16, 3, 64, 64)
+
+
+def test_training_on_the_unlabelled_photos_is_refused(cli, tmp_path):
+    code, _, err = cli("train", "mobilenet_v2", "--data", "photos", "--epochs", "1", "--out", str(tmp_path / "t"))
+    assert code == 2
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "unlabelled" in errors[0] and "--data photos" in errors[0]
+    assert not (tmp_path / "t").exists()

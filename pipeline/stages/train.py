@@ -179,6 +179,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, force: bool = False,
             dist.init_process_group("gloo")
 
     train_all = load_dataset(cfg.data, "train")
+    if not train_all.labelled:
+        from models.errors import InputError
+        raise InputError(f"--data {cfg.data}", "a labelled data set (mnist, digits or class folders)",
+                         "an unlabelled set (calibration and evaluation only)")
     if cfg.train_samples:
         train_all = train_all.subset(cfg.train_samples, seed=cfg.seed)
     test_set = load_dataset(cfg.data, "test")
