@@ -216,7 +216,7 @@ def split_sensitivity(session: PtqSession, profile: QuantProfile, x: np.ndarray,
             inits[wname].CopyFrom(numpy_helper.from_array(weights[layer.name], wname))
             onnx.save(model, str(probe))
             inits[wname].CopyFrom(saved)
-            w_snr = snr_db(ref, run_onnx(probe, session.input_name, x))
+            w_snr = snr_db(ref, run_onnx(probe, session.input_name, x, as_written=True))
         # activation-only: Q -> DQ on the layer's activations with the model's own encodings
         a_snr = None
         tensors = [layer.output] + [t for t in layer.inputs if t not in layer_outputs]
@@ -228,7 +228,7 @@ def split_sensitivity(session: PtqSession, profile: QuantProfile, x: np.ndarray,
             for t, qp in encodings:
                 _insert_qdq(edited, t, qp, act_dtype)
             onnx.save(edited, str(probe))
-            a_snr = snr_db(ref, run_onnx(probe, session.input_name, x))
+            a_snr = snr_db(ref, run_onnx(probe, session.input_name, x, as_written=True))
         report.layers.append(SplitSensitivity(_key(layer), layer.name, layer.op_type, w_snr, a_snr, has_w))
     if progress:
         progress(len(layers), len(layers), "")

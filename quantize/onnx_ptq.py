@@ -83,6 +83,13 @@ PERCENTILE = 99.999
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add")
 FOLDED_ACTIVATIONS = ("Relu", "Clip")
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# onnxruntime >= 1.21 quantizes, at session load, the float weight of every Conv /
+# ConvTranspose / Gemm whose input 0 comes from a per-tensor DequantizeLinear, to
+# *per-tensor* symmetric int8 (a Level-1 optimizer, so before partitioning: the QNN EP
+# sees it too). A layer we keep in float must therefore not read a DQ output
+# (``_float_layers_read_float``), and probes that quantize part of a graph run with it off.
+ORT_REQUANTIZING_OPTIMIZERS = ("WeightBiasQuantization",)
+_REQUANTIZED_OPS = ("Conv", "ConvTranspose", "Gemm")
 
 _QTYPES = {"uint8": "QUInt8", "int8": "QInt8", "uint16": "QUInt16", "int16": "QInt16"}
 _ONNX_DTYPES = {2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32"}
@@ -382,7 +389,9 @@ class PtqSession:
         if only is not None:
             nodes = {n for layer in only for n in layer.nodes}
             exclude = [n.name for n in self.model.graph.node if n.name and n.name not in nodes]
-        self._run_quantizer(profile, Path(out_path), ranges, exclude, overrides)
+        # a probe of one layer (``only``) keeps its output Q/DQ in the path on purpose
+        rewire = set() if only is not None else {n for layer in keep_float for n in layer.nodes}
+        self._run_quantizer(profile, Path(out_path), ranges, exclude, overrides, rewire)
         return ranges
 
     def _config(self, profile: QuantProfile, exclude: list[str], overrides: dict[str, Any]) -> Any:
@@ -407,7 +416,7 @@ class PtqSession:
                                  extra_options=extra)
 
     def _run_quantizer(self, profile: QuantProfile, out_path: Path, ranges: Ranges, exclude: list[str],
-                       overrides: dict[str, Any]) -> None:
+                       overrides: dict[str, Any], float_layers: set[str] = frozenset()) -> None:
         import onnx
         from onnxruntime.quantization import quantize_static
 
@@ -429,6 +438,7 @@ class PtqSession:
             raise InputError(self.float_onnx, f"a model ONNX Runtime can quantize ({profile.name})",
                              f"{type(exc).__name__}: {msg}") from None
         proto = onnx.load(str(tmp))
+        _float_layers_read_float(proto, set(float_layers))
         proto.producer_name = f"mdeploy ptq ({profile.name}, onnxruntime.quantization)"
         out_path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(out_path) as staged:
@@ -464,6 +474,28 @@ class PtqSession:
                         size_bytes=size_of(path), tool="onnxruntime.quantization (QDQ)"
                         + (" + execution_providers.qnn" if profile.qnn else ""),
                         tool_version=onnxruntime.__version__, variant=profile.variant, extra=extra)
+
+
+def _float_layers_read_float(proto: Any, float_nodes: set[str]) -> int:
+    """Let each float Conv/Gemm read the float tensor its input Q/DQ pair was made from.
+
+    ORT's quantizer leaves a layer it was told to skip between a ``Q -> DQ`` on its input
+    and one on its output, and onnxruntime >= 1.21 then re-quantizes that layer's float
+    weights per-tensor at load (``ORT_REQUANTIZING_OPTIMIZERS``), so the float fallback
+    would silently be a worse int8 layer. Reading the tensor before its Q (the producer's
+    float output) keeps the layer float and its input unrounded. Returns the rewired count.
+    """
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    rewired = 0
+    for node in proto.graph.node:
+        if node.name not in float_nodes or node.op_type not in _REQUANTIZED_OPS or not node.input:
+            continue
+        dq = producers.get(node.input[0])
+        q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if q is not None and q.op_type == "QuantizeLinear":
+            node.input[0] = q.input[0]
+            rewired += 1
+    return rewired
 
 
 def qdq_layer_map(proto: Any, layer_map: dict[str, str]) -> dict[str, str]:

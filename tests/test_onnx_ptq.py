@@ -306,3 +306,28 @@ def test_entropy_falls_back_to_minmax_where_kl_cuts_distant_outliers(tmp_path):
     assert (hi - lo) / span >= 0.9 and _uint8_qdq_mse(values, lo, hi) <= real0, (lo, hi)
     snrs = {m: snr_db(ref, run_onnx(tmp_path / f"{m}.onnx", "input", held_out)) for m in methods}
     assert all(snrs[m] >= snrs["minmax"] - 1.0 for m in methods), snrs
+
+
+def test_a_float_layer_stays_float_under_ort_load_time_requantization(trained, tmp_path):
+    """onnxruntime >= 1.21 quantizes, at load, the float weights of any Conv that reads a
+    DequantizeLinear to per-tensor int8 (its WeightBiasQuantization optimizer). A layer kept
+    in float therefore reads the float tensor, and ORT must leave it as written."""
+    x = trained["x"][:64]
+    with PtqSession(trained["onnx"], trained["calib"][:32], qnn=True, layer_map=trained["layer_map"]) as s:
+        conv = next(l for l in s.layers[1:] if l.op_type == "Conv")
+        s.quantize(QNN_W8A8, tmp_path / "mixed.onnx", keep_float=[conv])
+    proto = onnx.load(str(tmp_path / "mixed.onnx"))
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    node = next(n for n in proto.graph.node if n.name == conv.name)
+    assert producers[node.input[0]].op_type != "DequantizeLinear"
+    default = run_onnx(tmp_path / "mixed.onnx", "input", x)
+    np.testing.assert_array_equal(default, run_onnx(tmp_path / "mixed.onnx", "input", x, as_written=True))
+
+    # negative control: the same layer reading the DQ, as ORT's quantizer writes it, is re-quantized
+    q = next(n for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == node.input[0])
+    dq = next(n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == q.output[0])
+    node.input[0] = dq.output[0]
+    onnx.save(proto, str(tmp_path / "as_ort_writes_it.onnx"))
+    changed = run_onnx(tmp_path / "as_ort_writes_it.onnx", "input", x)
+    kept = run_onnx(tmp_path / "as_ort_writes_it.onnx", "input", x, as_written=True)
+    assert np.abs(changed - kept).max() > 1e-3
