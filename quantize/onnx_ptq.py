@@ -889,18 +889,37 @@ def read_encodings(model: Any) -> dict[str, Any]:
 
 def weight_grid_mismatch(float_onnx: str | Path, qdq_onnx: str | Path) -> dict[str, int]:
     """Per quantized weight, how many integers the quantizer wrote differ from
-    ``round(w / (max|w| / qmax))`` of the float model's own weights.
+    ``round(w / (max|w| / qmax))`` of the float model's own weights, in the rows where the
+    quantizer kept that scale (see ``weight_rows_rescaled`` for the others).
 
     For a float model whose weights were optimised onto their int8 grid
     (``quantize.weight_rounding``), all zeros proves the QDQ model carries the optimised
     integers rather than a fresh round-to-nearest of something else.
     """
+    return {name: mismatch for name, (mismatch, _) in _weight_grid(float_onnx, qdq_onnx).items()}
+
+
+def weight_rows_rescaled(float_onnx: str | Path, qdq_onnx: str | Path) -> dict[str, int]:
+    """Per quantized weight, the rows (output channels) the quantizer gave a scale other
+    than ``max|w| / qmax``.
+
+    ONNX Runtime's QDQ quantizer raises a row's weight scale where the int32 bias would
+    otherwise overflow (``bias / (s_in * s_w) > 2**31``, the QNN rule) and clamps scales
+    below its floor. Both only happen to rows of near-zero weights whose output is their
+    bias (on EfficientNet-Lite1: rows at 1e-4 of their layer's largest), so those integers
+    legitimately differ from ours and are counted here, not as re-rounded weights.
+    """
+    return {name: rows for name, (_, rows) in _weight_grid(float_onnx, qdq_onnx).items()}
+
+
+def _weight_grid(float_onnx: str | Path, qdq_onnx: str | Path) -> dict[str, tuple[int, int]]:
+    """``{weight: (integers differing in same-scale rows, rows with another scale)}``."""
     import onnx
     from onnx import numpy_helper
     fm, qm = onnx.load(str(float_onnx)), onnx.load(str(qdq_onnx))
     floats = {t.name: numpy_helper.to_array(t) for t in fm.graph.initializer}
     inits = {t.name: t for t in qm.graph.initializer}
-    out: dict[str, int] = {}
+    out: dict[str, tuple[int, int]] = {}
     for n in qm.graph.node:
         if n.op_type != "DequantizeLinear" or n.input[0] not in inits:
             continue
@@ -912,15 +931,29 @@ def weight_grid_mismatch(float_onnx: str | Path, qdq_onnx: str | Path) -> dict[s
         if w is None or w.shape != q.shape or w.ndim < 2:
             continue
         qmax = np.iinfo(q.dtype).max
-        scale = np.abs(w).reshape(w.shape[0], -1).max(1).astype(np.float64) / qmax
         axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
         if axis != 0 and w.ndim == 2:     # Gemm/MatMul weights: output channel last
-            scale = np.abs(w).max(0).astype(np.float64) / qmax
-            mine = np.round(w / np.where(scale > 0, scale, 1)[None, :])
-        else:
-            mine = np.round(w / np.where(scale > 0, scale, 1).reshape(-1, *([1] * (w.ndim - 1))))
-        out[name] = int((np.clip(mine, -qmax, qmax).astype(np.int64) != q.astype(np.int64)).sum())
+            w, q = w.T, q.T
+        rows_w = w.reshape(w.shape[0], -1).astype(np.float64)
+        rows_q = q.reshape(q.shape[0], -1).astype(np.int64)
+        scale = np.abs(rows_w).max(1) / qmax
+        mine = np.clip(np.round(rows_w / np.where(scale > 0, scale, 1)[:, None]), -qmax, qmax).astype(np.int64)
+        theirs = _dq_scale(n, inits, rows_w.shape[0])
+        same = (np.abs(theirs - scale) <= 1e-4 * np.maximum(scale, 1e-30)) | (scale == 0) \
+            if theirs is not None else np.ones(len(scale), bool)
+        out[name] = (int((mine[same] != rows_q[same]).sum()), int((~same).sum()))
     return out
+
+
+def _dq_scale(node: Any, inits: dict[str, Any], rows: int) -> np.ndarray | None:
+    """The per-row scales of a weight's DequantizeLinear (None when not one per row)."""
+    from onnx import numpy_helper
+    if len(node.input) < 2 or node.input[1] not in inits:
+        return None
+    scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64).reshape(-1)
+    if scale.size == 1:
+        return np.full(rows, float(scale[0]))
+    return scale if scale.size == rows else None
 
 
 def _count(items: Iterable[str]) -> dict[str, int]:
@@ -933,4 +966,4 @@ def _count(items: Iterable[str]) -> dict[str, int]:
 __all__ = ["CALIBRATION_METHODS", "GENERIC_INT8", "GENERIC_INT8_PER_TENSOR", "GENERIC_INT8_S8", "Layer",
            "PROFILES", "PtqSession", "QNN_W8A16", "QNN_W8A8", "QuantProfile", "Ranges", "TARGETS",
            "check_method", "graph_layers", "read_encodings", "resolve_layers", "target_profiles",
-           "weight_grid_mismatch"]
+           "weight_grid_mismatch", "weight_rows_rescaled"]

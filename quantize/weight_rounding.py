@@ -51,6 +51,7 @@ from models.errors import InputError
 
 TECHNIQUES = ("rtn", "mse", "gptq", "sequential", "bias")
 DEFAULT_TECHNIQUES = ("mse", "gptq", "bias")
+NEGLIGIBLE_ROW = 1e-5   # a row this small against its layer's largest is written as zeros (see _on_grid)
 SCALE_GRID = tuple(float(r) for r in np.linspace(0.70, 1.0, 16))   # clipping ratios tried per channel
 DAMPING = 0.01            # GPTQ's Tikhonov term, as a fraction of the mean diagonal of H
 MAX_POSITIONS = 65_536    # input positions per layer used for H (spatial subsample)
@@ -335,11 +336,20 @@ def _round_layer(m: nn.Module, h: torch.Tensor, techniques: Sequence[str], bits:
 def _on_grid(w: torch.Tensor, bits: int) -> torch.Tensor:
     """``q * s`` in float32 such that ``max|w| / qmax`` per row gives back ``s``: scale and
     integers are recomputed from the float32 tensor itself, so what is stored is exactly
-    what a converter will read."""
+    what a converter will read.
+
+    Rows whose largest weight is under ``NEGLIGIBLE_ROW`` of the layer's largest become
+    exact zeros. They are channels BatchNorm folding all but switched off (EfficientNet-Lite1
+    has rows at 1e-9 of their layer): their own scale falls below the quantizers' floor
+    (ONNX Runtime clamps it and writes zeros), so without this the QDQ model and the
+    TFLite file would not hold the integers written here (11,007 re-rounded weights).
+    """
     qmax = 2 ** (bits - 1) - 1
     w32 = w.float()
+    amax = w32.abs().reshape(w32.shape[0], -1).amax(1)
+    live = (amax >= NEGLIGIBLE_ROW * amax.max()).reshape(-1, *([1] * (w32.ndim - 1)))
     s = symmetric_scale(w32, bits).reshape(-1, *([1] * (w32.ndim - 1)))
-    return torch.clamp(torch.round(w32 / s), -qmax, qmax) * s
+    return torch.where(live, torch.clamp(torch.round(w32 / s), -qmax, qmax) * s, torch.zeros_like(w32))
 
 
 @torch.no_grad()

@@ -129,7 +129,8 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
     from models.checkpoint import build_model
     from quantize.calibration import load_calibration
     from quantize.float_fixes import apply_float_fixes, parse_fixes
-    from quantize.onnx_ptq import PtqSession, check_method, target_profiles, weight_grid_mismatch
+    from quantize.onnx_ptq import (PtqSession, check_method, target_profiles, weight_grid_mismatch,
+                                   weight_rows_rescaled)
     from quantize.sensitivity import layer_sensitivity, pick_layers
 
     opts = options or QuantizeOptions()
@@ -253,6 +254,7 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
                     seconds[profile.name] = time.perf_counter() - t0
                     if optimized:
                         art.extra["weight_grid_mismatch"] = weight_grid_mismatch(float_onnx, stage / art.path)
+                        art.extra["weight_rows_rescaled"] = weight_rows_rescaled(float_onnx, stage / art.path)
                     artifacts.append(art)
             if opts.tflite:
                 from exporters.tflite import export_tflite
@@ -339,6 +341,13 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
                 if any(moved.values()):
                     notes.append("the quantizer re-rounded some optimized weights: "
                                  + ", ".join(f"{k}: {v}" for k, v in moved.items() if v))
+                rescaled = {a.key: sum(a.extra.get("weight_rows_rescaled", {}).values())
+                            for a in artifacts if "weight_rows_rescaled" in a.extra}
+                report.weight_rounding["rows_rescaled"] = rescaled
+                if any(rescaled.values()):
+                    notes.append("ONNX Runtime gave some near-zero weight rows a larger scale to keep their int32 "
+                                 "bias in range (the QNN rule), so their integers differ from the optimized ones: "
+                                 + ", ".join(f"{k}: {v} rows" for k, v in rescaled.items() if v))
             report.notes.extend(notes)
             source = {**manifest.source, "quantized_from": str(root.resolve()),
                       "quantization": {"target": opts.target, "method": method, "samples": int(len(calib)),
