@@ -61,19 +61,33 @@ def _new_run_dir(parent: Path, name: str) -> Path:
 def run(args: argparse.Namespace, ui) -> int:
     from models.errors import InputError
     from pipeline.config import load_config
+    from models.checkpoint import is_factory_spec
+    from models.util import path_component
     cfg = load_config(args.config)
-    if args.epochs:
+    if args.epochs is not None:
+        if args.epochs < 1:
+            raise InputError("--epochs", "a positive number of epochs", str(args.epochs))
         cfg.train.epochs = args.epochs
+    # the run folder's name is one path component: a name like 'x/../..' would put the run
+    # (and what 'latest' points at) outside --out
+    name = path_component(args.name if args.name is not None else cfg.name,
+                          "--name" if args.name is not None else f"{args.config}: name")
+    out_parent = Path(args.out)
+    from exporters.fileio import check_output_location
+    check_output_location(out_parent)
+    # code runs only when the user's own config names it (train.model = "file.py:factory");
+    # the checkpoint's record of it is never imported
+    user_factory = cfg.train.model if is_factory_spec(cfg.train.model) else None
     stages = [s.strip() for s in (args.stages.split(",") if args.stages else cfg.stages) if s.strip()]
     bad = [s for s in stages if s not in STAGES]
     if bad:
         raise InputError("--stages", f"a comma list of {', '.join(STAGES)}", ", ".join(bad))
     if "train" not in stages and not cfg.checkpoint:
         raise InputError("--stages", "train, or a config with a checkpoint to start from", "neither")
-    run_dir = _new_run_dir(Path(args.out), args.name or cfg.name)
+    run_dir = _new_run_dir(out_parent, name)
     ui.info(f"[bold]mdeploy run[/bold] -> {run_dir}")
     from pipeline.report import RunRecord
-    record = RunRecord(name=args.name or cfg.name, run_dir=str(run_dir), config=cfg.model_dump())
+    record = RunRecord(name=name, run_dir=str(run_dir), config=cfg.model_dump())
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else None
     export_dir = run_dir / "export"
     code = 0
@@ -102,7 +116,7 @@ def run(args: argparse.Namespace, ui) -> int:
         t0 = timed("export")
         precisions = tuple(dict.fromkeys([*cfg.export.tflite_precisions, *cfg.export.coreml_precisions]))
         with ui.status("exporting"):
-            exp = export_model(None, export_dir, checkpoint=checkpoint, progress=ui.info,
+            exp = export_model(user_factory, export_dir, checkpoint=checkpoint, progress=ui.info,
                                options=ExportOptions(formats=tuple(cfg.export.formats),
                                                      precisions=precisions, opset=cfg.export.opset,
                                                      **cfg.export.app_options()))
@@ -112,7 +126,7 @@ def run(args: argparse.Namespace, ui) -> int:
 
     if "verify" in stages:
         t0 = timed("verify")
-        ok = _verify(ui, record, export_dir, cfg.verify.samples, quantized=False)
+        ok = _verify(ui, record, export_dir, cfg.verify.samples, quantized=False, model=user_factory)
         record.stages["verify"] = time.perf_counter() - t0
         if not ok:
             code = 1
@@ -128,12 +142,13 @@ def run(args: argparse.Namespace, ui) -> int:
                                float_fixes=tuple(q.float_fixes), weight_rounding=tuple(q.weight_rounding),
                                keep_float=q.keep_float,
                                w8a16_layers=q.w8a16_layers, target_sqnr=q.target_sqnr, sensitivity=q.sensitivity,
-                               coreml=q.coreml, plain_baseline=q.plain_baseline, eval_samples=q.eval_samples)
+                               coreml=q.coreml, plain_baseline=q.plain_baseline, eval_samples=q.eval_samples,
+                               model=user_factory)
         with sensitivity_progress(ui) as on_layer:
             res = quantize_folder(export_dir, quant_dir, opts, progress=ui.info, layer_progress=on_layer)
         record.add(QuantizeRecord(str(quant_dir), res.report, res.seconds))
         show_report(ui, res.report)
-        ok = _verify(ui, record, quant_dir, cfg.verify.samples, quantized=True)
+        ok = _verify(ui, record, quant_dir, cfg.verify.samples, quantized=True, model=user_factory)
         record.stages["quantize"] = time.perf_counter() - t0
         if not ok:
             code = 1
@@ -180,13 +195,16 @@ def run(args: argparse.Namespace, ui) -> int:
     return code
 
 
-def _verify(ui, record: "RunRecord", folder: Path, samples: int, quantized: bool) -> bool:
+def _verify(ui, record: "RunRecord", folder: Path, samples: int, quantized: bool,
+            model: str | None = None) -> bool:
     """``mdeploy verify`` on one folder, per-layer error curves for every pair (the report
     plots them), tables shown; the result goes into the run record."""
     from pipeline.commands.verify import layers_table, pairs_table
     from pipeline.report import VerifyRecord
     from pipeline.stages.verify import VerifyOptions, verify_folder
-    ver = verify_folder(folder, VerifyOptions(samples=samples, per_layer="all"), progress=ui.info)
+    opts = VerifyOptions(samples=samples, per_layer="all",
+                         runner_options={"torch": {"model": model}} if model else {})
+    ver = verify_folder(folder, opts, progress=ui.info)
     record.add(VerifyRecord.from_result(folder, ver.report, quantized=quantized))
     record.notes += ver.notes
     ui.table(pairs_table(ver.report))

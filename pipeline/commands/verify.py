@@ -83,6 +83,9 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--divergence-samples", type=int, default=4,
                    help="inputs used by the per-layer search (the worst-differing ones; default 4)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--model", metavar="FILE.py:FACTORY",
+                   help="the Python factory of a model only code defines; the export's own record of "
+                        "it is never imported (a data file must not run code)")
     p.set_defaults(func=run)
 
 
@@ -100,6 +103,8 @@ def options_from_args(args: argparse.Namespace):
             runner_options.setdefault(kind, {})["threads"] = args.threads
     for kind, key, value in args.runner_option:
         runner_options.setdefault(kind, {})[key] = value
+    if args.model:
+        runner_options.setdefault("torch", {})["model"] = args.model
     for flag, value in (("--divergence-samples", args.divergence_samples), ("--batch-size", args.batch_size)):
         if value < 1:
             raise InputError(flag, "a positive number", str(value))

@@ -94,7 +94,7 @@ def _precision_bucket(precision: str) -> str:
     return "int8" if p.startswith(("int8", "w8", "uint8")) else "fp16" if "16" in p else "fp32"
 
 
-def model_complexity(folder: Path, manifest: Manifest) -> tuple[int, int, int, int]:
+def model_complexity(folder: Path, manifest: Manifest, model: str | None = None) -> tuple[int, int, int, int]:
     """(MACs, params, input elements, output elements) of the export's PyTorch reference."""
     from models.checkpoint import build_model
     from models.complexity import count_complexity
@@ -102,7 +102,7 @@ def model_complexity(folder: Path, manifest: Manifest) -> tuple[int, int, int, i
     if ref is None:
         raise InputError(folder, "an export with its PyTorch reference (pt artifact) for MAC counts",
                          "no pt artifact")
-    model, meta = build_model(None, ref.resolve(folder))
+    model, meta = build_model(model, ref.resolve(folder))     # model: only what the user named
     pre = manifest.preprocessing
     c = count_complexity(model, tuple(pre.input_size), in_chans=pre.channels)
     out_elems = 1
@@ -113,12 +113,12 @@ def model_complexity(folder: Path, manifest: Manifest) -> tuple[int, int, int, i
 
 
 def estimates_for_folder(folder: str | Path, device_keys: list[str] | None,
-                         artifacts: list[str] | None = None) -> list[dict[str, Any]]:
+                         artifacts: list[str] | None = None, model: str | None = None) -> list[dict[str, Any]]:
     """Roofline lower bounds for each precision the export holds, on catalogued devices."""
     import dataclasses
     folder = Path(folder)
     manifest = Manifest.load(folder)
-    macs, params, in_el, out_el = model_complexity(folder, manifest)
+    macs, params, in_el, out_el = model_complexity(folder, manifest, model)
     precisions = sorted({_precision_bucket(a.precision) for a in select_artifacts(manifest, artifacts)})
     rows: list[Estimate] = []
     for precision in precisions:

@@ -40,9 +40,9 @@ class TrainConfig(BaseModel):
     model: str = "mobilenet_v2"
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     data: str = "mnist"
-    input_size: int | None = Field(None, gt=0, description="default: the data's own size")
-    epochs: int = Field(6, ge=1)
-    batch_size: int = Field(64, ge=1)
+    input_size: int | None = Field(None, gt=0, le=8192, description="default: the data's own size")
+    epochs: int = Field(6, ge=1, le=100_000)
+    batch_size: int = Field(64, ge=1, le=65536, description="a larger batch is a typo, not a plan")
     optimizer: Literal["sgd", "adamw"] = "adamw"
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
