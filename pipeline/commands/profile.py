@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 
+from pipeline.ui import Markup, esc
+
 
 def _csv(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace, ui) -> int:
             if p.ops_by_type:
                 ui.table(ops_table(p, args.top))
             for note in p.notes:
-                ui.info(f"[dim]{p.artifact} on {p.device}: {note}[/dim]")
+                ui.info(Markup(f"[dim]{esc(p.artifact)} on {esc(p.device)}: {esc(note)}[/dim]"))
     for s in result.skipped:
         ui.warn(f"{s.artifact} on {s.device} not profiled: {s.reason}")
     if result.estimates:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from models.util import pct
 from pipeline.config import STAGES
+from pipeline.ui import Markup, esc
 
 if TYPE_CHECKING:
     from pipeline.report import RunRecord
@@ -81,11 +82,19 @@ def run(args: argparse.Namespace, ui) -> int:
     stages = [s.strip() for s in (args.stages.split(",") if args.stages else cfg.stages) if s.strip()]
     bad = [s for s in stages if s not in STAGES]
     if bad:
-        raise InputError("--stages", f"a comma list of {', '.join(STAGES)}", ", ".join(bad))
+        raise InputError("--stages" if args.stages or not args.config else f"{args.config}: stages",
+                         f"a comma list of {', '.join(STAGES)}", ", ".join(bad))
     if "train" not in stages and not cfg.checkpoint:
         raise InputError("--stages", "train, or a config with a checkpoint to start from", "neither")
+    try:
+        _check_config(cfg, stages, args.config or "the built-in configuration")
+    except InputError as exc:
+        if not args.config:
+            raise
+        # the value came from the user's file: name the file and the section, not a flag
+        raise InputError(args.config, f"{getattr(exc, 'section', '')}{exc.expected}", exc.found) from None
     run_dir = _new_run_dir(out_parent, name)
-    ui.info(f"[bold]mdeploy run[/bold] -> {run_dir}")
+    ui.info(Markup(f"[bold]mdeploy run[/bold] -> {esc(run_dir)}"))
     from pipeline.report import RunRecord
     record = RunRecord(name=name, run_dir=str(run_dir), config=cfg.model_dump())
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else None
@@ -93,7 +102,7 @@ def run(args: argparse.Namespace, ui) -> int:
     code = 0
 
     def timed(stage: str):
-        ui.info(f"\n[bold cyan]== {stage}[/bold cyan]")
+        ui.info(Markup(f"\n[bold cyan]== {esc(stage)}[/bold cyan]"))
         return time.perf_counter()
 
     if "train" in stages:
@@ -195,6 +204,43 @@ def run(args: argparse.Namespace, ui) -> int:
     return code
 
 
+def _check_config(cfg, stages: list[str], source: str) -> None:
+    """Every section a stage of this run will read, checked before the first stage starts:
+    a bad opset or device spec must not surface after twenty minutes of training."""
+    from models.errors import InputError
+
+    def section(name: str, check) -> None:
+        try:
+            check()
+        except InputError as exc:
+            exc.section = f"[{name}] {exc.source}: " if exc.source else f"[{name}] "  # type: ignore[attr-defined]
+            raise
+
+    if "train" in stages:
+        from models import model_entry
+        section("train", lambda: model_entry(cfg.train.model))
+    if "train" not in stages and cfg.checkpoint and not Path(cfg.checkpoint).is_file():
+        raise InputError(source, "checkpoint: an existing checkpoint file", repr(cfg.checkpoint))
+    if "export" in stages:
+        from pipeline.stages.export import ExportOptions, _plan
+        precisions = tuple(dict.fromkeys([*cfg.export.tflite_precisions, *cfg.export.coreml_precisions]))
+        opts = ExportOptions(formats=tuple(cfg.export.formats), precisions=precisions, opset=cfg.export.opset,
+                             **cfg.export.app_options())
+        section("export", lambda: _plan(tuple(dict.fromkeys(f.strip().lower() for f in opts.formats
+                                                              if f.strip())), opts))
+    if "quantize" in stages:
+        from pipeline.stages.quantize import QuantizeOptions, _check_options
+        q = cfg.quantize
+        section("quantize", lambda: _check_options(QuantizeOptions(target=q.target, method=q.method, samples=q.samples,
+                                       float_fixes=tuple(q.float_fixes), weight_rounding=tuple(q.weight_rounding),
+                                       keep_float=q.keep_float, w8a16_layers=q.w8a16_layers,
+                                       target_sqnr=q.target_sqnr, eval_samples=q.eval_samples)))
+    if "profile" in stages:
+        from device_tests.devices import parse_device
+        for spec in cfg.profile.devices:
+            section("profile", lambda: parse_device(spec))
+
+
 def _verify(ui, record: "RunRecord", folder: Path, samples: int, quantized: bool,
             model: str | None = None) -> bool:
     """``mdeploy verify`` on one folder, per-layer error curves for every pair (the report
@@ -229,7 +275,7 @@ def repvgg_table(rep: dict[str, Any]):
                   str(v["adds"]), f"{v['reparam_max_abs']:.1e}", _pct(q.get("float_accuracy")),
                   _pct(q.get("accuracy")), f"{-q['drop_points']:+.2f} pt" if q.get("drop_points") is not None else "",
                   f"{q['snr_db']:.1f}" if q.get("snr_db") is not None else "",
-                  "[green]pass[/green]" if ok else "[red]FAIL[/red]")
+                  Markup("[green]pass[/green]" if ok else "[red]FAIL[/red]"))
     return t
 
 
@@ -244,7 +290,7 @@ def sparse_shift_table(sh: dict[str, Any]):
         t.add_column(c, justify="left" if c == "layer" else "right")
     for layer in st["layers"]:
         t.add_row(layer["name"], str(layer["channels"]), _pct(layer["zero_fraction"]), str(layer["max_abs"]))
-    t.add_row("[bold]all[/bold]", str(st["channels"]), _pct(st["zero_fraction"]), "")
+    t.add_row(Markup("[bold]all[/bold]"), str(st["channels"]), _pct(st["zero_fraction"]), "")
     return t
 
 

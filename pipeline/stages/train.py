@@ -183,6 +183,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, force: bool = False,
         from models.errors import InputError
         raise InputError(f"--data {cfg.data}", "a labelled data set (mnist, digits or class folders)",
                          "an unlabelled set (calibration and evaluation only)")
+    if len(train_all.classes or ()) < 2 or len(np.unique(train_all.labels)) < 2:
+        from models.errors import InputError
+        raise InputError(f"--data {cfg.data}", "images of at least two classes to train a classifier",
+                         f"{len(np.unique(train_all.labels))} class with images")
     if cfg.train_samples:
         train_all = train_all.subset(cfg.train_samples, seed=cfg.seed)
     test_set = load_dataset(cfg.data, "test")
