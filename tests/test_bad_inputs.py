@@ -178,6 +178,7 @@ _CONFIGS = {
     "checkpoint": 'checkpoint = "/nonexistent/model.safetensors"\nstages = ["export"]\n',
     "stages": 'stages = ["train", "bake"]\n',
     "coreml_input": '[export]\ncoreml_input = "video"\n',
+    "repvgg_models": '[repvgg]\nmodels = ["../../outside"]\n',
 }
 
 
@@ -281,6 +282,7 @@ CASES: list[Case] = [
     ("verify-samples-0", _cmd("verify", "{exported}", "--samples", "0"), "--samples"),
     ("verify-samples-text", _cmd("verify", "{exported}", "--samples", "lots"), "--samples"),
     ("verify-tolerance-key", _cmd("verify", "{exported}", "--tolerance", "atoll=1"), "atoll"),
+    ("verify-tolerance-precision", _cmd("verify", "{exported}", "--tolerance", "int3:max_abs=1"), "int3"),
     ("verify-tolerance-value", _cmd("verify", "{exported}", "--tolerance", "max_abs=tiny"), "--tolerance"),
     ("verify-runners-unknown", _cmd("verify", "{exported}", "--runners", "onnxrun"), "--runners"),
     ("verify-runners-absent", _cmd("verify", "{exported}", "--runners", "litert"), "litert"),

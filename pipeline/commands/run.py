@@ -235,6 +235,11 @@ def _check_config(cfg, stages: list[str], source: str) -> None:
                                        float_fixes=tuple(q.float_fixes), weight_rounding=tuple(q.weight_rounding),
                                        keep_float=q.keep_float, w8a16_layers=q.w8a16_layers,
                                        target_sqnr=q.target_sqnr, eval_samples=q.eval_samples)))
+    if "repvgg" in stages:
+        from models import model_entry
+        from models.util import path_component
+        for model in cfg.repvgg.models:             # each becomes a folder of the run
+            section("repvgg", lambda: model_entry(path_component(model, "models")))
     if "profile" in stages:
         from device_tests.devices import parse_device
         for spec in cfg.profile.devices:

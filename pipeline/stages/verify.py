@@ -168,6 +168,12 @@ def verify_folder(folder: str | Path, options: VerifyOptions | None = None,
                          "none")
     ref_art = refs[0]
     targets = [a for a in manifest.artifacts if a is not ref_art and a.format != "pt"]
+    from device_tests.compare import DEFAULT_TOLERANCES
+    scopes = {"*", *DEFAULT_TOLERANCES, *(a.precision.lower() for a in targets)}
+    unknown = [sc for sc in opts.tolerances if sc not in scopes]
+    if unknown:                  # 'int3:max_abs=1' used to change nothing, silently
+        raise InputError("--tolerance", f"a precision among {', '.join(sorted(scopes - {'*'}))}",
+                         ", ".join(unknown))
     notes: list[str] = []
     for art in [ref_art, *targets]:
         path = art.resolve(root)
