@@ -97,6 +97,8 @@ def ctx(tmp_path_factory) -> dict[str, Path]:
     c["str_chans"] = _resave(c["ckpt"], data / "str_chans.safetensors", in_chans="three")
     c["kwargs_list"] = _resave(c["ckpt"], data / "kwargs_list.safetensors", model_kwargs=[1, 2])
     c["no_model"] = _resave(c["ckpt"], data / "no_model.safetensors", model=None)
+    c["labels_nonutf"] = _resave(c["ckpt"], data / "labels_nonutf.safetensors",
+                                 labels=[str(i) for i in range(9)] + ["caf\udce9"])
     c["garbage_ckpt"] = data / "garbage.safetensors"
     c["garbage_ckpt"].write_bytes(b"\x00" * 64)
     import torch
@@ -250,6 +252,8 @@ CASES: list[Case] = [
     ("export-ckpt-str-chans", _cmd("export", "--checkpoint", "{str_chans}", "--out", "{out}"), "in_chans"),
     ("export-ckpt-kwargs", _cmd("export", "--checkpoint", "{kwargs_list}", "--out", "{out}"), "model_kwargs"),
     ("export-ckpt-no-model", _cmd("export", "--checkpoint", "{no_model}", "--out", "{out}"), "no_model.safetensors"),
+    ("export-ckpt-labels-non-utf8", _cmd("export", "--checkpoint", "{labels_nonutf}", "--out", "{out}",
+                                         "--formats", "onnx"), "UTF-8"),
     ("export-labels-missing", _cmd("export", "--checkpoint", "{ckpt}", "--out", "{out}", "--labels", "{root}/nolabels.txt"),
      "nolabels.txt"),
     ("export-labels-count", _cmd("export", "--checkpoint", "{ckpt}", "--out", "{out}", "--labels", "{labels3}"), "labels"),
