@@ -333,6 +333,7 @@ CASES: list[Case] = [
     ("run-no-train-no-ckpt", _cmd("run", "--out", "{out}", "--stages", "export"), "--stages"),
     ("run-config-missing", _cmd("run", "--out", "{out}", "--config", "{root}/none.toml"), "none.toml"),
     ("run-out-proc", _cmd("run", "--out", "/proc/mdeploy-runs", "--stages", "train"), "/proc"),
+    ("run-out-is-file", _cmd("run", "--out", "{file}", "--stages", "train"), "plain.txt"),
     ("run-out-under-file", _cmd("run", "--out", "{file}/runs", "--stages", "train"), "plain.txt"),
     *[(f"run-config-{name}", _cmd("run", "--out", "{out}", "--config", "{configs}/" + name + ".toml"), f"{name}.toml")
       for name in _CONFIGS],
