@@ -367,6 +367,19 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+def non_finite_failures(ref: np.ndarray, out: np.ndarray) -> list[str]:
+    """NaN or Inf in either output is a failure of its own: every comparison with NaN is
+    False, so a tolerance check alone would let an all-NaN pair "pass"."""
+    fails = []
+    for who, arr in (("reference", ref), ("target", out)):
+        a = np.asarray(arr)
+        if a.dtype.kind in "fc":
+            nan, inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
+            if nan or inf:
+                fails.append(f"{who} output not finite ({nan} NaN, {inf} Inf of {a.size} values)")
+    return fails
+
+
 def compare(results: RunResults, ref: str, target: str, tolerance: Tolerance, *,
             labels: np.ndarray | None = None, precision: str = "",
             output: int | str = 0) -> PairReport:
@@ -379,7 +392,7 @@ def compare(results: RunResults, ref: str, target: str, tolerance: Tolerance, *,
     if r.ndim != 2:
         agree["top1_agreement"] = agree["top5_agreement"] = None
     metrics = {**m, **agree}
-    failures = tolerance.check(metrics)
+    failures = non_finite_failures(r, t) + tolerance.check(metrics)
     return PairReport(
         reference=ref, target=target, precision=precision, samples=int(len(r)),
         max_abs=m["max_abs"], mean_abs=m["mean_abs"], max_rel=m["max_rel"],

@@ -150,9 +150,58 @@ class Manifest:
         if not path.exists():
             raise InputError(path, f"an export folder with {MANIFEST_NAME}", "no such file")
         try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            manifest = cls.from_dict(json.loads(path.read_text()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError,
+                UnicodeDecodeError) as exc:
             raise InputError(path, "a valid mdeploy manifest", error_line(exc)) from None
+        manifest.check(path)
+        return manifest
+
+    def check(self, source: str | Path) -> None:
+        """Every value downstream code indexes, multiplies or joins into a path has its type
+        and range: a manifest is input (it may come from anywhere), so a bad value is a
+        one-line error here rather than a traceback three stages later."""
+        def bad(field: str, expected: str, value: Any) -> InputError:
+            return InputError(source, f"{field}: {expected}", repr(value)[:60])
+
+        def count(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 100_000
+
+        def number(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+        pre = self.preprocessing
+        if not (isinstance(pre.input_size, list) and len(pre.input_size) == 2 and all(map(count, pre.input_size))):
+            raise bad("preprocessing.input_size", "[H, W] of positive integers", pre.input_size)
+        for name in ("mean", "std"):
+            v = getattr(pre, name)
+            if not (isinstance(v, list) and v and all(map(number, v))):
+                raise bad(f"preprocessing.{name}", "a list of numbers", v)
+        if not all(x != 0 for x in pre.std):
+            raise bad("preprocessing.std", "non-zero numbers", pre.std)
+        if pre.channel_order not in ("RGB", "BGR", "GRAY"):
+            raise bad("preprocessing.channel_order", "RGB, BGR or GRAY", pre.channel_order)
+        if not number(pre.pixel_scale) or pre.pixel_scale <= 0:
+            raise bad("preprocessing.pixel_scale", "a positive number", pre.pixel_scale)
+        if not isinstance(self.model, str):
+            raise bad("model", "a string", self.model)
+        if self.labels is not None and not (isinstance(self.labels, list)
+                                            and all(isinstance(x, str) for x in self.labels)):
+            raise bad("labels", "a list of strings", self.labels)
+        if not isinstance(self.source, dict):
+            raise bad("source", "a mapping", self.source)
+        for i, a in enumerate(self.artifacts):
+            for name in ("path", "format", "precision", "variant"):
+                if not isinstance(getattr(a, name), str) or (name == "path" and not a.path):
+                    raise bad(f"artifacts[{i}].{name}", "a string", getattr(a, name))
+            if os.path.isabs(a.path) or ".." in Path(a.path).parts or "\0" in a.path:
+                raise bad(f"artifacts[{i}].path", "a path inside the export folder", a.path)
+            for t in (*a.inputs, *a.outputs):
+                if not (isinstance(t.name, str) and isinstance(t.shape, list)
+                        and all(count(d) or (isinstance(d, str) and d) for d in t.shape)):
+                    raise bad(f"artifacts[{i}] tensor", "a name and a shape of positive sizes", t.shape)
+                if t.scale is not None and (not number(t.scale) or t.scale <= 0):
+                    raise bad(f"artifacts[{i}] tensor {t.name} scale", "a positive number", t.scale)
 
 
 def sha256_of(path: str | Path) -> str:

@@ -59,9 +59,32 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def check_writable_output(out_dir: str | Path, force: bool) -> None:
     """Refuse to touch an existing, non-empty output folder unless ``force``."""
     out = Path(out_dir)
+    check_output_location(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise InputError(out, "a new or empty output folder (or --force)",
                          "an existing folder with results in it")
+
+
+_PSEUDO_FS = (Path("/proc"), Path("/sys"), Path("/dev"))
+
+
+def check_output_location(out_dir: str | Path) -> None:
+    """An output folder must be creatable: not under a file, not on a kernel pseudo file
+    system (``/proc``, ``/sys``, ``/dev``), its nearest existing ancestor a writable folder.
+    Checked before any work, so the failure is one line, not an ``OSError`` at the end."""
+    out = Path(out_dir)
+    resolved = out.resolve()
+    if any(resolved == p or p in resolved.parents for p in _PSEUDO_FS):
+        raise InputError(out, "an output folder on a real file system", f"a path under /{resolved.parts[1]}")
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "an output folder", "a file")
+    ancestor = resolved
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(out, "an output folder", f"a path under the file {ancestor}")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise InputError(out, "an output folder you can write", f"no write permission in {ancestor}")
 
 
 @contextlib.contextmanager

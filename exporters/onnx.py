@@ -131,6 +131,10 @@ def export_onnx(model: nn.Module, out_path: str | Path, input_shape: Sequence[in
         proto = _simplify(proto)
     names = {o for n in proto.graph.node for o in n.output}
     layer_map = {t: m for t, m in layer_map.items() if t in names}
+    written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if written != opset:
+        raise InputError("--opset", f"an opset the exporter writes for this model (asked {opset})",
+                         f"opset {written} written")
     proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
     proto.producer_name = "mdeploy (torch.onnx dynamo)"
     export_seconds = time.perf_counter() - t0
@@ -264,11 +268,20 @@ def op_counts(model: Any) -> dict[str, int]:
 
 # -- the registered exporter -------------------------------------------------------------
 
+MIN_OPSET, MAX_OPSET = 7, 23          # what torch.onnx writes (torch.onnx._constants)
+
 @dataclass
 class OnnxOptions(ExporterOptions):
     opset: int = option(DEFAULT_OPSET, key="opset", flag="--opset")
     dynamic_batch: bool = option(False, key="dynamic_batch", flag="--dynamic-batch")
     simplify: bool = option(False, key="simplify", flag="--simplify")
+
+    def checked(self) -> "OnnxOptions":
+        """An opset the exporter can write: out of range it used to be recorded in the
+        manifest while a different opset was written."""
+        if isinstance(self.opset, bool) or not isinstance(self.opset, int) or not MIN_OPSET <= self.opset <= MAX_OPSET:
+            raise InputError("--opset", f"an ONNX opset from {MIN_OPSET} to {MAX_OPSET}", repr(self.opset))
+        return self
 
     def changed_flags(self) -> list[str]:
         return []                   # the ONNX file is written whenever any format needs it

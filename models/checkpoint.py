@@ -122,6 +122,9 @@ def build_model(spec: str | None, checkpoint: str | Path | None = None,
     """The model a user means: a registry name, ``file.py:factory``, or (spec None) the
     architecture recorded in an mdeploy checkpoint; weights from ``checkpoint`` if given.
 
+    Only ``spec`` (what the user typed or put in their own config) may name a Python file:
+    a ``file.py:factory`` recorded in a checkpoint's metadata is an error, never imported.
+
     Returns the model in eval mode and the checkpoint's metadata (merged with overrides).
     A checkpoint whose metadata says ``reparameterized`` holds deploy-form weights: the
     model is re-parameterized before they are loaded.
@@ -130,15 +133,23 @@ def build_model(spec: str | None, checkpoint: str | Path | None = None,
     meta = {**meta, **{k: v for k, v in overrides.items() if v is not None}}
     if spec is None:
         spec = meta.get("model")
-        if not spec:
+        if not spec or not isinstance(spec, str):
             raise InputError(checkpoint, "an mdeploy checkpoint naming its model (or give MODEL)",
                              "no model name in its metadata")
+        if is_factory_spec(spec):
+            # A data file may record the code it came from, but never makes us run it: a
+            # checkpoint or export folder from elsewhere would otherwise execute any .py it names.
+            raise InputError(checkpoint, f"a registry model (the architecture here comes from code: pass "
+                                         f"--model {spec} if you trust that file)",
+                             f"metadata naming {spec}")
     if is_factory_spec(spec):
         model = load_factory(spec)
     else:
-        kwargs = dict(meta.get("model_kwargs", {}))
-        model = create_model(spec, num_classes=int(meta.get("num_classes", 1000)),
-                             in_chans=int(meta.get("in_chans", 3)), **kwargs)
+        kwargs = meta.get("model_kwargs", {})
+        if not isinstance(kwargs, dict):
+            raise InputError(checkpoint or spec, "model_kwargs: a mapping", f"a {type(kwargs).__name__}")
+        model = create_model(spec, num_classes=_positive(meta, "num_classes", 1000, checkpoint or spec),
+                             in_chans=_positive(meta, "in_chans", 3, checkpoint or spec), **kwargs)
     meta["model"] = spec
     if meta.get("reparameterized"):
         # deploy-form weights (fused RepVGG branches, frozen shift plans): fuse the freshly
@@ -148,3 +159,12 @@ def build_model(spec: str | None, checkpoint: str | Path | None = None,
     if checkpoint:
         apply_state_dict(model, state, checkpoint)
     return model.eval(), meta
+
+
+def _positive(meta: dict[str, Any], key: str, default: int, source: str | Path) -> int:
+    """A count read from metadata (which may come from anywhere): a positive integer, or a
+    one-line error instead of a traceback deep inside a layer constructor."""
+    value = meta.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value > 1_000_000:
+        raise InputError(source, f"{key}: a positive integer", repr(value)[:40])
+    return value

@@ -147,6 +147,11 @@ def _read_class_folders(root: Path, name: str, size: tuple[int, int] | None = No
     if not classes:
         raise InputError(root, "one sub-folder of images per class (ImageFolder layout)",
                          "no class sub-folders")
+    for cls in classes:
+        try:
+            cls.encode("utf-8")       # class names go into JSON, safetensors and app metadata
+        except UnicodeEncodeError:
+            raise InputError(root / cls, "a class folder named in UTF-8", repr(cls)[:60]) from None
     files, labels = [], []
     for label, cls in enumerate(classes):
         found = image_files(root / cls)

@@ -43,6 +43,24 @@ def error_line(exc: BaseException, limit: int = 200) -> str:
     return f"{type(exc).__name__}: {first_line(text, limit)}" if text else type(exc).__name__
 
 
+# -- names that become paths -------------------------------------------------
+
+_NAME_CHARS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=@,-]{0,99}$")
+
+
+def path_component(value: object, source: str) -> str:
+    """A user-given name that becomes one file or folder name (a run name, a label, a
+    model name): one path component of plain characters, never ``..``, a separator or a
+    leading ``-``/``.``, so joining it under an output folder cannot land outside it.
+    Anything else is an ``InputError`` naming ``source`` (the option or config field)."""
+    from models.errors import InputError
+    text = value if isinstance(value, str) else None
+    if text is None or not _NAME_CHARS.match(text):
+        raise InputError(source, "a plain name (letters, digits, . _ - + = @ ,; no path separators or '..')",
+                         repr(value)[:60])
+    return text
+
+
 # -- layout -------------------------------------------------------------------
 
 def layout_for_ndim(ndim: int, image_layout: str = "NCHW") -> str:

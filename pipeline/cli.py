@@ -8,9 +8,12 @@ Errors: ``InputError`` (bad user input) -> one line on stderr, exit 2; with
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
+
+_ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 COMMANDS = ("run", "doctor", "models", "train", "export", "quantize", "verify", "profile")
 
@@ -63,6 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         ui.error("interrupted")
         return 130
+    except OSError as exc:
+        # a full disk or a read-only file system is the machine's state, not a bug: one line
+        # (the staged writes have already removed their temporary files)
+        if exc.errno not in _ENVIRONMENT_ERRNOS or args.debug:
+            raise
+        ui.error(f"{exc.filename or 'output'}: {os.strerror(exc.errno)}")
+        return 2
     return int(code or 0)
 
 

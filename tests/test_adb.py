@@ -244,7 +244,14 @@ def test_profile_stage_passes_delegate_options_and_skips_onnx(fake_adb, tflite_a
     from pipeline.stages.profile import ProfileOptions, profile_folder
     monkeypatch.setenv("FAKE_ADB_ON_DEVICE", "/data/local/tmp/mdeploy/benchmark_model")
     arts, folder = tflite_arts
-    onnx_like = h.Artifact.from_dict({**arts[0].to_dict(), "format": "onnx", "path": arts[0].path})
+    import onnx
+    from onnx import TensorProto, helper
+    # a real (tiny) ONNX file: profile refuses an onnx entry whose file is not ONNX
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph), str(folder / "tiny.onnx"))
+    onnx_like = h.Artifact.from_dict({**arts[0].to_dict(), "format": "onnx", "path": "tiny.onnx"})
     h.save_manifest(folder, [*arts, onnx_like])
     result = profile_folder(folder, ProfileOptions(devices=["adb://SERIAL1"], runs=64, warmup=1,
                                                    artifacts=["tflite/fp32", "onnx"],

@@ -172,7 +172,8 @@ def test_external_py_model_exports_and_verifies(tmp_path, cli):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (6, 40, 40, 3), dtype=np.uint8)       # raw images: resized by verify
     np.save(tmp_path / "imgs.npy", images)
-    code, stdout, err = cli("verify", str(out), "--inputs", str(tmp_path / "imgs.npy"), "--json")
+    code, stdout, err = cli("verify", str(out), "--inputs", str(tmp_path / "imgs.npy"), "--json",
+                            "--model", spec)         # the user names the code; the folder never does
     assert code == 0, err
     doc = _json(stdout)
     assert doc["pairs"][0]["passed"] and doc["inputs"]["samples"] == 6 and doc["inputs"]["shape"] == [6, 3, 32, 32]
@@ -184,7 +185,7 @@ def test_ill_conditioned_model_fails_fp32_with_a_rounding_diagnosis(tmp_path, cl
     (tmp_path / "ill.py").write_text(ILL_CONDITIONED_SOURCE)
     out = tmp_path / "ill"
     assert cli("-q", "export", f"{tmp_path / 'ill.py'}:build", "--input-size", "8", "--out", str(out))[0] == 0
-    code, stdout, _ = cli("verify", str(out), "--samples", "8", "--json")
+    code, stdout, _ = cli("verify", str(out), "--samples", "8", "--json", "--model", f"{tmp_path / 'ill.py'}:build")
     assert code == 1
     pair = _json(stdout)["pairs"][0]
     check = pair["fp64_check"]

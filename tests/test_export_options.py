@@ -76,9 +76,15 @@ def ckpt(tmp_path_factory) -> Path:
     return path
 
 
+def _factory(ckpt: Path) -> str:
+    """The factory of the checkpoint, named by the user (the checkpoint's own record of it
+    is never imported)."""
+    return f"{ckpt.parent / 'pets.py'}:build"
+
+
 def _export(ckpt: Path, out: Path, *args: str) -> Path:
     from pipeline.cli import main
-    assert main(["-q", "export", "--checkpoint", str(ckpt), "--out", str(out), *args]) == 0
+    assert main(["-q", "export", _factory(ckpt), "--checkpoint", str(ckpt), "--out", str(out), *args]) == 0
     return out
 
 
@@ -99,7 +105,7 @@ def _spec(folder: Path, art):
     return ct.utils.load_spec(str(art.resolve(folder)))
 
 
-def test_coreml_both_inputs_for_ios16(coreml_both, cli):
+def test_coreml_both_inputs_for_ios16(coreml_both, ckpt, cli):
     m = Manifest.load(coreml_both)
     arts = {a.variant: a for a in m.find("mlpackage")}
     assert sorted(arts) == ["image", "tensor"] and [a.precision for a in arts.values()] == ["fp32", "fp32"]
@@ -123,7 +129,7 @@ def test_coreml_both_inputs_for_ios16(coreml_both, cli):
             assert art.inputs[0].dtype == "float32" and art.inputs[0].layout == "NCHW"
             assert art.inputs[0].shape == [1, 3, SIZE, SIZE]
     # both packages compute what PyTorch computes (Linux: the NumPy MIL interpreter)
-    code, out, err = cli("verify", str(coreml_both), "--samples", "4", "--json")
+    code, out, err = cli("verify", str(coreml_both), "--samples", "4", "--json", "--model", _factory(ckpt))
     assert code == 0, err
     doc = json.loads(out)
     assert doc["passed"] and sorted(p["target"] for p in doc["pairs"]) == [
@@ -131,7 +137,7 @@ def test_coreml_both_inputs_for_ios16(coreml_both, cli):
     assert all(p["ref_max_abs"] > 1.0 for p in doc["pairs"]), "realistic logits"
 
 
-def test_tflite_nchw_input_recorded_and_verified(tflite_nchw, cli):
+def test_tflite_nchw_input_recorded_and_verified(tflite_nchw, ckpt, cli):
     from ai_edge_litert.interpreter import Interpreter
     m = Manifest.load(tflite_nchw)
     (art,) = m.find("tflite")
@@ -139,7 +145,7 @@ def test_tflite_nchw_input_recorded_and_verified(tflite_nchw, cli):
     assert art.outputs[0].shape == [1, CLASSES] and m.source["tflite_layout"] == "NCHW"
     it = Interpreter(model_path=str(art.resolve(tflite_nchw)))
     assert list(it.get_input_details()[0]["shape"]) == [1, 3, SIZE, SIZE]      # the file itself, not just the record
-    code, out, err = cli("verify", str(tflite_nchw), "--samples", "8", "--json")
+    code, out, err = cli("verify", str(tflite_nchw), "--samples", "8", "--json", "--model", _factory(ckpt))
     assert code == 0, err
     (pair,) = json.loads(out)["pairs"]
     assert pair["target"] == "tflite/fp32" and pair["passed"] and pair["top1_agreement"] == 1.0
@@ -170,7 +176,7 @@ def test_card_flags_in_tflite_and_coreml_metadata(tflite_nchw, coreml_both):
 ])
 def test_bad_values_one_line_exit_2_nothing_written(ckpt, cli, tmp_path, args, flag):
     out = tmp_path / "export"
-    code, _, err = cli("export", "--checkpoint", str(ckpt), "--out", str(out), *args)
+    code, _, err = cli("export", _factory(ckpt), "--checkpoint", str(ckpt), "--out", str(out), *args)
     line = _one_error_line(err)
     assert code == 2 and line.startswith(f"error: {flag}: expected"), line
     assert repr(args[-1]) in line or "empty" in line, line
@@ -182,7 +188,7 @@ def test_defaults_and_config_section(ckpt, tmp_path):
     sets the same options (checked on load), and options for formats not exported warn."""
     from pipeline.config import ExportSection, load_config
     from pipeline.stages.export import ExportOptions, export_model
-    plain = export_model(None, tmp_path / "plain", checkpoint=ckpt, options=ExportOptions())
+    plain = export_model(_factory(ckpt), tmp_path / "plain", checkpoint=ckpt, options=ExportOptions())
     card = plain.manifest.card
     assert card.name == "pets:build" and card.description.startswith("pets:build image classifier (4 classes")
     assert (card.version, card.author, card.license) == ("1.0", "", "")
@@ -196,7 +202,7 @@ def test_defaults_and_config_section(ckpt, tmp_path):
     section = load_config(good).export
     assert section.app_options() == {"coreml_input": "both", "coreml_target": "iOS18", "tflite_layout": "nchw",
                                      "card": {"author": "Jane Doe", "version": "3"}}
-    res = export_model(None, tmp_path / "cfg", checkpoint=ckpt,
+    res = export_model(_factory(ckpt), tmp_path / "cfg", checkpoint=ckpt,
                        options=ExportOptions(formats=("onnx",), **section.app_options()))
     assert res.manifest.card.author == "Jane Doe" and res.manifest.card.version == "3"
     assert res.manifest.card.name == "pets:build"                       # unset fields keep their defaults

@@ -147,7 +147,7 @@ def exported(torchscript_format, tmp_path_factory) -> Path:
             "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "channel_order": "RGB"}
     ckpt = atomic_write_bytes(folder / "tiny.safetensors", checkpoint_bytes(model, meta))
     out = folder / "export"
-    res = export_model(None, out, checkpoint=ckpt, options=ExportOptions(
+    res = export_model(spec, out, checkpoint=ckpt, options=ExportOptions(
         formats=("onnx", "torchscript"), exporter_options={"torchscript": options_type("NHWC")}))
     assert res.seconds["torchscript"] > 0
     return out
@@ -165,7 +165,8 @@ def test_new_format_flows_through_export_verify_profile(torchscript_format, expo
     assert (exported / art.path).is_file() and sha256_of(exported / art.path) == art.sha256
 
     runner_cls.seen.clear()
-    res = verify_folder(exported, VerifyOptions(samples=16, divergence=False))
+    res = verify_folder(exported, VerifyOptions(samples=16, divergence=False,      # the user names the factory
+                                                runner_options={"torch": {"model": m.source["model"]}}))
     pairs = {p.target: p for p in res.report.pairs}
     assert set(pairs) == {"onnx/fp32", "torchscript/fp32"}
     ts = pairs["torchscript/fp32"]

@@ -23,12 +23,13 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from device_tests.devices.base import Batch, Device, DeviceError, DeviceUnavailable
+from device_tests.devices.base import Batch, Device, DeviceError, DeviceUnavailable, check_word
 from device_tests.devices.benchmark_model import BenchmarkOutput, parse_benchmark_output
 from device_tests.profile import Profile, build_profile
 from exporters.artifact import Artifact, sha256_of, size_of
 
 REMOTE_DIR = "/data/local/tmp/mdeploy"
+_SERIAL = re.compile(r"^[A-Za-z0-9_.:\[\]%-]+$")         # USB serials and host:port of adb over TCP
 ON_DEVICE_CANDIDATES = (f"{REMOTE_DIR}/benchmark_model", "/data/local/tmp/benchmark_model")
 _PROP = re.compile(r"^\[([^\]]+)\]: \[(.*)\]$")
 DESCRIBE_PROPS = {"model": "ro.product.model", "manufacturer": "ro.product.manufacturer",
@@ -47,7 +48,8 @@ class AdbDevice(Device):
 
     def __init__(self, serial: str, *, benchmark_model: str | None = None, adb: str | None = None,
                  timeout: float = 1800) -> None:
-        self.serial = serial
+        # the serial follows -s, and paths go to adb push: a leading '-' would be an option
+        self.serial = check_word(serial, "serial", f"adb://{serial}", _SERIAL)  # type: ignore[assignment]
         self.benchmark_model = str(Path(benchmark_model).expanduser()) if benchmark_model else None
         self.adb = adb
         self.timeout = timeout
@@ -106,7 +108,7 @@ class AdbDevice(Device):
             if not local.is_file():
                 raise DeviceUnavailable(self.spec, "a benchmark_model binary", f"no file {local}")
             self.shell(["mkdir", "-p", REMOTE_DIR], "mkdir")
-            self._call(["push", str(local), ON_DEVICE_CANDIDATES[0]], "pushing benchmark_model")
+            self._call(["push", str(local.resolve()), ON_DEVICE_CANDIDATES[0]], "pushing benchmark_model")
             self.shell(["chmod", "755", ON_DEVICE_CANDIDATES[0]], "chmod")
             return ON_DEVICE_CANDIDATES[0]
         for path in ON_DEVICE_CANDIDATES:
@@ -144,7 +146,7 @@ class AdbDevice(Device):
             raise DeviceUnavailable(self.spec, "a .tflite artifact (benchmark_model runs LiteRT)",
                                     f"format {artifact.format!r}")
         self.check()
-        path = artifact.resolve(root)
+        path = artifact.resolve(root)          # absolute: never read as an adb option
         binary = self._binary()
         remote_model = f"{REMOTE_DIR}/{sha256_of(path)[:16]}.tflite"
         self.shell(["mkdir", "-p", REMOTE_DIR], "mkdir")

@@ -4,6 +4,7 @@ and the fix, never as a silent fallback to the host.
 """
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,21 @@ import numpy as np
 from device_tests.profile import Profile
 from exporters.artifact import Artifact
 from models.errors import InputError
+
+
+_WORD = re.compile(r"^[A-Za-z0-9_.:%\[\]/+=@,~-]+$")
+
+
+def check_word(value: str | None, what: str, spec: str, pattern: re.Pattern[str] | None = None) -> str | None:
+    """A value from a device spec that lands on a command line (ssh host, user, adb serial,
+    remote python): never empty, never starting with ``-`` (ssh and adb would read it as an
+    option: ``-oProxyCommand=...`` runs a local command), no whitespace or control
+    characters. Returns the value; ``InputError`` naming the spec otherwise."""
+    if value is None:
+        return None
+    if not value or value.startswith("-") or not (pattern or _WORD).match(value):
+        raise InputError(spec, f"a {what} of plain characters, not starting with '-'", repr(value)[:60])
+    return value
 
 
 class DeviceUnavailable(InputError):

@@ -15,13 +15,18 @@ password prompts, so a missing key fails at once instead of hanging.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from device_tests.devices.base import Batch, Device, DeviceError, DeviceUnavailable
+from device_tests.devices.base import Batch, Device, DeviceError, DeviceUnavailable, check_word
+from models.errors import InputError
+
+_HOST = re.compile(r"^[A-Za-z0-9_.:%-]+$")           # a name, IPv4 or IPv6 (with a zone)
+_USER = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]*$")
 from device_tests.devices.bundle import ENTRY, build_bundle, prepare_job, read_outputs, read_result
 from device_tests.profile import Profile, build_profile
 from exporters.artifact import Artifact, size_of
@@ -40,6 +45,15 @@ class SshDevice(Device):
                  identity: str | None = None, known_hosts: str | None = None,
                  ssh_options: list[str] | None = None, timeout: float = 1800,
                  ssh: str = "ssh", scp: str = "scp") -> None:
+        spec = f"ssh://{host}"
+        check_word(host, "host name", spec, _HOST)
+        check_word(user, "user name", spec, _USER)
+        check_word(python, "remote python path", spec)
+        if isinstance(port, bool) or not 0 < int(port) < 65536:
+            raise InputError(spec, "a port from 1 to 65535", repr(port))
+        for what, path in (("identity file", identity), ("known_hosts file", known_hosts)):
+            if path is not None and (not path or any(c.isspace() or ord(c) < 32 for c in path)):
+                raise InputError(spec, f"an {what} path without spaces or control characters", repr(path)[:60])
         self.host, self.user, self.port, self.python = host, user, int(port), python
         self.identity = str(Path(identity).expanduser()) if identity else None
         self.known_hosts = str(Path(known_hosts).expanduser()) if known_hosts else None
@@ -84,7 +98,8 @@ class SshDevice(Device):
     def remote(self, argv: list[str], what: str = "remote command") -> subprocess.CompletedProcess:
         """Run ``argv`` on the host; each argument is quoted for the remote shell."""
         remote_cmd = " ".join(shlex.quote(a) for a in argv)
-        return self._call([self.ssh, "-p", str(self.port), *self._options(), self._dest, "--",
+        # "--" before the destination: whatever the host says, ssh never reads it as an option
+        return self._call([self.ssh, "-p", str(self.port), *self._options(), "--", self._dest,
                            remote_cmd], what)
 
     def _scp(self, sources: list[str], target: str, what: str) -> None:

@@ -25,7 +25,9 @@ from exporters.layer_map import call_key
 class TorchRunner(Runner):
     """Options: ``dtype`` ``"float32"`` (default) or ``"float64"``. The float64 run is not
     a deployment target: it is exact arithmetic's stand-in, to tell how far fp32 rounding
-    alone moves this model's outputs (its outputs are returned as float64)."""
+    alone moves this model's outputs (its outputs are returned as float64). ``model``: the
+    ``file.py:factory`` the user named (``--model``) for an architecture that only code
+    defines; the checkpoint's own record of it is never imported."""
 
     kind = "torch"
     formats = ("pt",)
@@ -59,7 +61,7 @@ class TorchRunner(Runner):
     def load(self, artifact: Artifact, root: str | Path | None = None) -> None:
         from models.checkpoint import build_model
         path = artifact.resolve(root) if root is not None else Path(artifact.path)
-        self.model, self.meta = build_model(None, checkpoint=path)
+        self.model, self.meta = build_model(self.options.get("model"), checkpoint=path)
         self.artifact, self.path = artifact, path
         self._cast()
 

@@ -16,6 +16,7 @@ def run(args: argparse.Namespace, ui) -> int:
     import platform
 
     from rich.table import Table
+    from pipeline.ui import Markup
 
     from device_tests.environment import probe
     if getattr(args, "fix", None) == "arm":
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace, ui) -> int:
     table.add_column("found")
     table.add_column("to fix")
     for c in checks:
-        table.add_row("[green]ok[/green]" if c.ok else "[yellow]--[/yellow]", c.name, c.detail, c.fix)
+        table.add_row(Markup("[green]ok[/green]" if c.ok else "[yellow]--[/yellow]"), c.name, c.detail, c.fix)
     ui.table(table)
     return 0
 

@@ -19,8 +19,15 @@ def run(args: argparse.Namespace, ui) -> int:
     from models import create_model, list_models, model_entry
     from models.complexity import count_complexity
 
+    from models.errors import InputError
+    for flag, value, top in (("--input-size", args.input_size, 8192), ("--num-classes", args.num_classes, 1_000_000)):
+        if value is not None and not 0 < value <= top:
+            raise InputError(flag, f"a positive number up to {top}", str(value))
     rows = []
     names = list_models(args.pattern)
+    if not names:
+        raise InputError("PATTERN", "a pattern matching a registered model (see `mdeploy models`)",
+                         repr(args.pattern))
     with ui.progress() as prog:
         task = prog.add_task("counting", total=len(names), status="")
         for name in names:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 
+from pipeline.ui import Markup, esc
+
 
 def _csv(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
@@ -43,6 +45,9 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--estimate", type=_csv, default=None, metavar="DEVICES|all",
                    help="also show roofline lower-bound estimates for catalogued devices: "
                         f"{', '.join(CATALOG)} (needs the pt reference in the export)")
+    p.add_argument("--model", metavar="FILE.py:FACTORY",
+                   help="for --estimate: the Python factory of a model only code defines (the export's "
+                        "own record of it is never imported)")
     p.set_defaults(func=run)
 
 
@@ -58,7 +63,7 @@ def run(args: argparse.Namespace, ui) -> int:
         result = profile_folder(args.folder, opts, progress=ui.info)
         if args.estimate:
             keys = None if args.estimate == ["all"] else args.estimate
-            result.estimates = estimates_for_folder(args.folder, keys, args.artifacts)
+            result.estimates = estimates_for_folder(args.folder, keys, args.artifacts, model=args.model)
     if args.json:
         ui.emit_json(result.to_dict())
         return 0 if result.profiles or result.estimates else 1
@@ -69,7 +74,7 @@ def run(args: argparse.Namespace, ui) -> int:
             if p.ops_by_type:
                 ui.table(ops_table(p, args.top))
             for note in p.notes:
-                ui.info(f"[dim]{p.artifact} on {p.device}: {note}[/dim]")
+                ui.info(Markup(f"[dim]{esc(p.artifact)} on {esc(p.device)}: {esc(note)}[/dim]"))
     for s in result.skipped:
         ui.warn(f"{s.artifact} on {s.device} not profiled: {s.reason}")
     if result.estimates:

@@ -75,6 +75,9 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-samples", type=int, default=1000, help="held-out inputs (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--model", metavar="FILE.py:FACTORY",
+                   help="the Python factory of a model only code defines (the export's own record of "
+                        "it is never imported)")
     p.set_defaults(func=run)
 
 
@@ -89,7 +92,8 @@ def run(args: argparse.Namespace, ui) -> int:
         tflite=not args.no_tflite, coreml=args.coreml, plain_baseline=not args.no_plain_baseline,
         sensitivity=not args.no_sensitivity,
         sensitivity_mode=args.sensitivity_mode, sensitivity_samples=args.sensitivity_samples,
-        eval_data=args.eval_data, eval_samples=args.eval_samples, force=args.force, seed=args.seed)
+        eval_data=args.eval_data, eval_samples=args.eval_samples, force=args.force, seed=args.seed,
+        model=args.model)
     with sensitivity_progress(ui) as on_layer:
         result = quantize_folder(args.folder, args.out, opts, progress=ui.info, layer_progress=on_layer)
     report = result.report

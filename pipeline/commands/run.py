@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from models.util import pct
 from pipeline.config import STAGES
+from pipeline.ui import Markup, esc
 
 if TYPE_CHECKING:
     from pipeline.report import RunRecord
@@ -61,25 +62,47 @@ def _new_run_dir(parent: Path, name: str) -> Path:
 def run(args: argparse.Namespace, ui) -> int:
     from models.errors import InputError
     from pipeline.config import load_config
+    from models.checkpoint import is_factory_spec
+    from models.util import path_component
     cfg = load_config(args.config)
-    if args.epochs:
+    if args.epochs is not None:
+        if args.epochs < 1:
+            raise InputError("--epochs", "a positive number of epochs", str(args.epochs))
         cfg.train.epochs = args.epochs
+    # the run folder's name is one path component: a name like 'x/../..' would put the run
+    # (and what 'latest' points at) outside --out
+    name = path_component(args.name if args.name is not None else cfg.name,
+                          "--name" if args.name is not None else f"{args.config}: name")
+    out_parent = Path(args.out)
+    from exporters.fileio import check_output_location
+    check_output_location(out_parent)
+    # code runs only when the user's own config names it (train.model = "file.py:factory");
+    # the checkpoint's record of it is never imported
+    user_factory = cfg.train.model if is_factory_spec(cfg.train.model) else None
     stages = [s.strip() for s in (args.stages.split(",") if args.stages else cfg.stages) if s.strip()]
     bad = [s for s in stages if s not in STAGES]
     if bad:
-        raise InputError("--stages", f"a comma list of {', '.join(STAGES)}", ", ".join(bad))
+        raise InputError("--stages" if args.stages or not args.config else f"{args.config}: stages",
+                         f"a comma list of {', '.join(STAGES)}", ", ".join(bad))
     if "train" not in stages and not cfg.checkpoint:
         raise InputError("--stages", "train, or a config with a checkpoint to start from", "neither")
-    run_dir = _new_run_dir(Path(args.out), args.name or cfg.name)
-    ui.info(f"[bold]mdeploy run[/bold] -> {run_dir}")
+    try:
+        _check_config(cfg, stages, args.config or "the built-in configuration")
+    except InputError as exc:
+        if not args.config:
+            raise
+        # the value came from the user's file: name the file and the section, not a flag
+        raise InputError(args.config, f"{getattr(exc, 'section', '')}{exc.expected}", exc.found) from None
+    run_dir = _new_run_dir(out_parent, name)
+    ui.info(Markup(f"[bold]mdeploy run[/bold] -> {esc(run_dir)}"))
     from pipeline.report import RunRecord
-    record = RunRecord(name=args.name or cfg.name, run_dir=str(run_dir), config=cfg.model_dump())
+    record = RunRecord(name=name, run_dir=str(run_dir), config=cfg.model_dump())
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else None
     export_dir = run_dir / "export"
     code = 0
 
     def timed(stage: str):
-        ui.info(f"\n[bold cyan]== {stage}[/bold cyan]")
+        ui.info(Markup(f"\n[bold cyan]== {esc(stage)}[/bold cyan]"))
         return time.perf_counter()
 
     if "train" in stages:
@@ -102,7 +125,7 @@ def run(args: argparse.Namespace, ui) -> int:
         t0 = timed("export")
         precisions = tuple(dict.fromkeys([*cfg.export.tflite_precisions, *cfg.export.coreml_precisions]))
         with ui.status("exporting"):
-            exp = export_model(None, export_dir, checkpoint=checkpoint, progress=ui.info,
+            exp = export_model(user_factory, export_dir, checkpoint=checkpoint, progress=ui.info,
                                options=ExportOptions(formats=tuple(cfg.export.formats),
                                                      precisions=precisions, opset=cfg.export.opset,
                                                      **cfg.export.app_options()))
@@ -112,7 +135,7 @@ def run(args: argparse.Namespace, ui) -> int:
 
     if "verify" in stages:
         t0 = timed("verify")
-        ok = _verify(ui, record, export_dir, cfg.verify.samples, quantized=False)
+        ok = _verify(ui, record, export_dir, cfg.verify.samples, quantized=False, model=user_factory)
         record.stages["verify"] = time.perf_counter() - t0
         if not ok:
             code = 1
@@ -128,12 +151,13 @@ def run(args: argparse.Namespace, ui) -> int:
                                float_fixes=tuple(q.float_fixes), weight_rounding=tuple(q.weight_rounding),
                                keep_float=q.keep_float,
                                w8a16_layers=q.w8a16_layers, target_sqnr=q.target_sqnr, sensitivity=q.sensitivity,
-                               coreml=q.coreml, plain_baseline=q.plain_baseline, eval_samples=q.eval_samples)
+                               coreml=q.coreml, plain_baseline=q.plain_baseline, eval_samples=q.eval_samples,
+                               model=user_factory)
         with sensitivity_progress(ui) as on_layer:
             res = quantize_folder(export_dir, quant_dir, opts, progress=ui.info, layer_progress=on_layer)
         record.add(QuantizeRecord(str(quant_dir), res.report, res.seconds))
         show_report(ui, res.report)
-        ok = _verify(ui, record, quant_dir, cfg.verify.samples, quantized=True)
+        ok = _verify(ui, record, quant_dir, cfg.verify.samples, quantized=True, model=user_factory)
         record.stages["quantize"] = time.perf_counter() - t0
         if not ok:
             code = 1
@@ -180,13 +204,58 @@ def run(args: argparse.Namespace, ui) -> int:
     return code
 
 
-def _verify(ui, record: "RunRecord", folder: Path, samples: int, quantized: bool) -> bool:
+def _check_config(cfg, stages: list[str], source: str) -> None:
+    """Every section a stage of this run will read, checked before the first stage starts:
+    a bad opset or device spec must not surface after twenty minutes of training."""
+    from models.errors import InputError
+
+    def section(name: str, check) -> None:
+        try:
+            check()
+        except InputError as exc:
+            exc.section = f"[{name}] {exc.source}: " if exc.source else f"[{name}] "  # type: ignore[attr-defined]
+            raise
+
+    if "train" in stages:
+        from models import model_entry
+        section("train", lambda: model_entry(cfg.train.model))
+    if "train" not in stages and cfg.checkpoint and not Path(cfg.checkpoint).is_file():
+        raise InputError(source, "checkpoint: an existing checkpoint file", repr(cfg.checkpoint))
+    if "export" in stages:
+        from pipeline.stages.export import ExportOptions, _plan
+        precisions = tuple(dict.fromkeys([*cfg.export.tflite_precisions, *cfg.export.coreml_precisions]))
+        opts = ExportOptions(formats=tuple(cfg.export.formats), precisions=precisions, opset=cfg.export.opset,
+                             **cfg.export.app_options())
+        section("export", lambda: _plan(tuple(dict.fromkeys(f.strip().lower() for f in opts.formats
+                                                              if f.strip())), opts))
+    if "quantize" in stages:
+        from pipeline.stages.quantize import QuantizeOptions, _check_options
+        q = cfg.quantize
+        section("quantize", lambda: _check_options(QuantizeOptions(target=q.target, method=q.method, samples=q.samples,
+                                       float_fixes=tuple(q.float_fixes), weight_rounding=tuple(q.weight_rounding),
+                                       keep_float=q.keep_float, w8a16_layers=q.w8a16_layers,
+                                       target_sqnr=q.target_sqnr, eval_samples=q.eval_samples)))
+    if "repvgg" in stages:
+        from models import model_entry
+        from models.util import path_component
+        for model in cfg.repvgg.models:             # each becomes a folder of the run
+            section("repvgg", lambda: model_entry(path_component(model, "models")))
+    if "profile" in stages:
+        from device_tests.devices import parse_device
+        for spec in cfg.profile.devices:
+            section("profile", lambda: parse_device(spec))
+
+
+def _verify(ui, record: "RunRecord", folder: Path, samples: int, quantized: bool,
+            model: str | None = None) -> bool:
     """``mdeploy verify`` on one folder, per-layer error curves for every pair (the report
     plots them), tables shown; the result goes into the run record."""
     from pipeline.commands.verify import layers_table, pairs_table
     from pipeline.report import VerifyRecord
     from pipeline.stages.verify import VerifyOptions, verify_folder
-    ver = verify_folder(folder, VerifyOptions(samples=samples, per_layer="all"), progress=ui.info)
+    opts = VerifyOptions(samples=samples, per_layer="all",
+                         runner_options={"torch": {"model": model}} if model else {})
+    ver = verify_folder(folder, opts, progress=ui.info)
     record.add(VerifyRecord.from_result(folder, ver.report, quantized=quantized))
     record.notes += ver.notes
     ui.table(pairs_table(ver.report))
@@ -211,7 +280,7 @@ def repvgg_table(rep: dict[str, Any]):
                   str(v["adds"]), f"{v['reparam_max_abs']:.1e}", _pct(q.get("float_accuracy")),
                   _pct(q.get("accuracy")), f"{-q['drop_points']:+.2f} pt" if q.get("drop_points") is not None else "",
                   f"{q['snr_db']:.1f}" if q.get("snr_db") is not None else "",
-                  "[green]pass[/green]" if ok else "[red]FAIL[/red]")
+                  Markup("[green]pass[/green]" if ok else "[red]FAIL[/red]"))
     return t
 
 
@@ -226,7 +295,7 @@ def sparse_shift_table(sh: dict[str, Any]):
         t.add_column(c, justify="left" if c == "layer" else "right")
     for layer in st["layers"]:
         t.add_row(layer["name"], str(layer["channels"]), _pct(layer["zero_fraction"]), str(layer["max_abs"]))
-    t.add_row("[bold]all[/bold]", str(st["channels"]), _pct(st["zero_fraction"]), "")
+    t.add_row(Markup("[bold]all[/bold]"), str(st["channels"]), _pct(st["zero_fraction"]), "")
     return t
 
 

@@ -9,6 +9,8 @@ import argparse
 import json
 from typing import Any
 
+from pipeline.ui import Markup, esc
+
 # Short names accepted by --tolerance, beside the Tolerance field names themselves.
 _ALIASES = {"atol": "max_abs", "abs": "max_abs", "cosine": "min_cosine", "snr": "min_snr_db",
             "snr_db": "min_snr_db", "top1": "min_top1", "layer_rel": "layer_max_rel",
@@ -83,6 +85,9 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--divergence-samples", type=int, default=4,
                    help="inputs used by the per-layer search (the worst-differing ones; default 4)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--model", metavar="FILE.py:FACTORY",
+                   help="the Python factory of a model only code defines; the export's own record of "
+                        "it is never imported (a data file must not run code)")
     p.set_defaults(func=run)
 
 
@@ -100,6 +105,8 @@ def options_from_args(args: argparse.Namespace):
             runner_options.setdefault(kind, {})["threads"] = args.threads
     for kind, key, value in args.runner_option:
         runner_options.setdefault(kind, {})[key] = value
+    if args.model:
+        runner_options.setdefault("torch", {})["model"] = args.model
     for flag, value in (("--divergence-samples", args.divergence_samples), ("--batch-size", args.batch_size)):
         if value < 1:
             raise InputError(flag, "a positive number", str(value))
@@ -129,14 +136,14 @@ def run(args: argparse.Namespace, ui) -> int:
     ui.table(pairs_table(report))
     for pair in report.pairs:
         if not pair.passed:
-            ui.result(f"[red]{pair.target} FAILED[/red]: {'; '.join(pair.failures)}")
+            ui.result(Markup(f"[red]{esc(pair.target)} FAILED[/red]: {esc('; '.join(pair.failures))}"))
             if pair.layers:
                 ui.table(layers_table(pair))
             if pair.first_divergent:
                 fd = pair.first_divergent
-                ui.result(f"first divergent layer: [bold]{fd['layer']}[/bold] (PyTorch module) = "
-                          f"tensor [bold]{fd['tensor']}[/bold] in {pair.target_path}: max abs "
-                          f"{fd['max_abs']:.3g}, {fd['max_rel']:.3g} of its range")
+                ui.result(Markup(f"first divergent layer: [bold]{esc(fd['layer'])}[/bold] (PyTorch module) = "
+                                 f"tensor [bold]{esc(fd['tensor'])}[/bold] in {esc(pair.target_path)}: max abs "
+                                 f"{fd['max_abs']:.3g}, {fd['max_rel']:.3g} of its range"))
             elif pair.divergence_note:
                 ui.result(f"per-layer search: {pair.divergence_note}")
             if pair.diagnosis:
@@ -144,9 +151,9 @@ def run(args: argparse.Namespace, ui) -> int:
     for pair in report.pairs:
         if pair.passed and pair.layers:
             worst = min(pair.layers, key=lambda x: float("inf") if x.snr_db is None else x.snr_db)
-            ui.result(f"{pair.target}: lowest-SNR layer [bold]{worst.module}[/bold] ({worst.tensor}): "
-                      f"{_fmt(worst.snr_db, '.1f')} dB, max abs {worst.max_abs:.3g} over {len(pair.layers)} "
-                      "matched layers")
+            ui.result(Markup(f"{esc(pair.target)}: lowest-SNR layer [bold]{esc(worst.module)}[/bold] "
+                             f"({esc(worst.tensor)}): {_fmt(worst.snr_db, '.1f')} dB, max abs "
+                             f"{worst.max_abs:.3g} over {len(pair.layers)} matched layers"))
     n_fail = sum(not p.passed for p in report.pairs)
     ui.result(f"{len(report.pairs) - n_fail}/{len(report.pairs)} pairs pass on "
               f"{report.inputs.get('samples')} inputs from {report.inputs.get('source')}")
@@ -173,7 +180,7 @@ def pairs_table(report):
         "top-5": lambda p: _fmt(p.top5_agreement, ".3f") if p.top5_agreement is not None else "",
         "accuracy": lambda p: (f"{p.accuracy_reference:.3f}/{p.accuracy_target:.3f}"
                                if p.accuracy_reference is not None else ""),
-        "result": lambda p: "[green]pass[/green]" if p.passed else "[red]FAIL[/red]",
+        "result": lambda p: Markup("[green]pass[/green]" if p.passed else "[red]FAIL[/red]"),
     }
     cols = {k: f for k, f in cols.items() if any(f(p) for p in report.pairs) or k in ("target", "result")}
     for c in cols:
@@ -200,7 +207,7 @@ def layers_table(pair, context: int = 3, max_rows: int = 30):
     if lo:
         table.add_row("...", f"{lo} earlier layers", "", "", "", "", "")
     for i, x in enumerate(layers[lo:hi], start=lo):
-        mark = "[red]<- first[/red]" if i == first and not x.passed else ("" if x.passed else "[red]over[/red]")
+        mark = Markup("[red]<- first[/red]" if i == first and not x.passed else ("" if x.passed else "[red]over[/red]"))
         table.add_row(str(x.index), x.module, x.tensor, _fmt(x.max_abs, ".2g"), _fmt(x.max_rel, ".2g"),
                       _fmt(x.snr_db, ".1f"), mark)
     if hi < len(layers):

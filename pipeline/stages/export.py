@@ -103,6 +103,14 @@ def read_labels(path: str | Path) -> list[str]:
     return labels
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _resolve_spec(spec: str | None) -> str | None:
     """A ``file.py:factory`` spec with its file made absolute (recorded in the checkpoint)."""
     from models.checkpoint import is_factory_spec
@@ -214,6 +222,12 @@ def export_model(model_spec: str | None, out_dir: str | Path, *, checkpoint: str
     labels = labels or meta.get("labels")
     if labels is not None and len(labels) != num_classes:
         raise InputError("labels", f"{num_classes} labels (one per output class)", f"{len(labels)}")
+    for label in labels or []:
+        # TFLite and Core ML metadata are UTF-8: a lone surrogate (a non-UTF-8 folder name
+        # read by Python) would fail deep inside their writers after minutes of converting
+        if not isinstance(label, str) or not _utf8(label):
+            raise InputError(opts.labels and "--labels" or checkpoint or "labels",
+                             "class names that are UTF-8 text", repr(label)[:60])
 
     meta = {**meta, "model": spec, "num_classes": num_classes, "in_chans": pre.channels,
             "input_size": pre.input_size[0] if pre.input_size[0] == pre.input_size[1] else pre.input_size,

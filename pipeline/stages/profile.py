@@ -65,6 +65,30 @@ def select_artifacts(manifest: Manifest, wanted: list[str] | None) -> list[Artif
     return [a for a in manifest.artifacts if a.key in wanted or a.format in wanted]
 
 
+def check_artifact_file(art: Artifact, folder: Path) -> None:
+    """The artifact's file exists and its runtime can parse it: a truncated or foreign
+    ``.tflite``/``.onnx`` is an ``InputError`` naming the file (it used to be profiled as a
+    warning and exit 0). Parsing only: nothing is run."""
+    path = art.resolve(folder)
+    if not path.exists():
+        raise InputError(path, f"the {art.key} artifact listed in the manifest", "no such file")
+    if art.format == "onnx":
+        from exporters.onnx import load_onnx
+        load_onnx(path, load_weights=False)
+    elif art.format == "tflite":
+        head = path.read_bytes()[:8] if path.is_file() else b""
+        if len(head) < 8 or head[4:8] != b"TFL3":
+            raise InputError(path, "a TFLite flatbuffer (identifier TFL3)", "a file without it")
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError:
+            return
+        try:
+            Interpreter(model_path=str(path))
+        except Exception as exc:  # ValueError / RuntimeError from the flatbuffer verifier
+            raise InputError(path, "a complete TFLite model", one_line(exc, 160)) from None
+
+
 def profile_folder(folder: str | Path, opts: ProfileOptions,
                    progress: Callable[[str], None] | None = None) -> ProfileResult:
     folder = Path(folder)
@@ -74,6 +98,8 @@ def profile_folder(folder: str | Path, opts: ProfileOptions,
     manifest = Manifest.load(folder)
     artifacts = select_artifacts(manifest, opts.artifacts)
     devices: list[Device] = [parse_device(d) for d in opts.devices]    # bad specs fail before any work
+    for art in artifacts:
+        check_artifact_file(art, folder)        # a truncated file is bad input, not a skipped row
     result = ProfileResult(str(folder))
     say = progress or (lambda msg: None)
     for device in devices:
@@ -94,7 +120,7 @@ def _precision_bucket(precision: str) -> str:
     return "int8" if p.startswith(("int8", "w8", "uint8")) else "fp16" if "16" in p else "fp32"
 
 
-def model_complexity(folder: Path, manifest: Manifest) -> tuple[int, int, int, int]:
+def model_complexity(folder: Path, manifest: Manifest, model: str | None = None) -> tuple[int, int, int, int]:
     """(MACs, params, input elements, output elements) of the export's PyTorch reference."""
     from models.checkpoint import build_model
     from models.complexity import count_complexity
@@ -102,7 +128,7 @@ def model_complexity(folder: Path, manifest: Manifest) -> tuple[int, int, int, i
     if ref is None:
         raise InputError(folder, "an export with its PyTorch reference (pt artifact) for MAC counts",
                          "no pt artifact")
-    model, meta = build_model(None, ref.resolve(folder))
+    model, meta = build_model(model, ref.resolve(folder))     # model: only what the user named
     pre = manifest.preprocessing
     c = count_complexity(model, tuple(pre.input_size), in_chans=pre.channels)
     out_elems = 1
@@ -113,12 +139,12 @@ def model_complexity(folder: Path, manifest: Manifest) -> tuple[int, int, int, i
 
 
 def estimates_for_folder(folder: str | Path, device_keys: list[str] | None,
-                         artifacts: list[str] | None = None) -> list[dict[str, Any]]:
+                         artifacts: list[str] | None = None, model: str | None = None) -> list[dict[str, Any]]:
     """Roofline lower bounds for each precision the export holds, on catalogued devices."""
     import dataclasses
     folder = Path(folder)
     manifest = Manifest.load(folder)
-    macs, params, in_el, out_el = model_complexity(folder, manifest)
+    macs, params, in_el, out_el = model_complexity(folder, manifest, model)
     precisions = sorted({_precision_bucket(a.precision) for a in select_artifacts(manifest, artifacts)})
     rows: list[Estimate] = []
     for precision in precisions:

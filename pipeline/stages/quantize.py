@@ -78,6 +78,7 @@ class QuantizeOptions:
     eval_samples: int | None = DEFAULT_EVAL_SAMPLES
     force: bool = False
     seed: int = 0
+    model: str | None = None                   # the user's file.py:factory when only code defines the architecture
 
 
 @dataclass
@@ -137,6 +138,8 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
     opts.keep_float = _count_or_names(opts.keep_float)
     opts.w8a16_layers = _count_or_names(opts.w8a16_layers)
     _check_options(opts)
+    from exporters.fileio import check_writable_output
+    check_writable_output(out_dir, opts.force)          # before calibration, not after it
     say = progress or (lambda msg: None)
     seconds: dict[str, float] = {}
     root = Path(folder)
@@ -170,7 +173,7 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
         notes.append("no held-out data (none recorded and no --eval): random pixels; accuracy unknown, "
                      "agreement on noise says little about real images")
 
-    model, meta = build_model(None, ref_path)
+    model, meta = build_model(opts.model, ref_path)
     shape = (1, pre.channels, *pre.input_size)
     with tempfile.TemporaryDirectory(prefix="mdeploy-quantize-") as tmp_name:
         tmp = Path(tmp_name)

@@ -40,9 +40,9 @@ class TrainConfig(BaseModel):
     model: str = "mobilenet_v2"
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     data: str = "mnist"
-    input_size: int | None = Field(None, gt=0, description="default: the data's own size")
-    epochs: int = Field(6, ge=1)
-    batch_size: int = Field(64, ge=1)
+    input_size: int | None = Field(None, gt=0, le=8192, description="default: the data's own size")
+    epochs: int = Field(6, ge=1, le=100_000)
+    batch_size: int = Field(64, ge=1, le=65536, description="a larger batch is a typo, not a plan")
     optimizer: Literal["sgd", "adamw"] = "adamw"
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
@@ -183,6 +183,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, force: bool = False,
         from models.errors import InputError
         raise InputError(f"--data {cfg.data}", "a labelled data set (mnist, digits or class folders)",
                          "an unlabelled set (calibration and evaluation only)")
+    if len(train_all.classes or ()) < 2 or len(np.unique(train_all.labels)) < 2:
+        from models.errors import InputError
+        raise InputError(f"--data {cfg.data}", "images of at least two classes to train a classifier",
+                         f"{len(np.unique(train_all.labels))} class with images")
     if cfg.train_samples:
         train_all = train_all.subset(cfg.train_samples, seed=cfg.seed)
     test_set = load_dataset(cfg.data, "test")

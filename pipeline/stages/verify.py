@@ -153,6 +153,14 @@ def verify_folder(folder: str | Path, options: VerifyOptions | None = None,
     opts = options or VerifyOptions()
     say = progress or (lambda msg: None)
     root = Path(folder)
+    if opts.runners is not None:
+        # a misspelt runner used to verify nothing and pass ("0/0 pairs pass", exit 0)
+        from device_tests.runners.base import BUILTIN_RUNNERS, load_builtin_runners, _RUNNERS
+        load_builtin_runners()
+        known = sorted({*BUILTIN_RUNNERS, *_RUNNERS})
+        bad = [k for k in opts.runners if k not in known]
+        if bad or not opts.runners:
+            raise InputError("--runners", f"a comma list of {', '.join(known)}", ", ".join(bad) or "nothing")
     manifest = Manifest.load(root)
     refs = manifest.find("pt")
     if not refs:
@@ -160,6 +168,12 @@ def verify_folder(folder: str | Path, options: VerifyOptions | None = None,
                          "none")
     ref_art = refs[0]
     targets = [a for a in manifest.artifacts if a is not ref_art and a.format != "pt"]
+    from device_tests.compare import DEFAULT_TOLERANCES
+    scopes = {"*", *DEFAULT_TOLERANCES, *(a.precision.lower() for a in targets)}
+    unknown = [sc for sc in opts.tolerances if sc not in scopes]
+    if unknown:                  # 'int3:max_abs=1' used to change nothing, silently
+        raise InputError("--tolerance", f"a precision among {', '.join(sorted(scopes - {'*'}))}",
+                         ", ".join(unknown))
     notes: list[str] = []
     for art in [ref_art, *targets]:
         path = art.resolve(root)
@@ -191,6 +205,11 @@ def verify_folder(folder: str | Path, options: VerifyOptions | None = None,
             key = art.key if art.key not in runners else f"{art.key}:{art.path}"
             runners[key] = _open(art, root, opts.runner_options)
         keys = list(runners)
+        if len(keys) < 2:
+            # nothing compared is not a pass
+            why = f"none of the runners {', '.join(opts.runners)}" if opts.runners is not None else "none"
+            raise InputError(root / "manifest.json", "an artifact to compare against the PyTorch reference",
+                             f"{why} among {', '.join(a.key for a in targets) or 'no artifacts'}")
         say(f"running {len(inputs.x)} inputs through {', '.join(keys)}")
         results = run_all(runners, {ref_art.inputs[0].name: inputs.x}, batch_size=opts.batch_size)
 
