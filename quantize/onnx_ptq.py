@@ -939,8 +939,8 @@ def _weight_grid(float_onnx: str | Path, qdq_onnx: str | Path) -> dict[str, tupl
         scale = np.abs(rows_w).max(1) / qmax
         mine = np.clip(np.round(rows_w / np.where(scale > 0, scale, 1)[:, None]), -qmax, qmax).astype(np.int64)
         theirs = _dq_scale(n, inits, rows_w.shape[0])
-        same = (np.abs(theirs - scale) <= 1e-4 * np.maximum(scale, 1e-30)) | (scale == 0) \
-            if theirs is not None else np.ones(len(scale), bool)
+        # a row the quantizer *raised* (never lowered) is rescaled; any other row is compared
+        same = (theirs <= scale * (1 + 1e-4)) | (scale == 0) if theirs is not None else np.ones(len(scale), bool)
         out[name] = (int((mine[same] != rows_q[same]).sum()), int((~same).sum()))
     return out
 

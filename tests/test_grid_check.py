@@ -112,3 +112,40 @@ def test_no_plain_baseline_skips_it(stage, tmp_path):
                            plain_baseline=False, target="generic")
     result = quantize_folder(tmp / "export", tmp_path / "q", opts)
     assert result.report.plain_route is None and "plain_route" not in result.seconds
+
+
+def test_rows_onnx_runtime_rescales_for_the_int32_bias_are_not_counted_as_re_rounded(tmp_path):
+    """A row of near-zero weights with a real bias (what BatchNorm folding leaves of a
+    switched-off channel) cannot keep its own scale under the QNN rules: ``bias / (s_in *
+    s_w)`` would overflow int32, so ONNX Runtime raises that row's scale. The check counts
+    it as rescaled; the other rows, on their grid, still match integer for integer."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from quantize.onnx_ptq import QNN_W8A8, PtqSession, weight_grid_mismatch, weight_rows_rescaled
+    rng = np.random.default_rng(0)
+    q = rng.integers(-127, 128, (4, 3, 3, 3)).astype(np.float32)
+    q.reshape(4, -1)[:, 0] = 127                               # each row keeps its +-127 level
+    w = q * np.array([0.01, 0.02, 0.005, 1e-9], np.float32)[:, None, None, None]
+    b = np.array([0.1, -0.2, 0.0, 5.0], np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "W", "B"], ["y"], name="conv", pads=[1, 1, 1, 1])], "g",
+        [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 8, 8])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(tmp_path / "float.onnx"))
+    calib = rng.uniform(-1, 1, (8, 3, 8, 8)).astype(np.float32)
+    with PtqSession(tmp_path / "float.onnx", calib, qnn=True) as s:
+        s.write(QNN_W8A8, tmp_path / "q.onnx")
+    assert weight_rows_rescaled(tmp_path / "float.onnx", tmp_path / "q.onnx") == {"W": 1}
+    assert weight_grid_mismatch(tmp_path / "float.onnx", tmp_path / "q.onnx") == {"W": 0}
+    # negative control: weights moved off their grid (by 0.6 of a step, the +-127 levels kept) are counted
+    off = w.copy()
+    off.reshape(4, -1)[:3, 1:] += 0.6 * np.array([0.01, 0.02, 0.005], np.float32)[:, None]
+    onnx.save(helper.make_model(helper.make_graph(
+        graph.node, "g", graph.input, graph.output,
+        [numpy_helper.from_array(off, "W"), numpy_helper.from_array(b, "B")]),
+        opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "off.onnx"))
+    assert weight_grid_mismatch(tmp_path / "off.onnx", tmp_path / "q.onnx")["W"] > 0
