@@ -109,6 +109,8 @@ def run(args: argparse.Namespace, ui) -> int:
         record.add(ExportRecord(str(export_dir), list(exp.manifest.artifacts), exp.seconds))
         record.stages["export"] = time.perf_counter() - t0
         ui.table(artifacts_table(exp.manifest, export_dir))
+        for line in exp.assumed:
+            ui.assumed(line)
 
     if "verify" in stages:
         t0 = timed("verify")

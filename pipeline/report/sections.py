@@ -222,9 +222,11 @@ class QuantizeRecord:
             lines += ["", summary[0].upper() + summary[1:]]
         refs = q.get("references") or []
         if refs:
-            lines += ["", "Reference points (MobileNetV2, ImageNet top-1): " + "; ".join(
-                f"{r['short']}: {r['float_accuracy']:.2f}% -> {r['quantized_accuracy']:.2f}% "
-                f"({r['drop']:.2f} points)" for r in refs) + "."]
+            lines += ["", "Qualcomm's published reference points for MobileNetV2 (ImageNet top-1): " + "; ".join(
+                (f"{r['short']}: {r['float_accuracy']:.2f}% -> {r['quantized_accuracy']:.2f}% ({r['drop']:.2f} points)"
+                 if r.get("float_accuracy") is not None and r.get("quantized_accuracy") is not None
+                 else f"{r['short']}: a drop of about {r['drop']:.1f} points (only the drop is published)")
+                + f" [{r['source']}]" for r in refs) + "."]
         lines += [""] + figure("int8_sensitivity")
         sens = q.get("sensitivity") or {}
         top = (sens.get("layers") or [])[:10]
