@@ -93,8 +93,9 @@ def parse_size(value: "int | str | Sequence[int | str]", what: str = "--input-si
     if isinstance(value, (int, np.integer)):
         parts: list = [value, value]
     elif isinstance(value, str):
-        parts = [p for p in value.lower().replace("x", " ").replace(",", " ").split() if p]
-        parts = parts * 2 if len(parts) == 1 else parts
+        import re
+        match = re.fullmatch(r"\s*(\d+)\s*(?:[x,\s]\s*(\d+)\s*)?", value.lower())
+        parts = [match.group(1), match.group(2) or match.group(1)] if match else []
     else:
         parts = [p for v in value for p in (parse_size(v, what) if isinstance(v, str) and "x" in v.lower()
                                               else [v])]

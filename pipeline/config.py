@@ -63,10 +63,12 @@ class ExportSection(_Section):
         """The ``pipeline.stages.export.ExportOptions`` fields this section sets beyond
         formats, precisions and opset: ``ExportOptions(..., **cfg.export.app_options())``."""
         from pipeline.stages.export import PreprocessingChoice
-        return {"coreml_input": self.coreml_input, "coreml_target": self.coreml_target,
-                "tflite_layout": self.tflite_layout, "card": self.card.model_dump(exclude_none=True),
-                "preprocessing": PreprocessingChoice(self.input_size, self.mean, self.std, self.channel_order,
-                                                     self.resize, self.crop_pct)}
+        out: dict[str, Any] = {"coreml_input": self.coreml_input, "coreml_target": self.coreml_target,
+                               "tflite_layout": self.tflite_layout, "card": self.card.model_dump(exclude_none=True)}
+        pre = (self.input_size, self.mean, self.std, self.channel_order, self.resize, self.crop_pct)
+        if any(v is not None for v in pre):       # only what the file sets; the model's own otherwise
+            out["preprocessing"] = PreprocessingChoice(*pre)
+        return out
 
 
 class VerifySection(_Section):

@@ -281,6 +281,8 @@ def export_model(model_spec: str | None, out_dir: str | Path, *, checkpoint: str
     formats = tuple(dict.fromkeys(f.strip().lower() for f in opts.formats if f.strip()))
     plan = _plan(formats, opts)                         # every choice checked before any work
     card_fields = _card(opts.card)
+    if opts.preprocessing is not None:
+        opts.preprocessing.fields()                     # bad --mean/--std/--input-size/...: before any work
     labels = list(opts.labels) if opts.labels else None
     check_writable_output(out_dir, opts.force)          # before minutes of work, not after
 
