@@ -280,3 +280,29 @@ def test_lite1_factory_with_its_normalisation_reaches_the_app_files_and_verifies
     assert "assumed: mean/std = ImageNet (0.485" in err and "--mean/--std" in err
     assert any(a.startswith("mean/std = ImageNet") for a in Manifest.load(guessed).assumed)
     assert json.loads((guessed / "manifest.json").read_text())["assumed"]
+
+
+def test_run_report_states_the_contract_the_assumptions_and_the_noise():
+    """The run report (Markdown) shows the preprocessing and what was assumed; a parity
+    section made on random pixels says first that it is no evidence."""
+    from device_tests.compare import ParityReport
+    from pipeline.report.record import RunRecord
+    from pipeline.report.sections import ExportRecord, VerifyRecord
+    pre = Preprocessing([48, 64], [0.5] * 3, [0.5] * 3, crop_pct=0.875)
+    run = RunRecord("t", "/tmp/x", {})
+    exp = run.add(ExportRecord("/tmp/x/export", [], {}, pre, ["labels = class indices 0..4 (pass --labels FILE)"]))
+    assert exp.to_dict()["preprocessing"]["crop_pct"] == 0.875 and exp.to_dict()["assumed"]
+    from exporters.artifact import Artifact
+    exp.artifacts = [Artifact(path="model.onnx", format="onnx", precision="fp32", inputs=[], outputs=[],
+                              sha256="0" * 64, size_bytes=1024, tool="t", tool_version="1")]
+    md = "\n".join(exp.markdown(run, lambda name: []))
+    assert "RGB 48x64, mean (0.5,0.5,0.5)" in md and "centre crop" in md and "**assumed**: labels" in md
+    from device_tests.compare import PairReport
+    fields = {f: None for f in PairReport.__dataclass_fields__}
+    pair = PairReport(**{**fields, "reference": "pt/fp32", "target": "onnx/fp32", "precision": "fp32",
+                         "max_abs": 0.0, "mean_abs": 0.0, "cosine": 1.0, "passed": True, "samples": 2,
+                         "max_rel": 0.0, "ref_max_abs": 1.0, "failures": [], "tolerance": {}})
+    noisy = ParityReport(pairs=[pair], inputs={"source": "random pixels", "samples": 2, "random": True})
+    ver = run.add(VerifyRecord("/tmp/x/export", noisy, {"onnx/fp32": 1024}))
+    lines = ver.markdown(run, lambda name: [])
+    assert lines[2].startswith("**NOT EVIDENCE OF PARITY")
