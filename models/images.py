@@ -17,10 +17,18 @@ folder is never preprocessed one way for calibration and another for parity:
   a flat folder of images, a single image, ``.npy``/``.npz``) -> ``ModelInputs``,
   sampled and preprocessed.
 
-Resize policy: ``Preprocessing.resize`` names the filter (``RESIZE_FILTERS``); every
-resize (to the model's size, or of an odd-sized image in a folder) goes through
-``resize_pixels`` with it: PyTorch's ``interpolate`` with antialiasing when shrinking,
-the same function training uses.
+Resize policy: ``Preprocessing.resize`` names the filter (``RESIZE_FILTERS``) and
+``Preprocessing.crop_pct`` the geometry: None resizes straight to the model's size; a
+fraction is timm's eval transform (resize to size / crop_pct, the shorter side when that
+is square, then centre-crop the size). Both are applied by ``_fit`` alone, through
+``preprocess`` (arrays, bundled sets) or ``read_images`` (files, once per image, whatever
+its size): PyTorch's ``interpolate`` with antialiasing when shrinking, the same function
+training uses.
+
+Where the values come from (the command line, the checkpoint, a timm-style
+``pretrained_cfg``/``default_cfg``) is the export stage's business; this module gives
+the parsers it uses (``parse_size``, ``canonical_mean_std``: 0-255 or 0-1 scale in, the
+0-1 scale stored; ``from_model_config``).
 
 Importing this module needs numpy only (torch and Pillow are imported when used), so
 the ``Preprocessing`` record travels in the device runner bundle.
@@ -72,6 +80,17 @@ class Preprocessing:
         """From a manifest's ``preprocessing`` (older manifests lack the newer fields)."""
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+    def resize_note(self) -> str:
+        """What the app must do to a camera frame before the model (the app metadata's words)."""
+        h, w = self.input_size
+        if self.crop_pct:
+            import math
+            th, tw = math.floor(h / self.crop_pct), math.floor(w / self.crop_pct)
+            first = (f"resize ({self.resize}) the shorter side to {th} (aspect kept)" if th == tw
+                     else f"resize ({self.resize}) to {th}x{tw}")
+            return f"{first}, then centre-crop {h}x{w}"
+        return f"resize ({self.resize}) to {h}x{w}"
 
     def describe(self) -> str:
         """One line for humans: size, order, mean/std (0-1 scale), resize policy."""

@@ -306,3 +306,16 @@ def test_run_report_states_the_contract_the_assumptions_and_the_noise():
     ver = run.add(VerifyRecord("/tmp/x/export", noisy, {"onnx/fp32": 1024}))
     lines = ver.markdown(run, lambda name: [])
     assert lines[2].startswith("**NOT EVIDENCE OF PARITY")
+
+
+def test_quantize_on_explicit_random_inputs_says_so_first(no_data_export, tmp_path, cli):
+    args = ("quantize", str(no_data_export), "--target", "generic", "--random-inputs", "--samples", "4",
+            "--no-tflite", "--no-sensitivity", "--weight-rounding", "rtn", "--no-plain-baseline",
+            "--eval-samples", "4")
+    code, stdout, err = cli(*args, "--out", str(tmp_path / "q"))
+    assert code == 0, err
+    assert stdout.splitlines()[0].startswith("NOT EVIDENCE")
+    assert "--inputs FOLDER_OF_YOUR_IMAGES" in stdout            # the hint never leads to noise
+    code, stdout, err = cli(*args, "--out", str(tmp_path / "q2"), "--json")
+    assert code == 0, err
+    assert next(iter(json.loads(stdout))) == "disclaimer"

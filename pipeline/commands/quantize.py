@@ -99,8 +99,9 @@ def run(args: argparse.Namespace, ui) -> int:
         result = quantize_folder(args.folder, args.out, opts, progress=ui.info, layer_progress=on_layer)
     report = result.report
     if args.json:
-        ui.emit_json({"folder": str(result.folder), "seconds": result.seconds,
-                      "report": report.to_dict(), "manifest": result.manifest.to_dict()})
+        noise = next((n for n in report.notes if n.startswith("NOT EVIDENCE")), None)
+        ui.emit_json({**({"disclaimer": noise} if noise else {}), "folder": str(result.folder),
+                      "seconds": result.seconds, "report": report.to_dict(), "manifest": result.manifest.to_dict()})
         return 0
     show_report(ui, report, args.top)
     times = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
