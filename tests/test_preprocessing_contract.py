@@ -319,3 +319,12 @@ def test_quantize_on_explicit_random_inputs_says_so_first(no_data_export, tmp_pa
     code, stdout, err = cli(*args, "--out", str(tmp_path / "q2"), "--json")
     assert code == 0, err
     assert next(iter(json.loads(stdout))) == "disclaimer"
+
+
+def test_input_size_as_two_numbers_before_the_model(tiny, tmp_path, cli):
+    out = tmp_path / "e"
+    code, _, err = cli("-q", "export", "--input-size", "40", "24", f"{tiny}:build", "--out", str(out),
+                       "--mean", "0", "0", "0", "--std", "1", "1", "1", "--channel-order", "bgr")
+    assert code == 0, err
+    p = Manifest.load(out).preprocessing
+    assert (p.input_size, p.mean, p.std, p.channel_order) == ([40, 24], [0.0] * 3, [1.0] * 3, "BGR")

@@ -98,6 +98,9 @@ def run(args: argparse.Namespace, ui) -> int:
     from models.errors import InputError
     from pipeline.stages.export import CARD_FIELDS, ExportOptions, export_model, read_labels
 
+    size = args.input_size or []
+    if args.model is None and len(size) > 1 and not size[-1].isdigit():
+        args.model = size.pop()          # `--input-size 48 64 MODEL`: nargs="+" swallowed the model
     if args.model is None and args.checkpoint is None:
         raise InputError("mdeploy export", "MODEL, or --checkpoint of an mdeploy checkpoint", "neither")
     for flag, value in (("--opset", args.opset),
