@@ -120,6 +120,8 @@ class Manifest:
     source: dict[str, Any] = field(default_factory=dict)    # checkpoint, factory, reparam, ...
     versions: dict[str, str] = field(default_factory=dict)
     manifest_version: int = MANIFEST_VERSION
+    # values nobody gave (defaults the export guessed: size, mean/std, labels), one line each
+    assumed: list[str] = field(default_factory=list)
 
     def find(self, fmt: str | None = None, precision: str | None = None) -> list[Artifact]:
         return [a for a in self.artifacts
@@ -131,7 +133,7 @@ class Manifest:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Manifest":
         d = dict(d)
-        d["preprocessing"] = Preprocessing(**d["preprocessing"])
+        d["preprocessing"] = Preprocessing.from_dict(d["preprocessing"])
         if d.get("card"):
             d["card"] = ModelCard(**d["card"])
         d["artifacts"] = [Artifact.from_dict(a) for a in d.get("artifacts", [])]

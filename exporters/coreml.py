@@ -322,7 +322,8 @@ def _describe(mlmodel: Any, card: ModelCard, pre: Preprocessing, labels: list[st
     norm = f"(pixel * {pre.pixel_scale:.6g} - mean) / std with mean {list(pre.mean)}, std {list(pre.std)}"
     if kind == "image":
         mlmodel.input_description[IMAGE_INPUT] = (
-            f"{fold['color_layout']} image, {w}x{h} pixels; normalised inside the model as {norm}")
+            f"{fold['color_layout']} image, {w}x{h} pixels ({pre.resize_note()}); normalised inside the model "
+            f"as {norm}")
     else:
         mlmodel.input_description[TENSOR_INPUT] = (
             f"float32 NCHW tensor (1, {pre.channels}, {h}, {w}), channels {pre.channel_order}, "

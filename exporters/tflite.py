@@ -160,7 +160,7 @@ def _calibration(calibration: np.ndarray | None, shape: list[int], pre: Preproce
     needs = any(p in INTEGER_PRECISIONS for p in precisions)
     if calibration is None:
         if needs and not random_calibration:
-            raise InputError("calibration", f"calibration images for {', '.join(p for p in precisions if p in INTEGER_PRECISIONS)} "
+            raise InputError("--calibration", f"calibration images for {', '.join(p for p in precisions if p in INTEGER_PRECISIONS)} "
                              "(a data set, an image folder or .npy; random data only when asked for)", "none")
         if needs:
             rng = np.random.default_rng(0)

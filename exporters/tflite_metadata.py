@@ -119,7 +119,7 @@ def image_classifier_metadata(card: ModelCard, preprocessing: Preprocessing, *, 
     color = {"RGB": "RGB", "GRAY": "GRAYSCALE"}.get(order, "UNKNOWN")
     h, w = preprocessing.input_size
     desc = (f"Input image to be classified: {h}x{w}, {order}, normalized as (pixel - mean) / std "
-            f"on 0..255 pixel values.")
+            f"on 0..255 pixel values; {preprocessing.resize_note()}.")
     stats_min = stats_max = None
     if input_dtype == "float32":      # as the Task Library writer: the range a normalized pixel spans
         stats_min = [(0.0 - m) / s for m, s in zip(mean, std)]

@@ -82,7 +82,7 @@ def _split(images: np.ndarray, labels: np.ndarray, test_fraction: float, split: 
 
 
 def load_dataset(source: str | Path, split: str = "train", size: tuple[int, int] | None = None,
-                 resize: str = "bilinear") -> ImageSet:
+                 resize: str = "bilinear", crop_pct: float | None = None) -> ImageSet:
     """A bundled set by name (``mnist``, ``digits``) or an ImageFolder-layout folder.
 
     A folder with ``train/`` and ``test/`` (or ``val/``) sub-folders is split by them;
@@ -103,7 +103,7 @@ def load_dataset(source: str | Path, split: str = "train", size: tuple[int, int]
         if split == "all":                      # _split returns the shared arrays themselves
             xs, ys = xs.copy(), ys.copy()
         return ImageSet(xs, ys, [str(i) for i in range(10)], f"{key}:{split}")
-    return load_image_folder(Path(source), split, size, resize)
+    return load_image_folder(Path(source), split, size, resize, crop_pct)
 
 
 @functools.lru_cache(maxsize=None)
@@ -125,7 +125,7 @@ def _bundled(key: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_image_folder(root: Path, split: str = "train", size: tuple[int, int] | None = None,
-                      resize: str = "bilinear") -> ImageSet:
+                      resize: str = "bilinear", crop_pct: float | None = None) -> ImageSet:
     if not root.exists():
         raise InputError(root, f"a bundled data set ({', '.join(BUNDLED)}) or an image folder",
                          "no such file or folder")
@@ -133,8 +133,8 @@ def load_image_folder(root: Path, split: str = "train", size: tuple[int, int] | 
         raise InputError(root, "an image folder (one sub-folder per class)", "a file")
     for sub in ({"train": ("train",), "test": ("test", "val")}.get(split, ())):
         if (root / sub).is_dir():
-            return _read_class_folders(root / sub, f"{root.name}:{split}", size, resize)
-    full = _read_class_folders(root, root.name, size, resize)
+            return _read_class_folders(root / sub, f"{root.name}:{split}", size, resize, crop_pct)
+    full = _read_class_folders(root, root.name, size, resize, crop_pct)
     if split == "all":
         return full
     xs, ys = _split(full.images, full.labels, 0.2, split)
@@ -142,7 +142,7 @@ def load_image_folder(root: Path, split: str = "train", size: tuple[int, int] | 
 
 
 def _read_class_folders(root: Path, name: str, size: tuple[int, int] | None = None,
-                        resize: str = "bilinear") -> ImageSet:
+                        resize: str = "bilinear", crop_pct: float | None = None) -> ImageSet:
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise InputError(root, "one sub-folder of images per class (ImageFolder layout)",
@@ -160,7 +160,7 @@ def _read_class_folders(root: Path, name: str, size: tuple[int, int] | None = No
     if not files:
         raise InputError(root, f"image files ({', '.join(IMAGE_SUFFIXES[:4])}, ...) in the class folders",
                          "no images")
-    return ImageSet(read_images(files, size, resize), np.asarray(labels, np.int64), classes, name)
+    return ImageSet(read_images(files, size, resize, crop_pct), np.asarray(labels, np.int64), classes, name)
 
 
 def to_model_input(images: np.ndarray, input_size: int | tuple[int, int],

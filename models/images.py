@@ -17,10 +17,18 @@ folder is never preprocessed one way for calibration and another for parity:
   a flat folder of images, a single image, ``.npy``/``.npz``) -> ``ModelInputs``,
   sampled and preprocessed.
 
-Resize policy: ``Preprocessing.resize`` names the filter (``RESIZE_FILTERS``); every
-resize (to the model's size, or of an odd-sized image in a folder) goes through
-``resize_pixels`` with it: PyTorch's ``interpolate`` with antialiasing when shrinking,
-the same function training uses.
+Resize policy: ``Preprocessing.resize`` names the filter (``RESIZE_FILTERS``) and
+``Preprocessing.crop_pct`` the geometry: None resizes straight to the model's size; a
+fraction is timm's eval transform (resize to size / crop_pct, the shorter side when that
+is square, then centre-crop the size). Both are applied by ``_fit`` alone, through
+``preprocess`` (arrays, bundled sets) or ``read_images`` (files, once per image, whatever
+its size): PyTorch's ``interpolate`` with antialiasing when shrinking, the same function
+training uses.
+
+Where the values come from (the command line, the checkpoint, a timm-style
+``pretrained_cfg``/``default_cfg``) is the export stage's business; this module gives
+the parsers it uses (``parse_size``, ``canonical_mean_std``: 0-255 or 0-1 scale in, the
+0-1 scale stored; ``from_model_config``).
 
 Importing this module needs numpy only (torch and Pillow are imported when used), so
 the ``Preprocessing`` record travels in the device runner bundle.
@@ -59,10 +67,116 @@ class Preprocessing:
     layout: str = "NCHW"
     pixel_scale: float = 1 / 255          # raw pixel -> [0, 1]
     resize: str = "bilinear"              # one of RESIZE_FILTERS
+    # timm's crop_pct: resize to input_size / crop_pct (shorter side, aspect kept), then
+    # centre-crop input_size. None: resize straight to input_size (aspect not kept).
+    crop_pct: float | None = None
 
     @property
     def channels(self) -> int:
         return 1 if self.channel_order == "GRAY" else 3
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        """From a manifest's ``preprocessing`` (older manifests lack the newer fields)."""
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def resize_note(self) -> str:
+        """What the app must do to a camera frame before the model (the app metadata's words)."""
+        h, w = self.input_size
+        if self.crop_pct:
+            import math
+            th, tw = math.floor(h / self.crop_pct), math.floor(w / self.crop_pct)
+            first = (f"resize ({self.resize}) the shorter side to {th} (aspect kept)" if th == tw
+                     else f"resize ({self.resize}) to {th}x{tw}")
+            return f"{first}, then centre-crop {h}x{w}"
+        return f"resize ({self.resize}) to {h}x{w}"
+
+    def describe(self) -> str:
+        """One line for humans: size, order, mean/std (0-1 scale), resize policy."""
+        h, w = self.input_size
+        crop = f", resize {self.resize} to {h}/{self.crop_pct:g} then centre crop" if self.crop_pct else \
+            f", resize {self.resize}"
+        return (f"{self.channel_order} {h}x{w}, mean {_fmt_list(self.mean)}, std {_fmt_list(self.std)} "
+                f"(on 0-1 pixels){crop}")
+
+
+def _fmt_list(values: Sequence[float]) -> str:
+    return "(" + ",".join(f"{v:.4g}" for v in values) + ")"
+
+
+# -- values given by people or model configs -> the canonical record -----------
+
+def parse_size(value: "int | str | Sequence[int | str]", what: str = "--input-size") -> list[int]:
+    """``224``, ``"48x64"``, ``"48 64"``, ``[48, 64]`` or timm's ``(3, 48, 64)`` -> ``[H, W]``."""
+    if isinstance(value, (int, np.integer)):
+        parts: list = [value, value]
+    elif isinstance(value, str):
+        import re
+        match = re.fullmatch(r"\s*(\d+)\s*(?:[x,\s]\s*(\d+)\s*)?", value.lower())
+        parts = [match.group(1), match.group(2) or match.group(1)] if match else []
+    else:
+        parts = [p for v in value for p in (parse_size(v, what) if isinstance(v, str) and "x" in v.lower()
+                                              else [v])]
+        parts = parts * 2 if len(parts) == 1 else parts[-2:] if len(parts) == 3 else parts
+    try:
+        hw = [int(p) for p in parts]
+    except (TypeError, ValueError):
+        hw = []
+    if len(hw) != 2 or min(hw) < 1:
+        raise InputError(what, "a size N, HxW or H W of positive integers", repr(value))
+    return hw
+
+
+def canonical_mean_std(mean: Sequence[float], std: Sequence[float], what: str = "--mean/--std"
+                       ) -> tuple[list[float], list[float]]:
+    """Mean/std on either pixel scale -> the 0-1 scale the record keeps.
+
+    A value above 1 anywhere in ``mean`` or ``std`` means both were given on the 0-255
+    scale (``127.5``/``127.5``), and both are divided by 255; otherwise they are on the
+    0-1 scale already (``0.485``, ``0.5``). One value is used for every channel."""
+    m, s = [float(v) for v in mean], [float(v) for v in std]
+    if not m or not s or not all(np.isfinite(m + s)):
+        raise InputError(what, "finite numbers", f"mean {m}, std {s}")
+    if any(v <= 0 for v in s):
+        raise InputError(what, "a positive std", f"std {s}")
+    if max(abs(v) for v in m + s) > 1.0:
+        m, s = [v / 255.0 for v in m], [v / 255.0 for v in s]
+    return m, s
+
+
+def from_model_config(cfg: dict | None) -> dict:
+    """A timm-style ``pretrained_cfg``/``default_cfg`` (``mean``, ``std``, ``input_size``
+    ``(C, H, W)``, ``interpolation``, ``crop_pct``) -> ``Preprocessing`` fields it sets."""
+    out: dict = {}
+    if not isinstance(cfg, dict):
+        return out
+    if cfg.get("mean") is not None and cfg.get("std") is not None:
+        mean = list(np.atleast_1d(cfg["mean"])) if not isinstance(cfg["mean"], (list, tuple)) else cfg["mean"]
+        std = list(np.atleast_1d(cfg["std"])) if not isinstance(cfg["std"], (list, tuple)) else cfg["std"]
+        out["mean"], out["std"] = canonical_mean_std(mean, std, "model config mean/std")
+    if cfg.get("input_size") is not None:
+        out["input_size"] = parse_size(cfg["input_size"], "model config input_size")
+    if cfg.get("interpolation") in RESIZE_FILTERS:
+        out["resize"] = cfg["interpolation"]
+    if cfg.get("crop_pct") is not None:
+        out["crop_pct"] = check_crop_pct(cfg["crop_pct"], "model config crop_pct")
+    if cfg.get("channel_order") in ("RGB", "BGR"):
+        out["channel_order"] = cfg["channel_order"]
+    return out
+
+
+def check_crop_pct(value: float | None, what: str = "--crop-pct") -> float | None:
+    """None (resize straight to the size) or a fraction in (0, 1]."""
+    if value is None:
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if not (0.0 < v <= 1.0):
+        raise InputError(what, "a fraction in (0, 1], e.g. 0.875", repr(value))
+    return v
 
 
 @dataclass
@@ -94,17 +208,42 @@ def _resize(x: "torch.Tensor", size: tuple[int, int], resize: str) -> "torch.Ten
     return F.interpolate(x, size=size, mode=resize, align_corners=False, antialias=True)
 
 
-def resize_pixels(images: np.ndarray, size: tuple[int, int], resize: str = "bilinear") -> np.ndarray:
-    """uint8 NHWC -> uint8 NHWC of ``size`` (H, W), by the same filter as ``preprocess``."""
+def _fit(x: "torch.Tensor", size: tuple[int, int], resize: str, crop_pct: float | None) -> "torch.Tensor":
+    """Float NCHW -> ``size`` (H, W): the resize/crop policy, the one place it is applied.
+
+    ``crop_pct`` None: resize straight to ``size``. Otherwise timm's eval transform:
+    the target ``floor(size / crop_pct)``; when it is square the shorter side is resized
+    to it (aspect kept), else the image is resized to it exactly; then the centre
+    ``size`` is cropped (torchvision's rounding of the offsets)."""
+    if crop_pct is None:
+        return _resize(x, size, resize)
+    import math
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    th, tw = (math.floor(size[0] / crop_pct), math.floor(size[1] / crop_pct))
+    if th == tw:
+        short, long_ = (h, w) if h <= w else (w, h)
+        new_long = int(th * long_ / short)
+        nh, nw = (th, new_long) if h <= w else (new_long, th)
+    else:
+        nh, nw = th, tw
+    nh, nw = max(nh, size[0]), max(nw, size[1])
+    x = _resize(x, (nh, nw), resize)
+    top, left = int(round((nh - size[0]) / 2.0)), int(round((nw - size[1]) / 2.0))
+    return x[..., top:top + size[0], left:left + size[1]]
+
+
+def resize_pixels(images: np.ndarray, size: tuple[int, int], resize: str = "bilinear",
+                  crop_pct: float | None = None) -> np.ndarray:
+    """uint8 NHWC -> uint8 NHWC of ``size`` (H, W), by the same policy as ``preprocess``."""
     import torch
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
-    y = _resize(x, tuple(size), resize).round().clamp(0, 255)
-    return y.permute(0, 2, 3, 1).to(torch.uint8).numpy()
+    y = _fit(x, tuple(size), resize, crop_pct).round().clamp(0, 255)
+    return y.permute(0, 2, 3, 1).contiguous().to(torch.uint8).numpy()
 
 
 def normalise(images: np.ndarray, size: int | Sequence[int], mean: Sequence[float], std: Sequence[float],
-              channels: int | None = None, resize: str = "bilinear", pixel_scale: float = 1 / 255
-              ) -> np.ndarray:
+              channels: int | None = None, resize: str = "bilinear", pixel_scale: float = 1 / 255,
+              crop_pct: float | None = None) -> np.ndarray:
     """uint8 NHWC pixels -> float32 NCHW: ``* pixel_scale``, grey <-> RGB, resize, ``(x-mean)/std``.
 
     ``channels`` converts grey <-> RGB when the model wants the other (grey is replicated;
@@ -126,14 +265,18 @@ def normalise(images: np.ndarray, size: int | Sequence[int], mean: Sequence[floa
         else:
             raise InputError("images", f"{channels} channels", f"{c} channels")
     hw = (size, size) if isinstance(size, int) else tuple(size)
-    x = _resize(x, hw, resize)
+    x = _fit(x, hw, resize, crop_pct)
     m = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
     return ((x - m) / s).numpy().astype(np.float32)
 
 
-def preprocess(images: np.ndarray, pre: Preprocessing, source: str | Path = "images") -> np.ndarray:
-    """uint8 NHWC pixels -> the model's float32 NCHW input, as ``pre`` says (BGR honoured)."""
+def preprocess(images: np.ndarray, pre: Preprocessing, source: str | Path = "images",
+               fitted: bool = False) -> np.ndarray:
+    """uint8 NHWC pixels -> the model's float32 NCHW input, as ``pre`` says (BGR honoured).
+
+    ``fitted``: the pixels went through ``read_images(..., pre=pre)`` and are at the
+    model's size already (resize/crop applied per image); only normalisation is left."""
     c = images.shape[-1]
     if images.ndim != 4 or c not in (1, 3):
         raise InputError(source, "images (N, H, W, C) with 1 (grey) or 3 (RGB) channels",
@@ -141,7 +284,7 @@ def preprocess(images: np.ndarray, pre: Preprocessing, source: str | Path = "ima
     if pre.channel_order == "BGR" and c == 3:
         images = images[..., ::-1]
     return normalise(images, tuple(pre.input_size), tuple(pre.mean), tuple(pre.std), pre.channels,
-                     pre.resize, pre.pixel_scale)
+                     pre.resize, pre.pixel_scale, None if fitted else pre.crop_pct)
 
 
 # -- reading --------------------------------------------------------------------
@@ -179,11 +322,12 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def read_images(files: Sequence[Path], size: Sequence[int] | None = None, resize: str = "bilinear"
-                ) -> np.ndarray:
+def read_images(files: Sequence[Path], size: Sequence[int] | None = None, resize: str = "bilinear",
+                crop_pct: float | None = None) -> np.ndarray:
     """Image files -> uint8 ``(N, H, W, C)``: every image in the first one's mode (grey or
     RGB); an image whose (H, W) differs from ``size`` (default: the first image's) is
-    resized to it by ``resize_pixels``."""
+    resized to it by ``resize_pixels``; with ``crop_pct`` every image is brought to
+    ``size`` by the resize-then-centre-crop policy (images of any aspect)."""
     images: list[np.ndarray] = []
     mode: str | None = None
     hw = tuple(size) if size is not None else None
@@ -191,8 +335,8 @@ def read_images(files: Sequence[Path], size: Sequence[int] | None = None, resize
         arr = read_image(f, mode)
         mode = mode or ("L" if arr.shape[-1] == 1 else "RGB")
         hw = hw or arr.shape[:2]
-        if arr.shape[:2] != hw:
-            arr = resize_pixels(arr[None], hw, resize)[0]
+        if arr.shape[:2] != hw or crop_pct is not None:
+            arr = resize_pixels(arr[None], hw, resize, crop_pct)[0]
         images.append(arr)
     if not images:
         raise InputError("images", "at least one image file", "none")
@@ -290,6 +434,7 @@ def load_images(source: str | Path, pre: Preprocessing, split: str = "all", samp
     labels: np.ndarray | None = None
     label = str(source)
     groups: np.ndarray | None = None          # stratifies sampling; never reported as labels
+    fitted = False                            # files are read at the model's size (resize/crop applied)
     if key in BUNDLED:
         ds = load_dataset(key, split)
         pixels, labels, classes, label = ds.images, ds.labels, ds.classes, f"{key} ({split} split)"
@@ -304,16 +449,19 @@ def load_images(source: str | Path, pre: Preprocessing, split: str = "all", samp
         pixels = as_pixels(arr, path)
     elif path.is_dir():
         if _has_class_folders(path):
-            ds = load_dataset(path, split, size=tuple(pre.input_size), resize=pre.resize)
+            ds = load_dataset(path, split, size=tuple(pre.input_size), resize=pre.resize, crop_pct=pre.crop_pct)
+            fitted = True
             pixels, labels, classes, label = ds.images, ds.labels, ds.classes, f"{path} ({split})"
         else:
             files = image_files(path)
             if not files:
                 raise InputError(path, f"image files ({', '.join(IMAGE_SUFFIXES[:4])}, ...) or class "
                                        "sub-folders", "no images")
-            pixels = read_images(files, tuple(pre.input_size), pre.resize)
+            pixels = read_images(files, tuple(pre.input_size), pre.resize, pre.crop_pct)
+            fitted = True
     elif path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-        pixels = read_images([path], tuple(pre.input_size), pre.resize)
+        pixels = read_images([path], tuple(pre.input_size), pre.resize, pre.crop_pct)
+        fitted = True
     elif path.exists():
         raise InputError(path, f"inputs: {', '.join(BUNDLED)}, an image folder, an image, .npy or .npz",
                          f"a {path.suffix or 'extensionless'} file")
@@ -321,5 +469,5 @@ def load_images(source: str | Path, pre: Preprocessing, split: str = "all", samp
         raise InputError(source, f"inputs: {', '.join(BUNDLED)}, an image folder, an image, .npy or .npz",
                          "no such file or folder")
     idx = sample_indices(len(pixels), labels if groups is None else groups, samples, seed)
-    return ModelInputs(preprocess(pixels[idx], pre, path), None if labels is None else labels[idx],
+    return ModelInputs(preprocess(pixels[idx], pre, path, fitted), None if labels is None else labels[idx],
                        classes, label)

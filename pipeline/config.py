@@ -40,6 +40,14 @@ class ExportSection(_Section):
                                       description="Core ML minimum deployment target (iOS16, macOS13, ...; "
                                                   "checked at export); None: the exporter's default")
     tflite_layout: str = Field("NHWC", pattern="(?i)^(nhwc|nchw)$", description="input layout of the .tflite")
+    # preprocessing: part of the model's contract (the same fields as export's flags); None = the
+    # checkpoint's / the model's own, and a default beyond that is printed as "assumed:"
+    input_size: int | str | list[int] | None = Field(None, description="N, 'HxW' or [H, W]")
+    mean: list[float] | None = Field(None, description="per-channel mean, 0-255 or 0-1 scale (>1 means 0-255)")
+    std: list[float] | None = Field(None, description="per-channel std, on the scale of mean")
+    channel_order: Literal["RGB", "BGR"] | None = None
+    resize: Literal["bilinear", "bicubic", "nearest"] | None = None
+    crop_pct: float | None = Field(None, gt=0, le=1, description="timm-style resize to size/crop_pct, centre crop")
 
     class Card(_Section):
         """``[export.card]``: the model card written into the TFLite and Core ML metadata."""
@@ -54,8 +62,13 @@ class ExportSection(_Section):
     def app_options(self) -> dict[str, Any]:
         """The ``pipeline.stages.export.ExportOptions`` fields this section sets beyond
         formats, precisions and opset: ``ExportOptions(..., **cfg.export.app_options())``."""
-        return {"coreml_input": self.coreml_input, "coreml_target": self.coreml_target,
-                "tflite_layout": self.tflite_layout, "card": self.card.model_dump(exclude_none=True)}
+        from pipeline.stages.export import PreprocessingChoice
+        out: dict[str, Any] = {"coreml_input": self.coreml_input, "coreml_target": self.coreml_target,
+                               "tflite_layout": self.tflite_layout, "card": self.card.model_dump(exclude_none=True)}
+        pre = (self.input_size, self.mean, self.std, self.channel_order, self.resize, self.crop_pct)
+        if any(v is not None for v in pre):       # only what the file sets; the model's own otherwise
+            out["preprocessing"] = PreprocessingChoice(*pre)
+        return out
 
 
 class VerifySection(_Section):

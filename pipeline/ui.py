@@ -95,6 +95,11 @@ class UI:
     def warn(self, msg: str) -> None:
         self.err.print(f"[yellow]warning:[/yellow] {literal(msg)}")
 
+    def assumed(self, msg: str) -> None:
+        """A value the command defaulted because nobody gave it: one line on stderr that
+        -q does not hide (a guess must never pass silently); in --json it is data."""
+        self.err.print(f"[bold yellow]assumed:[/bold yellow] {msg}", soft_wrap=True)
+
     def error(self, msg: str) -> None:
         """The one error line: printed whole, never wrapped (a path may be long)."""
         one = " ".join(printable(str(msg)).splitlines())         # one line, whatever the path holds

@@ -15,12 +15,14 @@ as the project's issue 7 quotes them:
 * AIMET data-free quantization (Nagel et al. 2019: CLE + bias correction, W8A8):
   71.72% float -> 71.08% int8, a drop of 0.64 points;
 * Qualcomm AI Hub's MobileNet-v2-Quantized as a w8a8 TFLite model: about 1.8 points
-  below float. AI Hub builds it from the AIMET model zoo's MobileNetV2 (its README), so
-  the float figure used for the relative drop is the same 71.72%.
+  below float. Only that drop is quoted; no float or quantized accuracy is, so none is
+  shown (no number derived from another source is presented as published) and its
+  relative drop is unknown.
 
-They are on ImageNet (1,000 classes) and ours on the user's data: the comparison that
-holds across tasks is the drop *relative to float accuracy* (``drop / float_accuracy``),
-which the report computes for both.
+They were measured on MobileNetV2, so ``references_for`` gives them for that
+architecture only (any other model gets none: a drop on another network says nothing
+about this one). On another data set than ImageNet, the comparison that holds best is
+the drop *relative to float accuracy* (``drop / float_accuracy``) where it is known.
 """
 from __future__ import annotations
 
@@ -60,35 +62,50 @@ def accuracy(out: np.ndarray, labels: np.ndarray | None) -> float | None:
 
 @dataclass(frozen=True)
 class ReferencePoint:
-    """A published float -> quantized accuracy pair (top-1, percent)."""
+    """A published float -> quantized accuracy pair (top-1, percent), or only the published
+    drop (``published_drop``) when that is all the source gives."""
 
     name: str
     short: str
     model: str
     dataset: str
-    float_accuracy: float
-    quantized_accuracy: float
+    float_accuracy: float | None
+    quantized_accuracy: float | None
     source: str
+    published_drop: float | None = None
 
     @property
     def drop(self) -> float:
+        if self.published_drop is not None:
+            return self.published_drop
         return round(self.float_accuracy - self.quantized_accuracy, 4)
 
     @property
-    def relative_drop(self) -> float:
+    def relative_drop(self) -> float | None:
+        """Drop / float accuracy, only when both are published."""
+        if self.float_accuracy is None or self.quantized_accuracy is None:
+            return None
         return self.drop / self.float_accuracy
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "drop": self.drop, "relative_drop": self.relative_drop}
 
 
+REFERENCE_ARCHITECTURE = "mobilenet_v2"       # the registry name of the model the references measured
 REFERENCES: tuple[ReferencePoint, ...] = (
     ReferencePoint("AIMET data-free (CLE + bias correction), W8A8", "AIMET data-free W8A8", "MobileNetV2", "ImageNet",
-                   71.72, 71.08, "Qualcomm AIMET, data-free quantization (Nagel et al. 2019), as quoted in issue 7"),
+                   71.72, 71.08, "Nagel et al. 2019, Data-Free Quantization (arXiv:1906.04721), Qualcomm AIMET; "
+                   "as quoted in issue 7"),
     ReferencePoint("Qualcomm AI Hub, w8a8 TFLite", "AI Hub w8a8 TFLite", "MobileNetV2", "ImageNet",
-                   71.72, 69.92, "Qualcomm AI Hub MobileNet-v2-Quantized: about 1.8 points below float "
-                   "(issue 7); float = the AIMET zoo model it is built from"),
+                   None, None, "Qualcomm AI Hub MobileNet-v2-Quantized model card: about 1.8 points below float "
+                   "(as quoted in issue 7; only the drop is quoted)", published_drop=1.8),
 )
+
+
+def references_for(model_spec: str | None) -> tuple[ReferencePoint, ...]:
+    """The published reference points measured on this architecture (a registry name);
+    none for any other model, whose drop they would not describe."""
+    return REFERENCES if model_spec == REFERENCE_ARCHITECTURE else ()
 
 
 # ---------------------------------------------------------------- the report
@@ -172,7 +189,9 @@ class QuantReport:
                 rows.append({"variant": v.key, "drop_points": v.drop_points, "relative_drop": rel,
                              "reference": ref.name, "reference_drop_points": ref.drop,
                              "reference_relative_drop": ref.relative_drop,
-                             "at_least_as_good": rel is not None and rel <= ref.relative_drop})
+                             "at_least_as_good": (rel <= ref.relative_drop if rel is not None
+                                                  and ref.relative_drop is not None
+                                                  else v.drop_points <= ref.drop)})
         return rows
 
     def to_dict(self) -> dict[str, Any]:

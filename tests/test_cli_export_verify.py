@@ -185,7 +185,8 @@ def test_ill_conditioned_model_fails_fp32_with_a_rounding_diagnosis(tmp_path, cl
     (tmp_path / "ill.py").write_text(ILL_CONDITIONED_SOURCE)
     out = tmp_path / "ill"
     assert cli("-q", "export", f"{tmp_path / 'ill.py'}:build", "--input-size", "8", "--out", str(out))[0] == 0
-    code, stdout, _ = cli("verify", str(out), "--samples", "8", "--json", "--model", f"{tmp_path / 'ill.py'}:build")
+    code, stdout, _ = cli("verify", str(out), "--samples", "8", "--random-inputs", "--json",
+                          "--model", f"{tmp_path / 'ill.py'}:build")
     assert code == 1
     pair = _json(stdout)["pairs"][0]
     check = pair["fp64_check"]

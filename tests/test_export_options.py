@@ -129,7 +129,8 @@ def test_coreml_both_inputs_for_ios16(coreml_both, ckpt, cli):
             assert art.inputs[0].dtype == "float32" and art.inputs[0].layout == "NCHW"
             assert art.inputs[0].shape == [1, 3, SIZE, SIZE]
     # both packages compute what PyTorch computes (Linux: the NumPy MIL interpreter)
-    code, out, err = cli("verify", str(coreml_both), "--samples", "4", "--json", "--model", _factory(ckpt))
+    code, out, err = cli("verify", str(coreml_both), "--samples", "4", "--random-inputs", "--json",
+                         "--model", _factory(ckpt))
     assert code == 0, err
     doc = json.loads(out)
     assert doc["passed"] and sorted(p["target"] for p in doc["pairs"]) == [
@@ -145,7 +146,8 @@ def test_tflite_nchw_input_recorded_and_verified(tflite_nchw, ckpt, cli):
     assert art.outputs[0].shape == [1, CLASSES] and m.source["tflite_layout"] == "NCHW"
     it = Interpreter(model_path=str(art.resolve(tflite_nchw)))
     assert list(it.get_input_details()[0]["shape"]) == [1, 3, SIZE, SIZE]      # the file itself, not just the record
-    code, out, err = cli("verify", str(tflite_nchw), "--samples", "8", "--json", "--model", _factory(ckpt))
+    code, out, err = cli("verify", str(tflite_nchw), "--samples", "8", "--random-inputs", "--json",
+                         "--model", _factory(ckpt))
     assert code == 0, err
     (pair,) = json.loads(out)["pairs"]
     assert pair["target"] == "tflite/fp32" and pair["passed"] and pair["top1_agreement"] == 1.0

@@ -165,7 +165,7 @@ def test_new_format_flows_through_export_verify_profile(torchscript_format, expo
     assert (exported / art.path).is_file() and sha256_of(exported / art.path) == art.sha256
 
     runner_cls.seen.clear()
-    res = verify_folder(exported, VerifyOptions(samples=16, divergence=False,      # the user names the factory
+    res = verify_folder(exported, VerifyOptions(samples=16, divergence=False, random_inputs=True,  # the user names the factory
                                                 runner_options={"torch": {"model": m.source["model"]}}))
     pairs = {p.target: p for p in res.report.pairs}
     assert set(pairs) == {"onnx/fp32", "torchscript/fp32"}

@@ -15,6 +15,38 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
+def add_preprocessing_args(p: argparse.ArgumentParser) -> None:
+    """The preprocessing flags (part of the model's contract; also ``mdeploy run``'s config)."""
+    g = p.add_argument_group(
+        "preprocessing (part of the model's contract: written into the manifest, the TFLite metadata and the "
+        "Core ML image input; verify and quantize read it back). Default: the checkpoint's, else the model's "
+        "own pretrained_cfg/default_cfg, else the registry's; anything defaulted beyond that is printed as "
+        "'assumed:' and recorded in the manifest")
+    g.add_argument("--input-size", nargs="+", metavar="N|HxW|H W",
+                   help="input size: N (square), HxW or H W, e.g. 48x64")
+    g.add_argument("--mean", nargs="+", type=float, metavar="M",
+                   help="per-channel mean (one value for all channels, or one per channel), on the 0-255 "
+                        "pixel scale (127.5) or the 0-1 scale (0.485 0.456 0.406): any value above 1 means 0-255; "
+                        "stored on the 0-1 scale. The input is (pixel - mean) / std")
+    g.add_argument("--std", nargs="+", type=float, metavar="S",
+                   help="per-channel std, on the same scale as --mean (127.5 or 0.229 0.224 0.225)")
+    g.add_argument("--channel-order", type=str.upper, choices=("RGB", "BGR"),
+                   help="channel order the model was trained on (default RGB)")
+    g.add_argument("--resize", choices=("bilinear", "bicubic", "nearest"),
+                   help="interpolation of every resize (default bilinear)")
+    g.add_argument("--crop-pct", type=float, metavar="F",
+                   help="timm-style: resize the shorter side to size/F, then centre-crop the size (e.g. 0.875); "
+                        "default: resize straight to the size")
+
+
+def preprocessing_choice(args: argparse.Namespace):
+    """The preprocessing flags -> ``pipeline.stages.export.PreprocessingChoice``."""
+    from pipeline.stages.export import PreprocessingChoice
+    size = args.input_size
+    return PreprocessingChoice(input_size=size if size else None, mean=args.mean, std=args.std,
+                               channel_order=args.channel_order, resize=args.resize, crop_pct=args.crop_pct)
+
+
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "export", parents=[common], help="export a model to ONNX / TFLite / Core ML with a manifest",
@@ -29,8 +61,7 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
                    help="comma list of onnx, tflite, coreml (default onnx)")
     p.add_argument("--precisions", type=_csv, help="for tflite/coreml: comma list, e.g. fp32,fp16,int8")
     p.add_argument("--checkpoint", help="weights: mdeploy .safetensors, or a .pt/.pth state dict")
-    p.add_argument("--input-size", type=int, help="N for an N x N input (default: the checkpoint's, "
-                                                  "else the model's own)")
+    add_preprocessing_args(p)
     p.add_argument("--labels", help="class names: a text file (one per line) or a JSON list")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     p.add_argument("--dynamic-batch", action="store_true", help="symbolic batch dimension in ONNX")
@@ -67,14 +98,17 @@ def run(args: argparse.Namespace, ui) -> int:
     from models.errors import InputError
     from pipeline.stages.export import CARD_FIELDS, ExportOptions, export_model, read_labels
 
+    size = args.input_size or []
+    if args.model is None and len(size) > 1 and not size[-1].isdigit():
+        args.model = size.pop()          # `--input-size 48 64 MODEL`: nargs="+" swallowed the model
     if args.model is None and args.checkpoint is None:
         raise InputError("mdeploy export", "MODEL, or --checkpoint of an mdeploy checkpoint", "neither")
-    for flag, value in (("--input-size", args.input_size), ("--opset", args.opset),
+    for flag, value in (("--opset", args.opset),
                         ("--num-classes", args.num_classes), ("--in-chans", args.in_chans)):
         if value is not None and value < 1:
             raise InputError(flag, "a positive number", str(value))
     opts = ExportOptions(
-        formats=args.formats, precisions=args.precisions, input_size=args.input_size,
+        formats=args.formats, precisions=args.precisions, preprocessing=preprocessing_choice(args),
         opset=args.opset, dynamic_batch=args.dynamic_batch, simplify=args.simplify,
         labels=read_labels(args.labels) if args.labels else None, num_classes=args.num_classes,
         in_chans=args.in_chans, model_kwargs=dict(args.model_arg), calibration=args.calibration,
@@ -95,6 +129,8 @@ def run(args: argparse.Namespace, ui) -> int:
     times = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
     ui.result(f"wrote {len(m.artifacts)} artifacts and manifest.json to {result.folder}"
               + (f" ({times})" if times else ""))
+    for line in result.assumed:          # last, where they are seen (also in manifest.json "assumed")
+        ui.assumed(line)
     return 0
 
 

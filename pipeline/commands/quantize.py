@@ -34,8 +34,12 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (built atomically)")
     p.add_argument("--target", choices=tuple(TARGETS), default="snapdragon",
                    help="snapdragon: QNN EP w8a8 + w8a16; generic: ORT CPU int8 (default snapdragon)")
-    p.add_argument("--calib", help="calibration data: mnist | digits | image folder | image file | .npy/.npz "
-                                   "(default: the data set the checkpoint was trained on, train split)")
+    p.add_argument("--calib", help="calibration data: photos | mnist | digits | image folder | image file | "
+                                   ".npy/.npz (default: the data set the checkpoint was trained on, train split; "
+                                   "required when the export records none)")
+    p.add_argument("--random-inputs", action="store_true",
+                   help="calibrate and measure on random pixels (no real data); the report then says first "
+                        "that its figures are no evidence")
     p.add_argument("--method", choices=CALIBRATION_METHODS, default="minmax",
                    help="activation range calibration (default minmax)")
     p.add_argument("--samples", type=int, default=200, help="calibration inputs (default 200)")
@@ -93,19 +97,35 @@ def run(args: argparse.Namespace, ui) -> int:
         sensitivity=not args.no_sensitivity,
         sensitivity_mode=args.sensitivity_mode, sensitivity_samples=args.sensitivity_samples,
         eval_data=args.eval_data, eval_samples=args.eval_samples, force=args.force, seed=args.seed,
-        model=args.model)
+        model=args.model, random_inputs=args.random_inputs)
     with sensitivity_progress(ui) as on_layer:
         result = quantize_folder(args.folder, args.out, opts, progress=ui.info, layer_progress=on_layer)
     report = result.report
     if args.json:
-        ui.emit_json({"folder": str(result.folder), "seconds": result.seconds,
-                      "report": report.to_dict(), "manifest": result.manifest.to_dict()})
+        noise = next((n for n in report.notes if n.startswith("NOT EVIDENCE")), None)
+        ui.emit_json({**({"disclaimer": noise} if noise else {}), "folder": str(result.folder),
+                      "seconds": result.seconds, "report": report.to_dict(), "manifest": result.manifest.to_dict()})
         return 0
     show_report(ui, report, args.top)
     times = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
     ui.result(f"wrote {len(result.manifest.artifacts)} artifacts, manifest.json and quantization_report.json "
-              f"to {result.folder} ({times}); check them with `mdeploy verify {result.folder}`")
+              f"to {result.folder} ({times}); check them with `{verify_hint(result)}`")
+    for line in result.manifest.assumed:
+        ui.assumed(line + " [recorded at export]")
     return 0
+
+
+def verify_hint(result) -> str:
+    """The verify command to run next: on the data the export records, else on the
+    calibration source (real images), never a bare command that would refuse or run on noise."""
+    import shlex
+    folder = shlex.quote(str(result.folder))
+    if result.manifest.source.get("data"):
+        return f"mdeploy verify {folder}"
+    calib = (result.report.calibration or {}).get("source")
+    if calib and calib != "random pixels":
+        return f"mdeploy verify {folder} --inputs {shlex.quote(str(calib))}"
+    return f"mdeploy verify {folder} --inputs FOLDER_OF_YOUR_IMAGES"
 
 
 TECHNIQUE_WORDS = {"mse": "per-channel scale search (mse)", "gptq": "GPTQ rounding with error feedback",
@@ -169,6 +189,9 @@ def show_report(ui, report, top: int = TOP_LAYERS) -> None:
     """The report as rich tables (also used by ``mdeploy run``)."""
     from rich.table import Table
 
+    first = next((n for n in report.notes if n.startswith("NOT EVIDENCE")), None)
+    if first:
+        ui.result(f"[bold red]{first}[/bold red]")             # the report's first line
     t = Table(title=f"{report.model} quantized for {report.target}: {report.eval_samples} held-out inputs "
                     f"({report.eval_source})")
     for col in ("artifact", "accuracy", "change", "top-1 agree", "SNR dB", "size", "smaller"):
@@ -236,17 +259,22 @@ def show_report(ui, report, top: int = TOP_LAYERS) -> None:
                                       _db(p["sqnr_db"]))
         ui.table(m)
 
-    if any(v.drop_points is not None for v in report.variants):
-        r = Table(title="accuracy drop next to Qualcomm's published figures (MobileNetV2, ImageNet top-1)")
+    if report.references and any(v.drop_points is not None for v in report.variants):
+        r = Table(title="accuracy drop next to Qualcomm's published figures for MobileNetV2 (ImageNet top-1; "
+                        "shown because this model is a MobileNetV2)",
+                  caption="sources: " + "; ".join(f"{ref.short}: {ref.source}" for ref in report.references))
         for col in ("", "float", "quantized", "drop", "drop / float"):
             r.add_column(col, justify="left" if not col else "right")
         for ref in report.references:
-            r.add_row(ref.short, f"{ref.float_accuracy:.2f}%", f"{ref.quantized_accuracy:.2f}%",
-                      f"{ref.drop:.2f} pt", _pct(ref.relative_drop))
+            r.add_row(ref.short, "-" if ref.float_accuracy is None else f"{ref.float_accuracy:.2f}%",
+                      "-" if ref.quantized_accuracy is None else f"{ref.quantized_accuracy:.2f}%",
+                      f"{ref.drop:.2f} pt" if ref.published_drop is None else f"about {ref.drop:.1f} pt",
+                      _pct(ref.relative_drop))
         for v in report.variants:
             if v.drop_points is not None:
                 r.add_row(f"ours: {v.key}", _pct(v.float_accuracy), _pct(v.accuracy), f"{v.drop_points:.2f} pt",
                           _pct(v.relative_drop))
         ui.table(r)
     for note in report.notes:
-        ui.result(f"note: {note}")
+        if note != first:
+            ui.result(f"note: {note}")

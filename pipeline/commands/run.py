@@ -129,9 +129,12 @@ def run(args: argparse.Namespace, ui) -> int:
                                options=ExportOptions(formats=tuple(cfg.export.formats),
                                                      precisions=precisions, opset=cfg.export.opset,
                                                      **cfg.export.app_options()))
-        record.add(ExportRecord(str(export_dir), list(exp.manifest.artifacts), exp.seconds))
+        record.add(ExportRecord(str(export_dir), list(exp.manifest.artifacts), exp.seconds,
+                                exp.manifest.preprocessing, list(exp.assumed)))
         record.stages["export"] = time.perf_counter() - t0
         ui.table(artifacts_table(exp.manifest, export_dir))
+        for line in exp.assumed:
+            ui.assumed(line)
 
     if "verify" in stages:
         t0 = timed("verify")

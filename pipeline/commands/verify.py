@@ -64,8 +64,12 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
                     "agreement per pair, and for a failing pair the first divergent layer. "
                     "Exit 0: all pass, 1: a pair fails, 2: bad input.")
     p.add_argument("folder", help="an export folder (with manifest.json)")
-    p.add_argument("--inputs", help="mnist | digits | .npy/.npz (float NCHW inputs or uint8 images) | "
-                                    "image folder | image file (default: the held-out split of the checkpoint's data)")
+    p.add_argument("--inputs", help="photos | mnist | digits | .npy/.npz (float NCHW inputs or uint8 images) | "
+                                    "image folder | image file (default: the held-out split of the checkpoint's "
+                                    "data; required when the export records none)")
+    p.add_argument("--random-inputs", action="store_true",
+                   help="run on random pixels instead of real inputs; the report then says first that it "
+                        "is not evidence of parity")
     p.add_argument("--samples", type=_samples, default=100, help="number of inputs, or 'all' (default 100)")
     p.add_argument("--tolerance", type=parse_tolerance, action="append", default=[],
                    metavar="[PRECISION:]KEY=VALUE,...",
@@ -114,7 +118,8 @@ def options_from_args(args: argparse.Namespace):
                          runners=args.runners, runner_options=runner_options,
                          divergence=not args.no_divergence or args.per_layer,
                          per_layer="all" if args.per_layer else "failing",
-                         divergence_samples=args.divergence_samples, batch_size=args.batch_size)
+                         divergence_samples=args.divergence_samples, batch_size=args.batch_size,
+                         random_inputs=args.random_inputs)
     # Validate tolerance keys now (a typo is bad input, not a failing pair).
     from device_tests.compare import tolerance_for
     for scope in tolerances:
@@ -123,16 +128,20 @@ def options_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace, ui) -> int:
-    from pipeline.stages.verify import verify_folder
+    from pipeline.stages.verify import RANDOM_DISCLAIMER, verify_folder
     opts = options_from_args(args)
     with ui.status("verifying"):
         result = verify_folder(args.folder, opts, progress=ui.info)
     report = result.report
     if args.json:
-        ui.emit_json(report.to_dict())
+        d = report.to_dict()
+        ui.emit_json({"disclaimer": RANDOM_DISCLAIMER, **d} if report.inputs.get("random") else d)
         return 0 if report.passed else 1
+    if report.inputs.get("random"):
+        ui.result(f"[bold red]{RANDOM_DISCLAIMER}[/bold red]")      # the report's first line
     for note in result.notes:
-        ui.warn(note)
+        if note != RANDOM_DISCLAIMER:
+            ui.warn(note)
     ui.table(pairs_table(report))
     for pair in report.pairs:
         if not pair.passed:
@@ -156,7 +165,8 @@ def run(args: argparse.Namespace, ui) -> int:
                              f"{worst.max_abs:.3g} over {len(pair.layers)} matched layers"))
     n_fail = sum(not p.passed for p in report.pairs)
     ui.result(f"{len(report.pairs) - n_fail}/{len(report.pairs)} pairs pass on "
-              f"{report.inputs.get('samples')} inputs from {report.inputs.get('source')}")
+              f"{report.inputs.get('samples')} inputs from {report.inputs.get('source')}"
+              + (" (random: not evidence of parity)" if report.inputs.get("random") else ""))
     return 0 if report.passed else 1
 
 

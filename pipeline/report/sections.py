@@ -60,9 +60,15 @@ class ExportRecord:
     folder: str
     artifacts: list["Artifact"]
     seconds: dict[str, float]             # per format
+    preprocessing: Any = None             # models.images.Preprocessing: the model's input contract
+    assumed: list[str] = field(default_factory=list)   # values the export defaulted (manifest "assumed")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"folder": self.folder, "artifacts": [a.to_dict() for a in self.artifacts], "seconds": self.seconds}
+        out = {"folder": self.folder, "artifacts": [a.to_dict() for a in self.artifacts], "seconds": self.seconds}
+        if self.preprocessing is not None:
+            out["preprocessing"] = dataclasses.asdict(self.preprocessing)
+            out["assumed"] = list(self.assumed)
+        return out
 
     def plots(self, run: RunRecord) -> dict[str, bytes]:
         return {}
@@ -70,7 +76,12 @@ class ExportRecord:
     def markdown(self, run: RunRecord, figure: Figure) -> list[str]:
         if not self.artifacts:
             return []
-        return ["## Artifacts", ""] + table(
+        contract = []
+        if self.preprocessing is not None:
+            contract = [f"Input preprocessing (part of the model's contract, in manifest.json and the app files): "
+                        f"{self.preprocessing.describe()}.", ""]
+            contract += [f"- **assumed**: {a}" for a in self.assumed] + ([""] if self.assumed else [])
+        return ["## Artifacts", ""] + contract + table(
             ["artifact", "file", "size (KiB)", "sha256"], "llrl",
             [[a.key, f"`{a.path}`", f"{a.size_bytes / 1024:,.1f}", f"`{a.sha256[:12]}`"] for a in self.artifacts]) \
             + [""]
@@ -137,13 +148,15 @@ class VerifyRecord:
         if not pairs:
             return []
         title = "Parity of the quantized artifacts against PyTorch" if self.quantized else "Parity against PyTorch"
+        from pipeline.stages.verify import RANDOM_DISCLAIMER
+        disclaimer = [f"**{RANDOM_DISCLAIMER}**", ""] if (self.report.inputs or {}).get("random") else []
         rows = []
         for p in pairs:
             fd = p.get("first_divergent")
             rows.append([p["target"], p.get("runner", ""), num(p.get("max_abs")), num(p.get("mean_abs")),
                          num(p.get("cosine"), 6), num(p.get("snr_db"), 3), pct(p.get("top1_agreement")),
                          pct(p.get("accuracy")), "yes" if p.get("passed") else "**NO**", fd["layer"] if fd else ""])
-        lines = [f"## {title}", ""] + table(
+        lines = [f"## {title}", ""] + disclaimer + table(
             ["target", "runner", "max abs", "mean abs", "cosine", "SNR dB", "top-1 agree", "accuracy", "passed",
              "first divergent"], "llrrrrrrll", rows) + [""]
         if run.sections_of(VerifyRecord)[0] is self:
@@ -222,9 +235,11 @@ class QuantizeRecord:
             lines += ["", summary[0].upper() + summary[1:]]
         refs = q.get("references") or []
         if refs:
-            lines += ["", "Reference points (MobileNetV2, ImageNet top-1): " + "; ".join(
-                f"{r['short']}: {r['float_accuracy']:.2f}% -> {r['quantized_accuracy']:.2f}% "
-                f"({r['drop']:.2f} points)" for r in refs) + "."]
+            lines += ["", "Qualcomm's published reference points for MobileNetV2 (ImageNet top-1): " + "; ".join(
+                (f"{r['short']}: {r['float_accuracy']:.2f}% -> {r['quantized_accuracy']:.2f}% ({r['drop']:.2f} points)"
+                 if r.get("float_accuracy") is not None and r.get("quantized_accuracy") is not None
+                 else f"{r['short']}: a drop of about {r['drop']:.1f} points (only the drop is published)")
+                + f" [{r['source']}]" for r in refs) + "."]
         lines += [""] + figure("int8_sensitivity")
         sens = q.get("sensitivity") or {}
         top = (sens.get("layers") or [])[:10]

@@ -37,6 +37,7 @@ from exporters.base import (MODULE, ExportContext, Exporter, ExporterOptions, ch
                             exporter_classes, import_exporter_module, precisions_for)
 from exporters.fileio import atomic_write_bytes, check_writable_output, staged_output_dir
 from models.errors import InputError
+from models.images import RESIZE_FILTERS
 from models.util import error_line
 
 PT_NAME = "model.safetensors"
@@ -44,6 +45,7 @@ PT_NAME = "model.safetensors"
 # compression is quantization and lives in quantize/.
 PLUGIN_MODULES = ("quantize.coreml",)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DEFAULT_SIZE = 224                     # a factory model with no size anywhere: assumed, and said so
 GRAY_MEAN, GRAY_STD = (0.5,), (0.5,)
 CARD_FIELDS = ("name", "description", "version", "author", "license")   # exporters.artifact.ModelCard
 
@@ -52,7 +54,8 @@ CARD_FIELDS = ("name", "description", "version", "author", "license")   # export
 class ExportOptions:
     formats: tuple[str, ...] = ("onnx",)
     precisions: tuple[str, ...] | None = None     # one list for all formats; None: each exporter's default
-    input_size: int | None = None                 # default: checkpoint, else the model's own
+    input_size: int | str | list[int] | None = None   # N, "HxW" or [H, W]; default: checkpoint, else the model's own
+    preprocessing: PreprocessingChoice | None = None  # mean/std, channel order, resize/crop; None: the model's own
     opset: int = 18
     dynamic_batch: bool = False
     simplify: bool = False
@@ -78,6 +81,7 @@ class ExportResult:
     manifest: Manifest
     seconds: dict[str, float]
     warnings: list[str] = field(default_factory=list)
+    assumed: list[str] = field(default_factory=list)     # defaulted values, one line each (also in the manifest)
 
 
 Progress = Callable[[str], None]
@@ -135,40 +139,125 @@ def _first_conv_channels(model: torch.nn.Module) -> int | None:
     return None
 
 
-def _default_input_size(spec: str) -> int:
+def _registry_cfg(spec: str) -> tuple[dict[str, Any], int | None]:
+    """A registry model's published preprocessing (its entry's ``pretrained_cfg``, e.g.
+    EfficientNet-Lite's (x - 127.5) / 127.5) and its paper resolution; nothing for a factory."""
     from models.checkpoint import is_factory_spec
     from models.registry import model_entry
     if is_factory_spec(spec):
-        return 224
-    return model_entry(spec).input_size
+        return {}, None
+    entry = model_entry(spec)
+    return dict(entry.pretrained_cfg or {}), entry.input_size
 
 
-def _registry_preprocessing(spec: str) -> dict[str, Any]:
-    """The normalisation a registry model's published weights expect (EfficientNet-Lite:
-    (x - 127.5) / 127.5), so its export does not get ImageNet's mean/std by default."""
-    from models.checkpoint import is_factory_spec
-    from models.registry import model_entry
-    if is_factory_spec(spec):
-        return {}
-    return dict(model_entry(spec).pretrained_cfg or {})
+def _module_cfg(model: torch.nn.Module) -> dict[str, Any]:
+    """The model's own timm-style config: a ``pretrained_cfg`` or ``default_cfg`` dict
+    attribute (``mean``, ``std``, ``input_size``, ``interpolation``, ``crop_pct``)."""
+    for name in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(model, name, None)
+        if isinstance(cfg, dict) and cfg:
+            return cfg
+    return {}
+
+
+@dataclass
+class PreprocessingChoice:
+    """Preprocessing values given explicitly (CLI flags, config file, Python callers);
+    None = not given. ``mean``/``std`` on either scale (``canonical_mean_std``)."""
+
+    input_size: int | str | list[int] | tuple[int, ...] | None = None
+    mean: list[float] | tuple[float, ...] | None = None
+    std: list[float] | tuple[float, ...] | None = None
+    channel_order: str | None = None          # RGB | BGR
+    resize: str | None = None                 # bilinear | bicubic | nearest
+    crop_pct: float | None = None             # timm's: resize to size / crop_pct, centre crop
+
+    def fields(self) -> dict[str, Any]:
+        """The ``Preprocessing`` fields these values set, checked (one-line errors)."""
+        from models.images import canonical_mean_std, check_crop_pct, parse_size
+        out: dict[str, Any] = {}
+        if self.input_size is not None:
+            out["input_size"] = parse_size(self.input_size)
+        if (self.mean is None) != (self.std is None):
+            raise InputError("--mean/--std", "both --mean and --std (or neither)",
+                             "only --mean" if self.std is None else "only --std")
+        if self.mean is not None:
+            out["mean"], out["std"] = canonical_mean_std(self.mean, self.std)
+        if self.channel_order is not None:
+            order = str(self.channel_order).upper()
+            if order not in ("RGB", "BGR"):
+                raise InputError("--channel-order", "RGB or BGR", repr(self.channel_order))
+            out["channel_order"] = order
+        if self.resize is not None:
+            if self.resize not in RESIZE_FILTERS:
+                raise InputError("--resize", f"one of {', '.join(RESIZE_FILTERS)}", repr(self.resize))
+            out["resize"] = self.resize
+        if self.crop_pct is not None:
+            out["crop_pct"] = check_crop_pct(self.crop_pct)
+        return out
 
 
 def resolve_preprocessing(model: torch.nn.Module, meta: dict[str, Any], spec: str,
-                          input_size: int | None) -> Preprocessing:
-    """From the checkpoint's metadata where present, else defaults that fit the model."""
-    size = input_size or meta.get("input_size") or _default_input_size(spec)
+                          input_size: int | list[int] | None = None,
+                          given: PreprocessingChoice | None = None) -> tuple[Preprocessing, list[str]]:
+    """The model's preprocessing and the list of values nobody gave (``assumed``).
+
+    Each field comes from the first that has it: what the caller gives (``given``,
+    ``input_size``), the checkpoint's metadata (mdeploy training records it), the
+    module's own timm-style ``pretrained_cfg``/``default_cfg``, the registry entry's
+    ``pretrained_cfg`` and paper resolution; only then a default, which is named in the
+    returned list so the command can say it and the manifest can record it."""
+    from models.images import canonical_mean_std, from_model_config, parse_size
     chans = int(meta.get("in_chans") or _first_conv_channels(model) or 3)
     gray = chans == 1
-    cfg = _registry_preprocessing(spec) if chans == 3 else {}
-    mean = meta.get("mean") or cfg.get("mean") or list(GRAY_MEAN if gray else IMAGENET_MEAN)
-    std = meta.get("std") or cfg.get("std") or list(GRAY_STD if gray else IMAGENET_STD)
+    reg_cfg, reg_size = _registry_cfg(spec)
+    layers: list[dict[str, Any]] = []
+    explicit = dict((given or PreprocessingChoice()).fields())
+    if input_size is not None:
+        explicit["input_size"] = parse_size(input_size)
+    layers.append(explicit)
+    ck: dict[str, Any] = {}
+    if meta.get("input_size"):
+        ck["input_size"] = parse_size(meta["input_size"], "checkpoint input_size")
+    if meta.get("mean") and meta.get("std"):
+        ck["mean"], ck["std"] = canonical_mean_std(meta["mean"], meta["std"], "checkpoint mean/std")
+    for key in ("channel_order", "resize", "crop_pct"):
+        if meta.get(key):
+            ck[key] = meta[key]
+    layers.append(ck)
+    layers.append(from_model_config(_module_cfg(model)))
+    reg = from_model_config(reg_cfg) if chans == 3 else {}
+    if reg_size:
+        reg.setdefault("input_size", [int(reg_size), int(reg_size)])
+    layers.append(reg)
+
+    def pick(key: str) -> Any:
+        return next((layer[key] for layer in layers if layer.get(key) is not None), None)
+
+    assumed: list[str] = []
+    size = pick("input_size")
+    if size is None:
+        size = [DEFAULT_SIZE, DEFAULT_SIZE]
+        assumed.append(f"input size = {DEFAULT_SIZE}x{DEFAULT_SIZE} (pass --input-size HxW if the model "
+                       "was trained otherwise)")
+    mean, std = pick("mean"), pick("std")
+    if mean is None or std is None:
+        mean, std = list(GRAY_MEAN if gray else IMAGENET_MEAN), list(GRAY_STD if gray else IMAGENET_STD)
+        assumed.append(f"mean/std = {'(0.5)/(0.5)' if gray else 'ImageNet (0.485,0.456,0.406)/(0.229,0.224,0.225)'}"
+                       " on 0-1 pixels (pass --mean/--std if the model was trained otherwise)")
+    if len(mean) == 1 and chans == 3:
+        mean, std = mean * 3, std * 3 if len(std) == 1 else std
+    if len(std) == 1 and chans == 3:
+        std = std * 3
     if len(mean) != chans or len(std) != chans:
-        raise InputError("checkpoint metadata", f"mean/std with {chans} values (one per input channel)",
+        raise InputError("mean/std", f"{chans} values each (one per input channel) or one for all",
                          f"{len(mean)}/{len(std)}")
-    order = meta.get("channel_order") or ("GRAY" if gray else "RGB")
-    hw = list(size) if isinstance(size, (list, tuple)) else [int(size), int(size)]
-    return Preprocessing(input_size=hw, mean=[float(m) for m in mean], std=[float(s) for s in std],
-                         channel_order=order)
+    order = pick("channel_order") or ("GRAY" if gray else "RGB")
+    if gray:
+        order = "GRAY"
+    return Preprocessing(input_size=[int(v) for v in size], mean=[float(m) for m in mean],
+                         std=[float(v) for v in std], channel_order=order,
+                         resize=pick("resize") or "bilinear", crop_pct=pick("crop_pct")), assumed
 
 
 def _probe_outputs(model: torch.nn.Module, shape: tuple[int, ...], spec: str) -> list[torch.Tensor]:
@@ -200,6 +289,8 @@ def export_model(model_spec: str | None, out_dir: str | Path, *, checkpoint: str
     formats = tuple(dict.fromkeys(f.strip().lower() for f in opts.formats if f.strip()))
     plan = _plan(formats, opts)                         # every choice checked before any work
     card_fields = _card(opts.card)
+    if opts.preprocessing is not None:
+        opts.preprocessing.fields()                     # bad --mean/--std/--input-size/...: before any work
     labels = list(opts.labels) if opts.labels else None
     check_writable_output(out_dir, opts.force)          # before minutes of work, not after
 
@@ -215,7 +306,7 @@ def export_model(model_spec: str | None, out_dir: str | Path, *, checkpoint: str
     model, meta = deploy.model, deploy.meta
     if deploy.reparameterized:
         say(f"re-parameterized {len(deploy.modules)} modules into the deploy form")
-    pre = resolve_preprocessing(model, meta, spec, opts.input_size)
+    pre, assumed = resolve_preprocessing(model, meta, spec, opts.input_size, opts.preprocessing)
     shape = (1, pre.channels, *pre.input_size)
     outs = _probe_outputs(model, shape, spec)
     num_classes = int(outs[0].shape[-1])
@@ -228,11 +319,13 @@ def export_model(model_spec: str | None, out_dir: str | Path, *, checkpoint: str
         if not isinstance(label, str) or not _utf8(label):
             raise InputError(opts.labels and "--labels" or checkpoint or "labels",
                              "class names that are UTF-8 text", repr(label)[:60])
+    if labels is None:
+        assumed.append(f"labels = class indices 0..{num_classes - 1} (pass --labels FILE for class names)")
 
     meta = {**meta, "model": spec, "num_classes": num_classes, "in_chans": pre.channels,
             "input_size": pre.input_size[0] if pre.input_size[0] == pre.input_size[1] else pre.input_size,
             "mean": pre.mean, "std": pre.std, "channel_order": pre.channel_order,
-            "labels": labels}
+            "resize": pre.resize, "crop_pct": pre.crop_pct, "labels": labels}
     name = _display_name(spec)
     default_card = {"name": name, "description": f"{name} image classifier ({num_classes} classes, "
                     f"{pre.channel_order} {pre.input_size[0]}x{pre.input_size[1]} input), exported by mdeploy"}
@@ -271,9 +364,9 @@ def export_model(model_spec: str | None, out_dir: str | Path, *, checkpoint: str
                   "num_classes": num_classes, "in_chans": pre.channels, **deploy.source(),
                   "opset": opts.opset, "dynamic_batch": opts.dynamic_batch, **plan.source()}
         manifest = Manifest(model=name, preprocessing=pre, card=card, artifacts=artifacts,
-                            labels=labels, source=source, versions=library_versions())
+                            labels=labels, source=source, versions=library_versions(), assumed=assumed)
         manifest.save(stage)
-    return ExportResult(Path(out_dir), manifest, seconds, deploy.warnings + plan.warnings)
+    return ExportResult(Path(out_dir), manifest, seconds, deploy.warnings + plan.warnings, assumed)
 
 
 @dataclass

@@ -79,6 +79,7 @@ class QuantizeOptions:
     force: bool = False
     seed: int = 0
     model: str | None = None                   # the user's file.py:factory when only code defines the architecture
+    random_inputs: bool = False                # explicitly calibrate and evaluate on random pixels
 
 
 @dataclass
@@ -159,19 +160,28 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
     rounding = parse_techniques(opts.weight_rounding)
     optimized = rounding != ("rtn",)
 
-    calib_source = opts.calibration or manifest.source.get("data")
-    if not calib_source:
-        raise InputError("--calib", "calibration data: a data set name (mnist, digits), an image folder, "
-                         ".npy or .npz", "none given and no data set recorded in the checkpoint")
-    say(f"reading {opts.samples} calibration inputs from {calib_source}")
-    calib = load_calibration(calib_source, pre, opts.samples, seed=opts.seed)
-
-    from pipeline.stages.verify import load_inputs
-    evaluation = load_inputs(opts.eval_data, manifest, opts.eval_samples, opts.seed)
+    from pipeline.stages.verify import has_held_out, load_inputs, require_real_inputs
     notes: list[str] = []
-    if evaluation.random:
-        notes.append("no held-out data (none recorded and no --eval): random pixels; accuracy unknown, "
-                     "agreement on noise says little about real images")
+    if opts.random_inputs:
+        if opts.calibration or opts.eval_data:
+            raise InputError("--random-inputs", "either --calib/--eval or --random-inputs", "both")
+        calib_source = "random pixels"
+        say(f"generating {opts.samples} random calibration inputs (--random-inputs)")
+        calib = load_inputs(None, manifest, opts.samples, opts.seed, random_inputs=True).x
+        evaluation = load_inputs(None, manifest, opts.eval_samples, opts.seed + 1, random_inputs=True)
+        notes.append("NOT EVIDENCE: calibrated and measured on random pixels (--random-inputs); activation "
+                     "ranges and accuracy on noise say nothing about real images")
+    else:
+        calib_source = opts.calibration or manifest.source.get("data")
+        if not calib_source:
+            raise require_real_inputs("--calib", "calibration images")
+        say(f"reading {opts.samples} calibration inputs from {calib_source}")
+        calib = load_calibration(calib_source, pre, opts.samples, seed=opts.seed)
+        eval_source = opts.eval_data or (None if manifest.source.get("data") else calib_source)
+        evaluation = load_inputs(eval_source, manifest, opts.eval_samples, opts.seed)
+        if eval_source is not None and not opts.eval_data and not has_held_out(eval_source):
+            notes.append(f"no held-out data recorded and no --eval: measured on the calibration source "
+                         f"({calib_source}), so agreement and accuracy are optimistic; pass --eval for held-out data")
 
     model, meta = build_model(opts.model, ref_path)
     shape = (1, pre.channels, *pre.input_size)
@@ -364,7 +374,7 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
                     if k in ("target_sqnr_db", "profile", "reached", "sqnr_db", "w8a16_layers", "keep_float", "note")}
             out_manifest = Manifest(model=manifest.model, preprocessing=pre, card=manifest.card,
                                     artifacts=artifacts, labels=manifest.labels, source=source,
-                                    versions=library_versions())
+                                    versions=library_versions(), assumed=list(manifest.assumed))
             import json
             atomic_write_text(stage / REPORT_NAME, json.dumps(report.to_dict(), indent=2, default=_json) + "\n")
             out_manifest.save(stage)
@@ -452,7 +462,7 @@ def _measure(stage: Path, artifacts: list[Artifact], evaluation: Any, manifest: 
     plain round-to-nearest model, from the temporary folder, when there is one)."""
     from device_tests.compare import run_all
     from device_tests.runners.base import runner_for
-    from quantize.report import QuantReport, accuracy, measure_variant
+    from quantize.report import QuantReport, accuracy, measure_variant, references_for
 
     runners = {}
     plain, plain_root = plain if plain is not None else (None, None)
@@ -476,7 +486,8 @@ def _measure(stage: Path, artifacts: list[Artifact], evaluation: Any, manifest: 
     report = QuantReport(model=manifest.model, target=opts.target,
                          float_accuracy=accuracy(next(iter(ref.values())), evaluation.labels),
                          float_size_bytes=float_size, eval_source=evaluation.source,
-                         eval_samples=int(len(evaluation.x)), calibration={})
+                         eval_samples=int(len(evaluation.x)), calibration={},
+                         references=references_for(manifest.source.get("model")))
     for art in artifacts[1:]:
         report.variants.append(measure_variant(art.key, art.path, art.precision, art.size_bytes, ref,
                                                results.outputs[art.key], evaluation.labels, float_size))

@@ -3,8 +3,10 @@
 Used by ``mdeploy verify`` and ``mdeploy run``. Inputs are real images where possible:
 the held-out (test) split of the data set recorded in the checkpoint's metadata
 (``source.data`` in the manifest, e.g. ``mnist``), or what the user gives (a bundled set
-name, ``.npy``/``.npz``, an image folder); random pixels only as the last resort, with a
-note saying so. Each artifact's pair against the PyTorch reference gets a ``PairReport``;
+name, ``.npy``/``.npz``, an image folder). Without either, verification refuses
+(``InputError`` naming ``--inputs``/``--random-inputs``): parity on noise passes models
+that fail on photos and fails models that work. Random pixels only when asked for
+(``random_inputs``), and the report's first note then says it is not evidence of parity. Each artifact's pair against the PyTorch reference gets a ``PairReport``;
 a failing pair gets its first divergent layer and per-layer error curve.
 """
 from __future__ import annotations
@@ -39,6 +41,17 @@ class VerifyOptions:
     divergence_samples: int = DIVERGENCE_SAMPLES
     batch_size: int = 32
     seed: int = 0
+    random_inputs: bool = False            # explicitly accept random pixels (no real inputs)
+
+
+RANDOM_DISCLAIMER = ("NOT EVIDENCE OF PARITY: these inputs are random pixels (--random-inputs); a model can "
+                     "agree on noise and disagree on real images. Verify with --inputs FOLDER|IMAGE|.npz")
+
+
+def require_real_inputs(flag: str, what: str = "real inputs") -> InputError:
+    """The one-line refusal when a model has no data set of its own and none was given."""
+    return InputError(flag, f"{what}: {flag} FOLDER|IMAGE|.npy|.npz (or --random-inputs to run on noise, "
+                            "which is no evidence)", "no data set recorded in the export and none given")
 
 
 @dataclass
@@ -77,21 +90,31 @@ def _folder_labels(found: np.ndarray, classes: list[str], model_labels: list[str
     return np.asarray([index[classes[i]] for i in found], np.int64)
 
 
-def load_inputs(spec: str | None, manifest: Manifest, samples: int | None, seed: int = 0
-                ) -> VerifyInputs:
+def has_held_out(data: str | Path) -> bool:
+    """A source with a held-out part: a bundled set, or a folder with ``test/``/``val/``."""
+    path = Path(str(data))
+    return str(data).lower() in BUNDLED or (path.is_dir() and any((path / s).is_dir() for s in ("test", "val")))
+
+
+def load_inputs(spec: str | None, manifest: Manifest, samples: int | None, seed: int = 0,
+                random_inputs: bool = False, flag: str = "--inputs") -> VerifyInputs:
     """Preprocessed model inputs (and labels when known) for verification, read and
     preprocessed by ``models.images.load_images`` as calibration is: the held-out split
-    of a bundled set, an image folder's ``test/``/``val/`` sub-folder (else all of it)."""
+    of a bundled set, an image folder's ``test/``/``val/`` sub-folder (else all of it).
+    Random pixels only with ``random_inputs``; without data that is an ``InputError``."""
     pre = manifest.preprocessing
-    data = spec or manifest.source.get("data")
+    if spec and random_inputs:
+        raise InputError("--random-inputs", f"either {flag} or --random-inputs", "both")
+    data = None if random_inputs else spec or manifest.source.get("data")
+    if data is None and not random_inputs:
+        raise require_real_inputs(flag)
     if data is None:
         rng = np.random.default_rng(seed)
         h, w = pre.input_size
         pixels = rng.integers(0, 256, (samples or DEFAULT_SAMPLES, h, w, pre.channels), dtype=np.uint8)
         return VerifyInputs(preprocess(pixels, pre), None, "random pixels", random=True)
-    path = Path(str(data))
     bundled = str(data).lower() in BUNDLED
-    held_out = bundled or (path.is_dir() and any((path / s).is_dir() for s in ("test", "val")))
+    held_out = has_held_out(data)
     got = load_images(data, pre, "test" if held_out else "all", samples, seed)
     labels = got.labels
     if labels is not None and got.classes is not None and not bundled:
@@ -184,10 +207,9 @@ def verify_folder(folder: str | Path, options: VerifyOptions | None = None,
     if opts.samples is not None and opts.samples < 1:
         raise InputError("--samples", "a positive number", str(opts.samples))
 
-    inputs = load_inputs(opts.inputs, manifest, opts.samples, opts.seed)
+    inputs = load_inputs(opts.inputs, manifest, opts.samples, opts.seed, opts.random_inputs)
     if inputs.random:
-        notes.append("no data set recorded in the checkpoint and no --inputs: random pixels used; "
-                     "agreement on noise says little about real images")
+        notes.insert(0, RANDOM_DISCLAIMER)
 
     runners: dict[str, Runner] = {}
     try:
