@@ -179,7 +179,7 @@ def test_non_square_through_onnx_tflite_and_verify_on_real_photos(tiny, tmp_path
     assert md.inputs[0].image_size == (64, 48)                       # (width, height)
     assert any(a.startswith("input size") for a in m.assumed) is False
     assert any(a.startswith("mean/std") for a in m.assumed)
-    code, stdout, err = cli("verify", str(out), "--inputs", str(photos_dir), "--json")
+    code, stdout, err = cli("verify", str(out), "--inputs", str(photos_dir), "--json", "--model", f"{tiny}:build")
     assert code == 0, err
     rep = json.loads(stdout)
     assert rep["inputs"]["shape"] == [4, 3, 48, 64] and not rep["inputs"]["random"]
@@ -203,11 +203,13 @@ def test_verify_without_inputs_refuses_in_one_line(no_data_export, cli):
     assert "--inputs" in err and "--random-inputs" in err
 
 
-def test_explicit_random_inputs_say_first_they_are_no_evidence(no_data_export, cli):
-    code, stdout, err = cli("verify", str(no_data_export), "--random-inputs", "--samples", "4")
+def test_explicit_random_inputs_say_first_they_are_no_evidence(no_data_export, tiny, cli):
+    code, stdout, err = cli("verify", str(no_data_export), "--random-inputs", "--samples", "4",
+                            "--model", f"{tiny}:build")
     assert code == 0, err
     assert stdout.splitlines()[0].startswith("NOT EVIDENCE OF PARITY")
-    code, stdout, _ = cli("verify", str(no_data_export), "--random-inputs", "--samples", "4", "--json")
+    code, stdout, _ = cli("verify", str(no_data_export), "--random-inputs", "--samples", "4", "--json",
+                          "--model", f"{tiny}:build")
     rep = json.loads(stdout)
     assert next(iter(rep)) == "disclaimer" and rep["disclaimer"].startswith("NOT EVIDENCE OF PARITY")
     assert rep["inputs"]["random"] and rep["notes"][0].startswith("NOT EVIDENCE OF PARITY")
@@ -215,7 +217,7 @@ def test_explicit_random_inputs_say_first_they_are_no_evidence(no_data_export, c
     assert code == 2 and "both" in err
 
 
-def test_quantize_without_calibration_refuses_and_its_hint_names_real_inputs(no_data_export, tmp_path,
+def test_quantize_without_calibration_refuses_and_its_hint_names_real_inputs(no_data_export, tiny, tmp_path,
                                                                             photos_dir, cli):
     code, stdout, err = cli("quantize", str(no_data_export), "--out", str(tmp_path / "q0"))
     assert code == 2 and len(err.strip().splitlines()) == 1
@@ -223,13 +225,14 @@ def test_quantize_without_calibration_refuses_and_its_hint_names_real_inputs(no_
     out = tmp_path / "q"
     code, stdout, err = cli("quantize", str(no_data_export), "--out", str(out), "--target", "generic",
                             "--calib", str(photos_dir), "--samples", "4", "--no-tflite", "--no-sensitivity",
-                            "--weight-rounding", "rtn", "--no-plain-baseline", "--eval-samples", "4")
+                            "--weight-rounding", "rtn", "--no-plain-baseline", "--eval-samples", "4",
+                            "--model", f"{tiny}:build")
     assert code == 0, err
     # no Qualcomm table for a model that is not MobileNetV2, and the hint gives real inputs
     assert "Qualcomm" not in stdout
-    assert f"--inputs {photos_dir}" in stdout
+    assert f"--inputs {photos_dir} --model {tiny}:build" in stdout
     assert json.loads((out / "quantization_report.json").read_text())["references"] == []
-    code, _, err = cli("verify", str(out), "--inputs", str(photos_dir), "--samples", "4")
+    code, _, err = cli("verify", str(out), "--inputs", str(photos_dir), "--samples", "4", "--model", f"{tiny}:build")
     assert code in (0, 1), err                       # it runs on the photos (int8 may miss fp32 bounds)
 
 
@@ -308,10 +311,10 @@ def test_run_report_states_the_contract_the_assumptions_and_the_noise():
     assert lines[2].startswith("**NOT EVIDENCE OF PARITY")
 
 
-def test_quantize_on_explicit_random_inputs_says_so_first(no_data_export, tmp_path, cli):
+def test_quantize_on_explicit_random_inputs_says_so_first(no_data_export, tiny, tmp_path, cli):
     args = ("quantize", str(no_data_export), "--target", "generic", "--random-inputs", "--samples", "4",
             "--no-tflite", "--no-sensitivity", "--weight-rounding", "rtn", "--no-plain-baseline",
-            "--eval-samples", "4")
+            "--eval-samples", "4", "--model", f"{tiny}:build")
     code, stdout, err = cli(*args, "--out", str(tmp_path / "q"))
     assert code == 0, err
     assert stdout.splitlines()[0].startswith("NOT EVIDENCE")

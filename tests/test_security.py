@@ -95,9 +95,9 @@ def test_the_user_naming_the_factory_runs_it(tmp_path, cli):
     spec = write_external_model(tmp_path / "user")
     folder = tmp_path / "ext"
     assert cli("-q", "export", spec, "--input-size", "32", "--out", str(folder))[0] == 0
-    code, _, err = cli("-q", "verify", str(folder), "--samples", "2")
+    code, _, err = cli("-q", "verify", str(folder), "--samples", "2", "--random-inputs")
     assert code == 2 and f"--model {Path(spec.rpartition(':')[0]).resolve()}:build" in _error(err)
-    code, _, err = cli("-q", "verify", str(folder), "--samples", "2", "--model", spec)
+    code, _, err = cli("-q", "verify", str(folder), "--samples", "2", "--random-inputs", "--model", spec)
     assert code == 0, err
 
 

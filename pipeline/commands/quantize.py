@@ -117,15 +117,21 @@ def run(args: argparse.Namespace, ui) -> int:
 
 def verify_hint(result) -> str:
     """The verify command to run next: on the data the export records, else on the
-    calibration source (real images), never a bare command that would refuse or run on noise."""
+    calibration source (real images), never a bare command that would refuse or run on noise;
+    with ``--model`` when only the user's own code defines the architecture (verify never
+    imports a file a manifest names)."""
     import shlex
+
+    from models.checkpoint import is_factory_spec
     folder = shlex.quote(str(result.folder))
+    model = result.manifest.source.get("model")
+    trust = f" --model {shlex.quote(model)}" if isinstance(model, str) and is_factory_spec(model) else ""
     if result.manifest.source.get("data"):
-        return f"mdeploy verify {folder}"
+        return f"mdeploy verify {folder}{trust}"
     calib = (result.report.calibration or {}).get("source")
     if calib and calib != "random pixels":
-        return f"mdeploy verify {folder} --inputs {shlex.quote(str(calib))}"
-    return f"mdeploy verify {folder} --inputs FOLDER_OF_YOUR_IMAGES"
+        return f"mdeploy verify {folder} --inputs {shlex.quote(str(calib))}{trust}"
+    return f"mdeploy verify {folder} --inputs FOLDER_OF_YOUR_IMAGES{trust}"
 
 
 TECHNIQUE_WORDS = {"mse": "per-channel scale search (mse)", "gptq": "GPTQ rounding with error feedback",
@@ -189,9 +195,10 @@ def show_report(ui, report, top: int = TOP_LAYERS) -> None:
     """The report as rich tables (also used by ``mdeploy run``)."""
     from rich.table import Table
 
+    from pipeline.ui import Markup, esc
     first = next((n for n in report.notes if n.startswith("NOT EVIDENCE")), None)
     if first:
-        ui.result(f"[bold red]{first}[/bold red]")             # the report's first line
+        ui.result(Markup(f"[bold red]{esc(first)}[/bold red]"))     # the report's first line
     t = Table(title=f"{report.model} quantized for {report.target}: {report.eval_samples} held-out inputs "
                     f"({report.eval_source})")
     for col in ("artifact", "accuracy", "change", "top-1 agree", "SNR dB", "size", "smaller"):

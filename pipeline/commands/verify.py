@@ -138,7 +138,7 @@ def run(args: argparse.Namespace, ui) -> int:
         ui.emit_json({"disclaimer": RANDOM_DISCLAIMER, **d} if report.inputs.get("random") else d)
         return 0 if report.passed else 1
     if report.inputs.get("random"):
-        ui.result(f"[bold red]{RANDOM_DISCLAIMER}[/bold red]")      # the report's first line
+        ui.result(Markup(f"[bold red]{esc(RANDOM_DISCLAIMER)}[/bold red]"))      # the report's first line
     for note in result.notes:
         if note != RANDOM_DISCLAIMER:
             ui.warn(note)

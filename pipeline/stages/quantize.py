@@ -470,7 +470,8 @@ def _measure(stage: Path, artifacts: list[Artifact], evaluation: Any, manifest: 
     try:
         for art in artifacts:
             cls = runner_for(art)
-            runner = cls()
+            # the PyTorch reference of a model only the user's code defines needs that code
+            runner = cls(model=opts.model) if cls.kind == "torch" and opts.model else cls()
             runner.load(art, stage)
             runners[art.key] = runner
         if plain is not None:
