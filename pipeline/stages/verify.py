@@ -106,7 +106,8 @@ FP64_MARGIN = 2.0   # both sides round: a target within 2x of PyTorch's own fp32
 
 
 def _fp64_check(report: ParityReport, results: Any, ref_art: Artifact, root: Path,
-                feeds: dict[str, np.ndarray], opts: VerifyOptions, say: Progress) -> None:
+                feeds: dict[str, np.ndarray], opts: VerifyOptions, say: Progress,
+                divergences: dict[str, Any] | None = None) -> None:
     """For a failing fp32 pair, tell rounding from a fault: run the PyTorch reference in
     float64 and measure how far fp32 PyTorch itself is from it. A model can be
     ill-conditioned in fp32 (a BatchNorm with near-zero variance multiplies rounding by
@@ -129,15 +130,30 @@ def _fp64_check(report: ParityReport, results: Any, ref_art: Artifact, root: Pat
         _, t = results.output(pair.target)
         tgt = float(np.abs(t.astype(np.float64) - exact).max())
         pair.fp64_check = {"reference_vs_fp64": own, "target_vs_fp64": tgt}
+        where = _where(pair, (divergences or {}).get(pair.target))
         if tgt <= FP64_MARGIN * own:
             closer = " (closer to exact than the reference)" if tgt < own else ""
+            look = (f"look at {where[1]}" if where and where[0] != "built up over" else
+                    "look for BatchNorm layers with near-zero running variance")
             pair.diagnosis = (f"fp32 rounding, not a fault: PyTorch fp32 itself is {own:.3g} from float64 "
-                              f"and {pair.target} {tgt:.3g}{closer}; this model amplifies rounding (look for "
-                              f"BatchNorm layers with near-zero running variance). To accept it: "
-                              f"--tolerance fp32:max_abs={FP64_MARGIN * own:.2g}")
+                              f"and {pair.target} {tgt:.3g}{closer}; this model amplifies rounding ({look}). "
+                              f"To accept it: --tolerance fp32:max_abs={FP64_MARGIN * own:.2g}")
         else:
+            at = f", {where[0]} {where[1]}" if where else ""
             pair.diagnosis = (f"{pair.target} is {tgt:.3g} from float64 where PyTorch fp32 is {own:.3g}: "
-                              f"beyond fp32 rounding, a real divergence")
+                              f"beyond fp32 rounding, a real divergence{at}")
+
+
+def _where(pair: Any, div: Any) -> tuple[str, str] | None:
+    """Where the per-layer search put the error, worded to agree with its note: the first
+    failing layer, else the layer where the SNR steps down, else spread over the layers."""
+    if pair.first_divergent:
+        return "first at", str(pair.first_divergent["layer"])
+    if div is not None and getattr(div, "step", None) is not None:
+        return "introduced at", f"{div.step.module} (the per-layer SNR steps down there)"
+    if div is not None and div.layers:
+        return "built up over", "the layers (no single layer steps down)"
+    return None
 
 
 def _open(artifact: Artifact, root: Path, options: dict[str, dict[str, Any]]) -> Runner:
@@ -221,7 +237,8 @@ def verify_folder(folder: str | Path, options: VerifyOptions | None = None,
                 pair.divergence_note = div.note
                 divergences[key] = div
             report.pairs.append(pair)
-        _fp64_check(report, results, ref_art, root, {ref_art.inputs[0].name: inputs.x}, opts, say)
+        _fp64_check(report, results, ref_art, root, {ref_art.inputs[0].name: inputs.x}, opts, say,
+                    divergences)
     finally:
         for r in runners.values():
             r.close()
