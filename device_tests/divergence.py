@@ -132,15 +132,26 @@ def find_first_divergent(reference: Runner, target: Runner, inputs: Mapping[str,
     notes = []
     if skipped:
         notes.append(f"{skipped} matched layer(s) skipped (value missing or size differs)")
-    if div.first is None and div.layers:
+    if div.first is not None:
+        # the first layer beyond the bound may only amplify an error that an earlier,
+        # passing layer introduced (a 5e-6 epsilon change before a cancelling head)
+        step = snr_step(div.layers[: div.first.index + 1])
+        if step is not None and step[0].index < div.first.index:
+            layer, before, after = step
+            div.step = layer
+            notes.append(f"the first layer beyond the per-layer tolerance is {div.first.module}, but the "
+                         f"SNR steps down earlier, at {layer.module} ({layer.tensor}): {before:.1f} dB at "
+                         f"worst before it, {after:.1f} dB there; the error starts there and "
+                         f"{div.first.module} amplifies it")
+    elif div.layers:
         step = snr_step(div.layers)
         if step is not None:
             layer, before, after = step
             div.step = layer
             notes.append(f"no layer exceeds the per-layer tolerance, but the SNR steps down at "
                          f"{layer.module} ({layer.tensor}): {before:.1f} dB at worst before it, {after:.1f} dB there; "
-                         f"that layer computes something slightly different (e.g. an epsilon) and "
-                         f"later layers amplify it")
+                         f"look there first (a slightly different "
+                         f"formula or epsilon, or an output that cancels and so amplifies rounding)")
         else:
             notes.append("no layer exceeds the per-layer tolerance and the SNR has no step of "
                          f"{STEP_DB:.0f} dB: the error builds up gradually over the layers")

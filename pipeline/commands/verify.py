@@ -137,7 +137,7 @@ def run(args: argparse.Namespace, ui) -> int:
                 ui.result(f"first divergent layer: [bold]{fd['layer']}[/bold] (PyTorch module) = "
                           f"tensor [bold]{fd['tensor']}[/bold] in {pair.target_path}: max abs "
                           f"{fd['max_abs']:.3g}, {fd['max_rel']:.3g} of its range")
-            elif pair.divergence_note:
+            if pair.divergence_note:
                 ui.result(f"per-layer search: {pair.divergence_note}")
             if pair.diagnosis:
                 ui.result(f"diagnosis: {pair.diagnosis}")

@@ -104,19 +104,24 @@ def read_labels(path: str | Path) -> list[str]:
 
 
 def _resolve_spec(spec: str | None) -> str | None:
-    """A ``file.py:factory`` spec with its file made absolute (recorded in the checkpoint)."""
-    from models.checkpoint import is_factory_spec
+    """A ``file.py:factory`` or ``.pt2`` spec with its file made absolute (recorded in the
+    checkpoint, so verify and quantize rebuild the same model from anywhere)."""
+    from models.checkpoint import is_factory_spec, is_program_spec
     if spec and is_factory_spec(spec):
         file_part, _, func = spec.rpartition(":")
         return f"{Path(file_part).resolve()}:{func}"
+    if spec and is_program_spec(spec):
+        return str(Path(spec).resolve())
     return spec
 
 
 def _display_name(spec: str) -> str:
-    from models.checkpoint import is_factory_spec
+    from models.checkpoint import is_factory_spec, is_program_spec
     if is_factory_spec(spec):
         file_part, _, func = spec.rpartition(":")
         return f"{Path(file_part).stem}:{func}"
+    if is_program_spec(spec):
+        return Path(spec).stem
     return spec
 
 
@@ -127,20 +132,23 @@ def _first_conv_channels(model: torch.nn.Module) -> int | None:
     return None
 
 
-def _default_input_size(spec: str) -> int:
-    from models.checkpoint import is_factory_spec
+def _default_input_size(spec: str) -> int | list[int]:
+    from models.checkpoint import is_factory_spec, is_program_spec, load_program
     from models.registry import model_entry
     if is_factory_spec(spec):
         return 224
+    if is_program_spec(spec):            # the size it was exported with (its guards hold it)
+        _, shape = load_program(spec)
+        return list(shape[-2:]) if shape and len(shape) == 4 else 224
     return model_entry(spec).input_size
 
 
 def _registry_preprocessing(spec: str) -> dict[str, Any]:
     """The normalisation a registry model's published weights expect (EfficientNet-Lite:
     (x - 127.5) / 127.5), so its export does not get ImageNet's mean/std by default."""
-    from models.checkpoint import is_factory_spec
+    from models.checkpoint import is_factory_spec, is_program_spec
     from models.registry import model_entry
-    if is_factory_spec(spec):
+    if is_factory_spec(spec) or is_program_spec(spec):
         return {}
     return dict(model_entry(spec).pretrained_cfg or {})
 

@@ -147,10 +147,14 @@ def _fp64_check(report: ParityReport, results: Any, ref_art: Artifact, root: Pat
 def _where(pair: Any, div: Any) -> tuple[str, str] | None:
     """Where the per-layer search put the error, worded to agree with its note: the first
     failing layer, else the layer where the SNR steps down, else spread over the layers."""
+    step = getattr(div, "step", None) if div is not None else None
+    if pair.first_divergent and step is not None:
+        return "introduced at", (f"{step.module} (the per-layer SNR steps down there) and first beyond "
+                                 f"the per-layer bound at {pair.first_divergent['layer']}")
     if pair.first_divergent:
         return "first at", str(pair.first_divergent["layer"])
-    if div is not None and getattr(div, "step", None) is not None:
-        return "introduced at", f"{div.step.module} (the per-layer SNR steps down there)"
+    if step is not None:
+        return "introduced at", f"{step.module} (the per-layer SNR steps down there)"
     if div is not None and div.layers:
         return "built up over", "the layers (no single layer steps down)"
     return None
