@@ -165,6 +165,8 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
     from pipeline.stages.verify import load_inputs
     evaluation = load_inputs(opts.eval_data, manifest, opts.eval_samples, opts.seed)
     notes: list[str] = []
+    if evaluation.note:
+        notes.append(evaluation.note)
     if evaluation.random:
         notes.append("no held-out data (none recorded and no --eval): random pixels; accuracy unknown, "
                      "agreement on noise says little about real images")

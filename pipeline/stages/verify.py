@@ -21,7 +21,7 @@ from device_tests.runners.base import Runner, runner_for
 from exporters.artifact import Artifact, Manifest, sha256_of
 from models.datasets import BUNDLED
 from models.errors import InputError
-from models.images import load_images, preprocess
+from models.images import load_images, match_class_folders, preprocess
 
 DEFAULT_SAMPLES = 100          # 1% resolution on top-1 agreement, seconds on CPU for small models
 DIVERGENCE_SAMPLES = 4         # the worst-differing inputs are enough to localise a fault
@@ -47,6 +47,7 @@ class VerifyInputs:
     labels: np.ndarray | None
     source: str
     random: bool = False
+    note: str | None = None          # why the labels are missing or how folders were read
 
 
 @dataclass
@@ -65,18 +66,6 @@ Progress = Callable[[str], None]
 
 # -- inputs -------------------------------------------------------------------
 
-def _folder_labels(found: np.ndarray, classes: list[str], model_labels: list[str] | None
-                   ) -> np.ndarray | None:
-    """Folder class names -> the model's class indices. Folder ``7/`` is class ``"7"`` of
-    the model, not the second folder; without a name match there is no ground truth."""
-    if model_labels is None:
-        return found
-    index = {name: i for i, name in enumerate(model_labels)}
-    if not all(c in index for c in classes):
-        return None
-    return np.asarray([index[classes[i]] for i in found], np.int64)
-
-
 def load_inputs(spec: str | None, manifest: Manifest, samples: int | None, seed: int = 0
                 ) -> VerifyInputs:
     """Preprocessed model inputs (and labels when known) for verification, read and
@@ -94,10 +83,20 @@ def load_inputs(spec: str | None, manifest: Manifest, samples: int | None, seed:
     held_out = bundled or (path.is_dir() and any((path / s).is_dir() for s in ("test", "val")))
     got = load_images(data, pre, "test" if held_out else "all", samples, seed)
     labels = got.labels
+    note = None
     if labels is not None and got.classes is not None and not bundled:
-        labels = _folder_labels(labels, got.classes, manifest.labels)
+        num_classes = _num_classes(manifest)
+        mapping, note = match_class_folders(got.classes, manifest.labels, num_classes)
+        labels = None if mapping is None else mapping[labels]
     source = f"{str(data).lower()} (held-out test split)" if bundled else got.source
-    return VerifyInputs(got.x, labels, source)
+    return VerifyInputs(got.x, labels, source, note=f"{source}: {note}" if note else None)
+
+
+def _num_classes(manifest: Manifest) -> int | None:
+    for art in manifest.artifacts:
+        if art.outputs and art.outputs[0].shape and isinstance(art.outputs[0].shape[-1], int):
+            return int(art.outputs[0].shape[-1])
+    return None
 
 
 # -- running ------------------------------------------------------------------
@@ -191,6 +190,8 @@ def verify_folder(folder: str | Path, options: VerifyOptions | None = None,
         raise InputError("--samples", "a positive number", str(opts.samples))
 
     inputs = load_inputs(opts.inputs, manifest, opts.samples, opts.seed)
+    if inputs.note:
+        notes.append(inputs.note)
     if inputs.random:
         notes.append("no data set recorded in the checkpoint and no --inputs: random pixels used; "
                      "agreement on noise says little about real images")
