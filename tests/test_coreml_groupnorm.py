@@ -108,3 +108,26 @@ def test_coremltools_default_pass_is_named_at_the_groupnorm(model, tmp_path, mon
     assert div.step is not None and div.step.module == "gn1", (div.note, curve)
     assert div.layers[div.step.index].passed, "5e-6 relative: within the per-layer bound"
     assert "gn1" in div.note and "gradually" not in div.note and "accumulat" not in div.note
+
+
+def test_verify_diagnosis_agrees_with_the_per_layer_search(tmp_path, cli, monkeypatch):
+    """`mdeploy verify` on the package coremltools makes by default: the float64 check calls
+    it a real divergence and names the same GroupNorm as the per-layer note; neither says
+    the error builds up gradually (the message the issue found contradicting itself)."""
+    monkeypatch.setattr(coreml_exporter, "FP32_UNSAFE_PASSES", ())
+    (tmp_path / "gn.py").write_text("from tests.test_coreml_groupnorm import gn_net\n\n\n"
+                                    "def build():\n    return gn_net()\n")
+    out = tmp_path / "export"
+    code, _, err = cli("-q", "export", f"{tmp_path / 'gn.py'}:build", "--input-size", str(SIZE), "--formats",
+                       "coreml", "--precisions", "fp32", "--coreml-input", "tensor", "--out", str(out))
+    assert code == 0, err
+    np.save(tmp_path / "x.npy", inputs())
+    code, stdout, err = cli("verify", str(out), "--inputs", str(tmp_path / "x.npy"), "--samples", "all",
+                            "--json")
+    assert code == 1, err
+    import json
+    pair = json.loads(stdout)["pairs"][0]
+    assert "real divergence" in pair["diagnosis"] and "gn1" in pair["diagnosis"], pair["diagnosis"]
+    assert "gn1" in pair["divergence_note"], pair["divergence_note"]
+    for text in (pair["diagnosis"], pair["divergence_note"]):
+        assert "gradually" not in text and "accumulat" not in text and "rounding, not a fault" not in text
