@@ -14,8 +14,15 @@ Each gets the ``error_metrics`` of the comparator; a layer fails when it breaks 
 per-layer criteria of the pair's ``Tolerance`` (range-relative error for fp32, SNR for
 quantized). The first failing layer is *the first divergent layer*: its PyTorch module
 path and its tensor name in the artifact are what a user needs to find the cause. When
-no single layer fails although the outputs do, the error accumulates gradually (e.g.
-fp16 over a deep net): the per-layer curve (``layers``) shows where it grows.
+no single layer fails although the outputs do, the curve still tells two cases apart:
+
+* a **step**: the per-layer SNR falls by ``STEP_DB`` or more below every earlier layer at
+  one layer (``Divergence.step``). That layer computes something slightly different (a
+  converter's epsilon, e.g. coremltools fusing GroupNorm's affine into a ``batch_norm``
+  with eps 1e-5: 5e-6 relative, below the per-layer bound, but later layers amplify it);
+  the note names it;
+* no step: the error builds up gradually over many layers (e.g. fp16 over a deep net),
+  and the note says so, never both.
 """
 from __future__ import annotations
 
@@ -36,6 +43,7 @@ class Divergence:
     first: LayerError | None = None
     samples: int = 0
     note: str = ""
+    step: LayerError | None = None   # no layer failed, but the SNR steps down here (see above)
 
     def summary(self) -> dict[str, Any] | None:
         """The ``first_divergent`` entry of a ``PairReport``."""
@@ -47,7 +55,32 @@ class Divergence:
 
     def to_dict(self) -> dict[str, Any]:
         return {"first": self.summary(), "samples": self.samples, "note": self.note,
+                "step": asdict(self.step) if self.step is not None else None,
                 "layers": [asdict(x) for x in self.layers]}
+
+
+STEP_DB = 10.0   # an SNR fall of 10 dB (3.2x the error amplitude) at one layer is a step, not drift
+
+
+def snr_step(layers: list[LayerError], min_drop_db: float = STEP_DB) -> tuple[LayerError, float, float] | None:
+    """The layer where the SNR falls furthest below the lowest SNR of all earlier layers,
+    with that earlier floor and its own SNR, when the fall is at least ``min_drop_db``.
+
+    Why below the floor and not below the previous layer: SNR wobbles from layer to layer
+    (a ReLU after a conv, a pooling), but error does not heal; a new low by a wide margin
+    is where a layer added error of its own."""
+    floor: float | None = None       # None: no earlier layer with an error (identical = infinite SNR)
+    best: tuple[LayerError, float, float] | None = None
+    for layer in layers:
+        snr = layer.snr_db
+        if snr is None:
+            continue
+        if floor is not None:
+            drop = floor - snr
+            if drop >= min_drop_db and (best is None or drop > best[1] - best[2]):
+                best = (layer, floor, snr)
+        floor = snr if floor is None else min(floor, snr)
+    return best
 
 
 def layer_keys(runner: Runner) -> dict[str, str]:
@@ -99,8 +132,29 @@ def find_first_divergent(reference: Runner, target: Runner, inputs: Mapping[str,
     notes = []
     if skipped:
         notes.append(f"{skipped} matched layer(s) skipped (value missing or size differs)")
-    if div.first is None and div.layers:
-        notes.append("no single layer exceeds the per-layer tolerance: the error accumulates")
+    if div.first is not None:
+        # the first layer beyond the bound may only amplify an error that an earlier,
+        # passing layer introduced (a 5e-6 epsilon change before a cancelling head)
+        step = snr_step(div.layers[: div.first.index + 1])
+        if step is not None and step[0].index < div.first.index:
+            layer, before, after = step
+            div.step = layer
+            notes.append(f"the first layer beyond the per-layer tolerance is {div.first.module}, but the "
+                         f"SNR steps down earlier, at {layer.module} ({layer.tensor}): {before:.1f} dB at "
+                         f"worst before it, {after:.1f} dB there; the error starts there and "
+                         f"{div.first.module} amplifies it")
+    elif div.layers:
+        step = snr_step(div.layers)
+        if step is not None:
+            layer, before, after = step
+            div.step = layer
+            notes.append(f"no layer exceeds the per-layer tolerance, but the SNR steps down at "
+                         f"{layer.module} ({layer.tensor}): {before:.1f} dB at worst before it, {after:.1f} dB there; "
+                         f"look there first (a slightly different "
+                         f"formula or epsilon, or an output that cancels and so amplifies rounding)")
+        else:
+            notes.append("no layer exceeds the per-layer tolerance and the SNR has no step of "
+                         f"{STEP_DB:.0f} dB: the error builds up gradually over the layers")
     div.note = "; ".join(notes)
     return div
 

@@ -40,7 +40,13 @@ coremltools quirks handled here (coremltools 9.0):
 * for deployment targets >= iOS 16 and fp16 compute, inputs and outputs default to
   float16; they are pinned to float32 here (what apps and runners expect);
 * ``MLModel.save`` insists on a ``.mlpackage`` suffix, so the atomic write builds the
-  package in a temporary folder beside the target and renames it.
+  package in a temporary folder beside the target and renames it;
+* the default pass ``common::fuse_elementwise_to_batchnorm`` turns a ``mul`` + ``add``
+  by per-channel constants (GroupNorm's affine after its normalisation, a folded scale
+  and shift) into ``batch_norm(mean=0, variance=1)`` without setting ``epsilon``, so
+  the default 1e-5 scales the output by ``1/sqrt(1.00001)``: 5e-6 relative, enough to
+  miss the fp32 tolerance (1e-5 absolute) on logits of a few units. The pass is
+  removed from the pipeline (``FP32_UNSAFE_PASSES``); the ``mul`` and ``add`` stay.
 """
 from __future__ import annotations
 
@@ -286,16 +292,22 @@ def _input_spec(kind: str, shape: tuple[int, ...]) -> TensorSpec:
     return TensorSpec(TENSOR_INPUT, [n, c, h, w], "float32", "NCHW")
 
 
+# Default coremltools passes that change fp32 numbers beyond summation order (see the
+# module docstring): fuse_elementwise_to_batchnorm adds an epsilon of 1e-5 to a variance of 1.
+FP32_UNSAFE_PASSES = ("common::fuse_elementwise_to_batchnorm",)
+
+
 def _convert(traced: Any, input_type: Any, precision: str, target: Any, labels: list[str] | None) -> Any:
     ct = _ct()
     outputs = [ct.TensorType(name=OUTPUT_NAME, dtype=np.float32)]
     kwargs: dict[str, Any] = {}
+    pipeline = ct.PassPipeline.DEFAULT
+    pipeline.remove_passes(set(FP32_UNSAFE_PASSES))
+    kwargs["pass_pipeline"] = pipeline
     if labels is not None:
         _register_pass()
         outputs.append(ct.TensorType(name=PROBS_NAME, dtype=np.float32))
-        pipeline = ct.PassPipeline.DEFAULT
         pipeline.append_pass(_PASS_NAME)
-        kwargs["pass_pipeline"] = pipeline
         kwargs["classifier_config"] = ct.ClassifierConfig(labels, predicted_feature_name=LABEL_OUTPUT,
                                                           predicted_probabilities_output=PROBS_NAME)
     compute = ct.precision.FLOAT32 if precision == "fp32" else ct.precision.FLOAT16

@@ -197,18 +197,69 @@ def _simplify(proto: Any) -> Any:
 
 
 def _strip_node_metadata(proto: Any) -> None:
-    """Drop the exporter's per-node stack traces and FX dumps: they hold the exporting
-    machine's file paths (nothing to ship to an app) and triple a small model's size.
+    """Drop the exporter's per-node stack traces, FX dumps and class paths: they hold the
+    exporting machine's file paths and the Python module names of the user's code (a
+    ``file.py:factory`` is imported under a generated module name), nothing an app needs,
+    they make two exports of the same model differ, and they triple a small model's size.
     The module scopes stay, so the layer map can be rebuilt from the file alone."""
-    for node in proto.graph.node:
-        keep = [(p.key, p.value) for p in node.metadata_props if p.key in _KEPT_NODE_METADATA]
-        del node.metadata_props[:]
-        for k, v in keep:
-            entry = node.metadata_props.add()
-            entry.key, entry.value = k, v
+    strip_metadata(proto, keep_node_keys=_KEPT_NODE_METADATA)
 
 
-_KEPT_NODE_METADATA = (NAME_SCOPES_KEY, "pkg.torch.onnx.class_hierarchy")
+_KEPT_NODE_METADATA = (NAME_SCOPES_KEY,)
+# model-level metadata written by tools on the way, not by us: ORT's quantizer records
+# that it ran shape inference ("onnx.infer": "onnxruntime.quant")
+_LEFTOVER_MODEL_METADATA = ("onnx.infer",)
+
+
+def strip_metadata(proto: Any, keep_node_keys: Sequence[str] = ()) -> None:
+    """Make an ONNX file a function of the model, its options and the tool versions only:
+    node ``metadata_props`` other than ``keep_node_keys``, the ``metadata_props`` the
+    exporter puts on inputs, outputs, initializers and ``value_info`` (graph-signature
+    kinds, original FX names), every ``doc_string``, ``value_info`` of tensors no node
+    produces any more (left over after ORT's quantizer replaced them) and the tools'
+    leftover model metadata are removed in place. Inputs, outputs, weights, opsets, the
+    shapes of live tensors and our own model ``metadata_props`` stay. Used on exported and
+    on quantized models, so equal weights give equal bytes (reproducible sha256)."""
+    graphs = [proto.graph]
+    while graphs:
+        graph = graphs.pop()
+        _clear(graph, "doc_string")
+        produced: set[str] = set()
+        for node in graph.node:
+            _clear(node, "doc_string")
+            produced.update(o for o in node.output if o)
+            keep = [(p.key, p.value) for p in node.metadata_props if p.key in keep_node_keys]
+            del node.metadata_props[:]
+            for k, v in keep:
+                entry = node.metadata_props.add()
+                entry.key, entry.value = k, v
+            for attr in node.attribute:               # If/Loop/Scan bodies
+                if attr.HasField("g"):
+                    graphs.append(attr.g)
+                graphs.extend(attr.graphs)
+        live = [v for v in graph.value_info if v.name in produced]
+        if len(live) != len(graph.value_info):
+            kept = [type(v)() for v in live]
+            for new, old in zip(kept, live):
+                new.CopyFrom(old)
+            del graph.value_info[:]
+            graph.value_info.extend(kept)
+        for info in (*graph.input, *graph.output, *graph.value_info, *graph.initializer):
+            _clear(info, "doc_string")
+            if hasattr(info, "metadata_props"):
+                del info.metadata_props[:]
+    _clear(proto, "doc_string")
+    keep_model = [(p.key, p.value) for p in proto.metadata_props if p.key not in _LEFTOVER_MODEL_METADATA]
+    del proto.metadata_props[:]
+    for k, v in keep_model:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+
+
+def _clear(message: Any, name: str) -> None:
+    """Unset a proto2 field (an empty string assigned would still be written)."""
+    if message.HasField(name):
+        message.ClearField(name)
 
 
 def _data_file(onnx_path: Path) -> Path:

@@ -8,6 +8,7 @@ an untrusted pickle never runs code here.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import sys
@@ -90,13 +91,20 @@ def _few(keys: list[str], n: int = 3) -> str:
     return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
 
 
-def load_factory(spec: str) -> nn.Module:
-    """Build a model from ``path/to/file.py:factory`` (a function returning an ``nn.Module``)."""
+def load_factory(spec: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """Build a model from ``path/to/file.py:factory`` (a function returning an ``nn.Module``),
+    called with ``kwargs`` (``--model-arg``). Whatever the factory raises (a missing
+    argument, its own checks) is a one-line error naming the file, the factory and the
+    exception: the user's code, not ours, so no traceback."""
+    kwargs = dict(kwargs or {})
     file_part, _, func_name = spec.rpartition(":")
     path = Path(file_part)
     if not path.is_file():
         raise InputError(path, "a Python file with a model factory (file.py:function)", "no such file")
-    mod_name = f"mdeploy_user_{path.stem}_{abs(hash(str(path.resolve())))}"
+    # a stable module name: it lands in exported graphs (class paths in node metadata), so
+    # it must not change from run to run (``hash()`` of a str is salted per process)
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    mod_name = f"mdeploy_user_{_identifier(path.stem)}_{digest}"
     module_spec = importlib.util.spec_from_file_location(mod_name, path)
     module = importlib.util.module_from_spec(module_spec)  # type: ignore[arg-type]
     sys.modules[mod_name] = module
@@ -107,19 +115,97 @@ def load_factory(spec: str) -> nn.Module:
     factory = getattr(module, func_name, None)
     if not callable(factory):
         raise InputError(path, f"a function named {func_name!r}", "no such function")
-    model = factory()
+    call = f"{func_name}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:         # the user's factory: any error is theirs to read in one line
+        hint = "" if kwargs else " (arguments go in --model-arg KEY=VALUE)"
+        raise InputError(path, f"factory {call} to return a model{hint}", error_line(exc)) from None
     if not isinstance(model, nn.Module):
-        raise InputError(spec, "a factory returning a torch.nn.Module", f"a {type(model).__name__}")
+        raise InputError(path, f"factory {call} to return a torch.nn.Module", f"a {type(model).__name__}")
     return model
+
+
+def _identifier(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text)
 
 
 def is_factory_spec(spec: str) -> bool:
     return ":" in spec and spec.rpartition(":")[0].endswith(".py")
 
 
+def is_program_spec(spec: str) -> bool:
+    """A ``torch.export`` program file (``torch.export.save``), by its ``.pt2`` suffix."""
+    return spec.lower().endswith(".pt2")
+
+
+class ExportedProgramModel(nn.Module):
+    """An ``nn.Module`` around ``ExportedProgram.module()``, so every stage can use a
+    ``.pt2`` program as it uses any model: the unlifted graph refuses ``eval()`` (it is
+    already in the mode it was exported in) and, exported with a static batch, guards
+    the batch size; this wrapper keeps ``eval()`` harmless and runs a larger batch one
+    sample at a time (what verify's batched reference needs)."""
+
+    def __init__(self, program: Any, batch: int | None) -> None:
+        super().__init__()
+        self.program = program
+        self.batch = batch
+
+    def train(self, mode: bool = True) -> "ExportedProgramModel":
+        self.training = bool(mode)      # a flag only: the graph keeps the mode it was exported in
+        return self
+
+    def forward(self, x: torch.Tensor) -> Any:
+        if self.batch == 1 and x.shape[0] != 1:
+            outs = [self.program(x[i:i + 1]) for i in range(x.shape[0])]
+            if all(isinstance(o, torch.Tensor) for o in outs):
+                return torch.cat(outs)
+        return self.program(x)
+
+
+def program_input_shape(program: Any) -> list[int] | None:
+    """The static shape of a program's first user input (its example), or None."""
+    names = list(program.graph_signature.user_inputs)
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and names and node.name == names[0]:
+            val = node.meta.get("val")
+            try:
+                return [int(d) for d in val.shape]
+            except (AttributeError, TypeError):         # symbolic dimensions
+                return None
+    return None
+
+
+def load_program(path: str | Path) -> tuple[nn.Module, list[int] | None]:
+    """A ``.pt2`` file from ``torch.export.save`` as a module, with its input shape.
+
+    NOT safe for untrusted files: ``torch.export.load`` unpickles the weights and constants
+    (``torch.load(weights_only=False)`` and ``pickle.loads`` inside torch 2.13's
+    ``torch/export/pt2_archive/_package.py``; its docs: "Never load data from an untrusted
+    source"). Load only programs you made or trust, like a ``file.py:factory``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "a torch.export program (.pt2, from torch.export.save)", "no such file")
+    import logging
+    logger = logging.getLogger("torch.export")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)          # it logs a traceback before trying the old format
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:
+        raise InputError(path, "a torch.export program (.pt2, from torch.export.save)", error_line(exc)) from None
+    finally:
+        logger.setLevel(level)
+    shape = program_input_shape(program)
+    batch = shape[0] if shape else None
+    return ExportedProgramModel(program.module(), batch), shape
+
+
 def build_model(spec: str | None, checkpoint: str | Path | None = None,
                 **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
-    """The model a user means: a registry name, ``file.py:factory``, or (spec None) the
+    """The model a user means: a registry name, ``file.py:factory`` (called with the
+    metadata's ``model_kwargs``), a ``torch.export`` program (``.pt2``), or (spec None) the
     architecture recorded in an mdeploy checkpoint; weights from ``checkpoint`` if given.
 
     Only ``spec`` (what the user typed or put in their own config) may name a Python file:
@@ -143,7 +229,9 @@ def build_model(spec: str | None, checkpoint: str | Path | None = None,
                                          f"--model {spec} if you trust that file)",
                              f"metadata naming {spec}")
     if is_factory_spec(spec):
-        model = load_factory(spec)
+        model = load_factory(spec, meta.get("model_kwargs"))
+    elif is_program_spec(spec):
+        model, _ = load_program(spec)
     else:
         kwargs = meta.get("model_kwargs", {})
         if not isinstance(kwargs, dict):

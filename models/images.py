@@ -411,6 +411,58 @@ def sample_indices(n: int, labels: np.ndarray | None, samples: int | None, seed:
     return np.sort(np.random.default_rng(seed).choice(n, samples, replace=False))
 
 
+def _few(names: Sequence[str], n: int = 5) -> str:
+    shown = ", ".join(repr(x) for x in names[:n])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > n else "")
+
+
+def match_class_folders(classes: Sequence[str], model_labels: Sequence[str] | None,
+                        num_classes: int | None = None) -> tuple[np.ndarray | None, str | None]:
+    """Folder index -> the model's class index, and a one-line note when there is no match.
+
+    Class folders are matched to the model's labels **by name**: folder ``cat/`` is the
+    class labelled ``"cat"``, wherever it sorts. Numbered folders (torchvision's
+    ``0/ ... 9/``) whose names are no label are class indices (``10/`` is class 10, not the
+    third folder in sorted order), and the note says so. Without labels, numbered folders
+    are class indices and named ones take the sorted order (ImageFolder's convention).
+    Otherwise the mapping is None (no ground truth: accuracy is not measured) and the
+    note names the unmatched folders and the labels no folder matched, so accuracy is
+    never silently missing.
+    """
+    classes = [str(c) for c in classes]
+    numbered = all(c.isdigit() for c in classes)
+    if model_labels is None:
+        if numbered:
+            idx = [int(c) for c in classes]
+            if num_classes is not None and max(idx) >= num_classes:
+                big = [c for c in classes if int(c) >= num_classes]
+                return None, (f"class folders {_few(big)} are numbers beyond the model's {num_classes} "
+                              "classes: accuracy not measured")
+            return np.asarray(idx, np.int64), None
+        return np.arange(len(classes), dtype=np.int64), None
+    labels = [str(x) for x in model_labels]
+    index = {name: i for i, name in enumerate(labels)}
+    if all(c in index for c in classes):
+        return np.asarray([index[c] for c in classes], np.int64), None
+    if numbered and not any(c in index for c in classes) and max(int(c) for c in classes) < len(labels):
+        idx = [int(c) for c in classes]
+        return np.asarray(idx, np.int64), (
+            f"class folders are numbers, not label names: taken as class indices "
+            f"({', '.join(f'{c}/ = {labels[int(c)]!r}' for c in classes[:3])}{', ...' if len(classes) > 3 else ''})")
+    import difflib
+    unmatched = [c for c in classes if c not in index]
+    found = set(classes)
+    unused = [name for name in labels if name not in found]
+    near = {c: difflib.get_close_matches(c, unused, n=1, cutoff=0.6) for c in unmatched}
+    guesses = [f"{c!r} -> {m[0]!r}?" for c, m in near.items() if m]
+    # the likely counterparts first, so a typo's label is named even among 1,000 classes
+    unused = [m[0] for m in near.values() if m] + [u for u in unused if not any(u in m for m in near.values())]
+    return None, (f"accuracy not measured: class folder(s) {_few(unmatched)} match no label of the model "
+                  f"(folders are matched to labels by name)"
+                  + (f" ({', '.join(guesses[:3])})" if guesses else "")
+                  + f"; labels with no folder: {_few(list(dict.fromkeys(unused))) or 'none'}")
+
+
 def _has_class_folders(root: Path) -> bool:
     return any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir())
 

@@ -421,6 +421,7 @@ class PtqSession:
         from onnxruntime.quantization import quantize_static
 
         from exporters.fileio import atomic_path
+        from exporters.onnx import strip_metadata
         cfg = self._config(profile, exclude, overrides)
         method = _ort_method(ranges.method)
         tmp = self._work / "quantized.onnx"
@@ -439,6 +440,10 @@ class PtqSession:
                              f"{type(exc).__name__}: {msg}") from None
         proto = onnx.load(str(tmp))
         _float_layers_read_float(proto, set(float_layers))
+        # the float model's node scopes survive only on the nodes ORT did not rewrite, and
+        # ORT adds its own model metadata: neither is needed (the layer map is in the
+        # manifest) and both made equal-weight QDQ models differ in bytes and size
+        strip_metadata(proto)
         proto.producer_name = f"mdeploy ptq ({profile.name}, onnxruntime.quantization)"
         out_path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(out_path) as staged:

@@ -418,6 +418,9 @@ def optimize_weights(model: nn.Module, calibration: np.ndarray, techniques: Sequ
     if calibration.ndim < 2 or len(calibration) == 0:
         raise InputError("calibration data", "a batch of model inputs", f"shape {calibration.shape}")
     names = [n for n in weight_layers(out) if n not in skip]
+    if not names:       # no conv/linear modules (a torch.export .pt2 graph): nothing to round here
+        result.seconds = time.perf_counter() - t0
+        return result
     mods = dict(out.named_modules())
     budget = max(1, MAX_POSITIONS // max(1, -(-len(calibration) // BATCH)))
     sequential = "sequential" in techniques

@@ -111,7 +111,7 @@ def test_no_layer_map_and_gradual_error_are_reported_as_notes(exported, tmp_path
     with _variant(exported, tmp_path) as target:
         div = find_first_divergent(_reference(exported), target, {"input": x[:1]},
                                    Tolerance(max_abs=0.0, layer_max_rel=1.0))
-    assert div.first is None and div.layers and "accumulates" in div.note
+    assert div.first is None and div.layers and div.step is None and "gradually" in div.note
 
 
 def test_worst_samples_pick_the_largest_differences():

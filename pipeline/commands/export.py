@@ -1,7 +1,8 @@
 """`mdeploy export [MODEL] --out DIR`: a model to ONNX (and TFLite, Core ML) with a manifest.
 
 MODEL is a registry name (``mobilenet_v2``), ``path/to/file.py:factory`` (a function
-returning an ``nn.Module``), or omitted when ``--checkpoint`` is an mdeploy checkpoint
+returning an ``nn.Module``, called with the ``--model-arg`` keywords), a ``torch.export``
+program (``.pt2``; ``torch.export.load`` unpickles, so only trusted files), or omitted when ``--checkpoint`` is an mdeploy checkpoint
 (which names its architecture). The work is ``pipeline.stages.export.export_model``.
 """
 from __future__ import annotations
@@ -54,8 +55,10 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
                     "the requested formats and manifest.json (shapes, preprocessing, labels, "
                     "hashes, versions). ONNX has one input 'input' (float32 NCHW) and one output "
                     "'logits'.")
-    p.add_argument("model", nargs="?", help="registry name, path/to/file.py:factory, or omitted with "
-                                            "an mdeploy --checkpoint")
+    p.add_argument("model", nargs="?", help="registry name, path/to/file.py:factory, a torch.export "
+                                            "program (.pt2; loaded with torch.export.load, which "
+                                            "unpickles: only files you trust), or omitted with an "
+                                            "mdeploy --checkpoint")
     p.add_argument("--out", required=True, help="output folder (built atomically)")
     p.add_argument("--formats", type=_csv, default=("onnx",),
                    help="comma list of onnx, tflite, coreml (default onnx)")
@@ -69,7 +72,9 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--num-classes", type=int, help="registry models without a checkpoint (default 1000)")
     p.add_argument("--in-chans", type=int, help="registry models without a checkpoint (default 3)")
     p.add_argument("--model-arg", action="append", type=_kv, default=[], metavar="KEY=VALUE",
-                   help="keyword argument for a registry model factory, e.g. width_mult=0.35")
+                   help="keyword argument for the model's factory (a registry model or file.py:factory), "
+                        "repeatable, e.g. width_mult=0.35 num_classes=10 pretrained=False act=relu "
+                        "(Python literals are typed; anything else is a string)")
     p.add_argument("--calibration", help="calibration data for quantized precisions "
                                          "(default: the checkpoint's data set)")
     p.add_argument("--no-reparam", action="store_true",

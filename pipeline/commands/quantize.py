@@ -201,19 +201,26 @@ def show_report(ui, report, top: int = TOP_LAYERS) -> None:
         ui.result(Markup(f"[bold red]{esc(first)}[/bold red]"))     # the report's first line
     t = Table(title=f"{report.model} quantized for {report.target}: {report.eval_samples} held-out inputs "
                     f"({report.eval_source})")
-    for col in ("artifact", "accuracy", "change", "top-1 agree", "SNR dB", "size", "smaller"):
+    # no ground truth (no labels, or class folders that match no label: a note says which):
+    # the accuracy columns are left out rather than shown empty
+    acc = report.float_accuracy is not None
+    cols = ("artifact", "accuracy", "change", "top-1 agree", "SNR dB", "size", "smaller")
+    for col in cols if acc else tuple(c for c in cols if c not in ("accuracy", "change")):
         t.add_column(col, justify="left" if col == "artifact" else "right")
-    t.add_row("float (PyTorch)", _pct(report.float_accuracy), "", "", "", _size(report.float_size_bytes or 0), "")
+
+    def row(*cells, **kw):
+        t.add_row(*(cells if acc else (cells[0], *cells[3:])), **kw)
+    row("float (PyTorch)", _pct(report.float_accuracy), "", "", "", _size(report.float_size_bytes or 0), "")
     for v in report.variants:
         change = None if v.drop_points is None else -v.drop_points
-        t.add_row(v.key, _pct(v.accuracy), _points(change), _pct(v.top1_agreement),
-                  ", ".join(_db(s) for s in v.snr_db.values()), _size(v.size_bytes),
-                  f"{v.size_ratio:.1f}x" if v.size_ratio else "")
+        row(v.key, _pct(v.accuracy), _points(change), _pct(v.top1_agreement),
+            ", ".join(_db(s) for s in v.snr_db.values()), _size(v.size_bytes),
+            f"{v.size_ratio:.1f}x" if v.size_ratio else "")
     plain = getattr(report, "plain_route", None)
     if plain is not None:
         change = None if plain.drop_points is None else -plain.drop_points
-        t.add_row(plain.key, _pct(plain.accuracy), _points(change), _pct(plain.top1_agreement),
-                  ", ".join(_db(s) for s in plain.snr_db.values()), _size(plain.size_bytes), "", style="dim")
+        row(plain.key, _pct(plain.accuracy), _points(change), _pct(plain.top1_agreement),
+            ", ".join(_db(s) for s in plain.snr_db.values()), _size(plain.size_bytes), "", style="dim")
     ui.table(t)
     cal = report.calibration
     ui.result(f"calibration: {cal.get('samples')} inputs from {cal.get('source')}, {cal.get('method')} ranges; "

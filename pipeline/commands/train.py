@@ -5,16 +5,26 @@ Runs under ``torchrun --nproc_per_node N`` unchanged (DDP over gloo on CPU).
 from __future__ import annotations
 
 import argparse
-import json
+import ast
+
+
+_WORDS = {"true": True, "false": False, "none": None, "null": None}
 
 
 def _kv(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with a typed value: a Python literal (``0.35``, ``10``, ``True``,
+    ``(3, 5)``, ``'x'``), also ``true``/``false``/``none`` in any case, else the text as a
+    string (``act=relu``), so a factory gets ``width_mult=0.35`` as a float, not ``'0.35'``."""
     key, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, found {text!r}")
+    key = key.strip()
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY a Python name, found {text!r}")
+    value = value.strip()
+    if value.lower() in _WORDS:
+        return key, _WORDS[value.lower()]
     try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         return key, value
 
 

@@ -153,7 +153,7 @@ def run(args: argparse.Namespace, ui) -> int:
                 ui.result(Markup(f"first divergent layer: [bold]{esc(fd['layer'])}[/bold] (PyTorch module) = "
                                  f"tensor [bold]{esc(fd['tensor'])}[/bold] in {esc(pair.target_path)}: max abs "
                                  f"{fd['max_abs']:.3g}, {fd['max_rel']:.3g} of its range"))
-            elif pair.divergence_note:
+            if pair.divergence_note:
                 ui.result(f"per-layer search: {pair.divergence_note}")
             if pair.diagnosis:
                 ui.result(f"diagnosis: {pair.diagnosis}")

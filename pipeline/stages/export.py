@@ -116,19 +116,24 @@ def _utf8(text: str) -> bool:
 
 
 def _resolve_spec(spec: str | None) -> str | None:
-    """A ``file.py:factory`` spec with its file made absolute (recorded in the checkpoint)."""
-    from models.checkpoint import is_factory_spec
+    """A ``file.py:factory`` or ``.pt2`` spec with its file made absolute (recorded in the
+    checkpoint, so verify and quantize rebuild the same model from anywhere)."""
+    from models.checkpoint import is_factory_spec, is_program_spec
     if spec and is_factory_spec(spec):
         file_part, _, func = spec.rpartition(":")
         return f"{Path(file_part).resolve()}:{func}"
+    if spec and is_program_spec(spec):
+        return str(Path(spec).resolve())
     return spec
 
 
 def _display_name(spec: str) -> str:
-    from models.checkpoint import is_factory_spec
+    from models.checkpoint import is_factory_spec, is_program_spec
     if is_factory_spec(spec):
         file_part, _, func = spec.rpartition(":")
         return f"{Path(file_part).stem}:{func}"
+    if is_program_spec(spec):
+        return Path(spec).stem
     return spec
 
 
@@ -139,13 +144,16 @@ def _first_conv_channels(model: torch.nn.Module) -> int | None:
     return None
 
 
-def _registry_cfg(spec: str) -> tuple[dict[str, Any], int | None]:
+def _registry_cfg(spec: str) -> tuple[dict[str, Any], int | list[int] | None]:
     """A registry model's published preprocessing (its entry's ``pretrained_cfg``, e.g.
     EfficientNet-Lite's (x - 127.5) / 127.5) and its paper resolution; nothing for a factory."""
-    from models.checkpoint import is_factory_spec
+    from models.checkpoint import is_factory_spec, is_program_spec, load_program
     from models.registry import model_entry
     if is_factory_spec(spec):
         return {}, None
+    if is_program_spec(spec):            # the size it was exported with (its guards hold it)
+        _, shape = load_program(spec)
+        return {}, (list(shape[-2:]) if shape and len(shape) == 4 else None)
     entry = model_entry(spec)
     return dict(entry.pretrained_cfg or {}), entry.input_size
 
@@ -228,7 +236,7 @@ def resolve_preprocessing(model: torch.nn.Module, meta: dict[str, Any], spec: st
     layers.append(from_model_config(_module_cfg(model)))
     reg = from_model_config(reg_cfg) if chans == 3 else {}
     if reg_size:
-        reg.setdefault("input_size", [int(reg_size), int(reg_size)])
+        reg.setdefault("input_size", parse_size(reg_size))
     layers.append(reg)
 
     def pick(key: str) -> Any:

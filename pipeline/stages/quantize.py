@@ -182,9 +182,15 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
         if eval_source is not None and not opts.eval_data and not has_held_out(eval_source):
             notes.append(f"no held-out data recorded and no --eval: measured on the calibration source "
                          f"({calib_source}), so agreement and accuracy are optimistic; pass --eval for held-out data")
+    if evaluation.note:
+        notes.append(evaluation.note)
 
     model, meta = build_model(opts.model, ref_path)
     shape = (1, pre.channels, *pre.input_size)
+    from quantize.weight_rounding import weight_layers
+    if (fixes or optimized) and not weight_layers(model):
+        notes.append("the PyTorch model has no Conv2d/Linear modules (a torch.export .pt2 graph): float fixes "
+                     "and weight rounding leave it unchanged; the quantizer rounds its weights to nearest")
     with tempfile.TemporaryDirectory(prefix="mdeploy-quantize-") as tmp_name:
         tmp = Path(tmp_name)
         fix_result = None
@@ -330,6 +336,7 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
                                   "seed": opts.seed}
             if fix_result is not None:
                 report.float_fixes = [r.to_dict() for r in fix_result.reports]
+            if fix_result is not None and fix_result.max_abs_change is not None:
                 report.notes.append(f"float fixes changed the float32 logits by at most "
                                     f"{fix_result.max_abs_change:.3g} on {min(32, len(calib))} calibration inputs")
             if sensitivity is not None:

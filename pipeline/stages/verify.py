@@ -23,7 +23,7 @@ from device_tests.runners.base import Runner, runner_for
 from exporters.artifact import Artifact, Manifest, sha256_of
 from models.datasets import BUNDLED
 from models.errors import InputError
-from models.images import load_images, preprocess
+from models.images import load_images, match_class_folders, preprocess
 
 DEFAULT_SAMPLES = 100          # 1% resolution on top-1 agreement, seconds on CPU for small models
 DIVERGENCE_SAMPLES = 4         # the worst-differing inputs are enough to localise a fault
@@ -60,6 +60,7 @@ class VerifyInputs:
     labels: np.ndarray | None
     source: str
     random: bool = False
+    note: str | None = None          # why the labels are missing or how folders were read
 
 
 @dataclass
@@ -77,18 +78,6 @@ Progress = Callable[[str], None]
 
 
 # -- inputs -------------------------------------------------------------------
-
-def _folder_labels(found: np.ndarray, classes: list[str], model_labels: list[str] | None
-                   ) -> np.ndarray | None:
-    """Folder class names -> the model's class indices. Folder ``7/`` is class ``"7"`` of
-    the model, not the second folder; without a name match there is no ground truth."""
-    if model_labels is None:
-        return found
-    index = {name: i for i, name in enumerate(model_labels)}
-    if not all(c in index for c in classes):
-        return None
-    return np.asarray([index[classes[i]] for i in found], np.int64)
-
 
 def has_held_out(data: str | Path) -> bool:
     """A source with a held-out part: a bundled set, or a folder with ``test/``/``val/``."""
@@ -117,10 +106,20 @@ def load_inputs(spec: str | None, manifest: Manifest, samples: int | None, seed:
     held_out = has_held_out(data)
     got = load_images(data, pre, "test" if held_out else "all", samples, seed)
     labels = got.labels
+    note = None
     if labels is not None and got.classes is not None and not bundled:
-        labels = _folder_labels(labels, got.classes, manifest.labels)
+        num_classes = _num_classes(manifest)
+        mapping, note = match_class_folders(got.classes, manifest.labels, num_classes)
+        labels = None if mapping is None else mapping[labels]
     source = f"{str(data).lower()} (held-out test split)" if bundled else got.source
-    return VerifyInputs(got.x, labels, source)
+    return VerifyInputs(got.x, labels, source, note=f"{source}: {note}" if note else None)
+
+
+def _num_classes(manifest: Manifest) -> int | None:
+    for art in manifest.artifacts:
+        if art.outputs and art.outputs[0].shape and isinstance(art.outputs[0].shape[-1], int):
+            return int(art.outputs[0].shape[-1])
+    return None
 
 
 # -- running ------------------------------------------------------------------
@@ -129,7 +128,8 @@ FP64_MARGIN = 2.0   # both sides round: a target within 2x of PyTorch's own fp32
 
 
 def _fp64_check(report: ParityReport, results: Any, ref_art: Artifact, root: Path,
-                feeds: dict[str, np.ndarray], opts: VerifyOptions, say: Progress) -> None:
+                feeds: dict[str, np.ndarray], opts: VerifyOptions, say: Progress,
+                divergences: dict[str, Any] | None = None) -> None:
     """For a failing fp32 pair, tell rounding from a fault: run the PyTorch reference in
     float64 and measure how far fp32 PyTorch itself is from it. A model can be
     ill-conditioned in fp32 (a BatchNorm with near-zero variance multiplies rounding by
@@ -152,15 +152,34 @@ def _fp64_check(report: ParityReport, results: Any, ref_art: Artifact, root: Pat
         _, t = results.output(pair.target)
         tgt = float(np.abs(t.astype(np.float64) - exact).max())
         pair.fp64_check = {"reference_vs_fp64": own, "target_vs_fp64": tgt}
+        where = _where(pair, (divergences or {}).get(pair.target))
         if tgt <= FP64_MARGIN * own:
             closer = " (closer to exact than the reference)" if tgt < own else ""
+            look = (f"look at {where[1]}" if where and where[0] != "built up over" else
+                    "look for BatchNorm layers with near-zero running variance")
             pair.diagnosis = (f"fp32 rounding, not a fault: PyTorch fp32 itself is {own:.3g} from float64 "
-                              f"and {pair.target} {tgt:.3g}{closer}; this model amplifies rounding (look for "
-                              f"BatchNorm layers with near-zero running variance). To accept it: "
-                              f"--tolerance fp32:max_abs={FP64_MARGIN * own:.2g}")
+                              f"and {pair.target} {tgt:.3g}{closer}; this model amplifies rounding ({look}). "
+                              f"To accept it: --tolerance fp32:max_abs={FP64_MARGIN * own:.2g}")
         else:
+            at = f", {where[0]} {where[1]}" if where else ""
             pair.diagnosis = (f"{pair.target} is {tgt:.3g} from float64 where PyTorch fp32 is {own:.3g}: "
-                              f"beyond fp32 rounding, a real divergence")
+                              f"beyond fp32 rounding, a real divergence{at}")
+
+
+def _where(pair: Any, div: Any) -> tuple[str, str] | None:
+    """Where the per-layer search put the error, worded to agree with its note: the first
+    failing layer, else the layer where the SNR steps down, else spread over the layers."""
+    step = getattr(div, "step", None) if div is not None else None
+    if pair.first_divergent and step is not None:
+        return "introduced at", (f"{step.module} (the per-layer SNR steps down there) and first beyond "
+                                 f"the per-layer bound at {pair.first_divergent['layer']}")
+    if pair.first_divergent:
+        return "first at", str(pair.first_divergent["layer"])
+    if step is not None:
+        return "introduced at", f"{step.module} (the per-layer SNR steps down there)"
+    if div is not None and div.layers:
+        return "built up over", "the layers (no single layer steps down)"
+    return None
 
 
 def _open(artifact: Artifact, root: Path, options: dict[str, dict[str, Any]]) -> Runner:
@@ -208,6 +227,8 @@ def verify_folder(folder: str | Path, options: VerifyOptions | None = None,
         raise InputError("--samples", "a positive number", str(opts.samples))
 
     inputs = load_inputs(opts.inputs, manifest, opts.samples, opts.seed, opts.random_inputs)
+    if inputs.note:
+        notes.append(inputs.note)
     if inputs.random:
         notes.insert(0, RANDOM_DISCLAIMER)
 
@@ -262,7 +283,8 @@ def verify_folder(folder: str | Path, options: VerifyOptions | None = None,
                 pair.divergence_note = div.note
                 divergences[key] = div
             report.pairs.append(pair)
-        _fp64_check(report, results, ref_art, root, {ref_art.inputs[0].name: inputs.x}, opts, say)
+        _fp64_check(report, results, ref_art, root, {ref_art.inputs[0].name: inputs.x}, opts, say,
+                    divergences)
     finally:
         for r in runners.values():
             r.close()
