@@ -222,9 +222,10 @@ def build_model(spec: str | None, checkpoint: str | Path | None = None,
         if not spec or not isinstance(spec, str):
             raise InputError(checkpoint, "an mdeploy checkpoint naming its model (or give MODEL)",
                              "no model name in its metadata")
-        if is_factory_spec(spec):
+        if is_factory_spec(spec) or is_program_spec(spec):
             # A data file may record the code it came from, but never makes us run it: a
-            # checkpoint or export folder from elsewhere would otherwise execute any .py it names.
+            # checkpoint or export folder from elsewhere would otherwise execute any .py it
+            # names, or unpickle any .pt2 program (torch.export.load is not weights-only).
             raise InputError(checkpoint, f"a registry model (the architecture here comes from code: pass "
                                          f"--model {spec} if you trust that file)",
                              f"metadata naming {spec}")

@@ -83,9 +83,10 @@ def test_factory_kwargs_reach_the_factory_and_the_rebuilt_reference(factory_file
     assert m.source["model_kwargs"] == {"width": 12, "num_classes": 4, "bias": False}
     assert m.find("onnx")[0].outputs[0].shape[-1] == 4
     from models.checkpoint import build_model
-    model, meta = build_model(None, out / "model.safetensors")     # what verify/quantize do
+    model, meta = build_model(f"{factory_file}:build", out / "model.safetensors")   # what verify/quantize do
     assert model.conv.out_channels == 12 and model.conv.bias is None
-    code, stdout, err = cli("verify", str(out), "--samples", "4", "--json")
+    code, stdout, err = cli("verify", str(out), "--samples", "4", "--json", "--random-inputs",
+                            "--model", f"{factory_file}:build")
     assert code == 0, err
     assert json.loads(stdout)["pairs"][0]["passed"]
 
@@ -142,7 +143,9 @@ def test_pt2_program_exports_verifies_and_quantizes(tmp_path, cli):
         ref = model(torch.from_numpy(x)).numpy()
     assert np.abs(got - ref).max() <= 1e-5
     # verify runs batches through the reference: a batch-1 program is run one sample at a time
-    code, stdout, err = cli("verify", str(out), "--samples", "6", "--json")
+    code, stdout, err = cli("verify", str(out), "--samples", "6", "--json", "--random-inputs")
+    assert code == 2 and "--model" in err                       # a .pt2 named by a manifest is never loaded
+    code, stdout, err = cli("verify", str(out), "--samples", "6", "--json", "--random-inputs", "--model", str(path))
     assert code == 0, err
     assert json.loads(stdout)["pairs"][0]["passed"]
     images = np.random.default_rng(1).integers(0, 256, (16, 20, 20, 3), dtype=np.uint8)
@@ -150,7 +153,7 @@ def test_pt2_program_exports_verifies_and_quantizes(tmp_path, cli):
     code, stdout, err = cli("-q", "quantize", str(out), "--target", "generic", "--calib", str(tmp_path / "calib.npy"),
                             "--samples", "16", "--eval", str(tmp_path / "calib.npy"), "--eval-samples", "16",
                             "--no-tflite", "--no-sensitivity", "--no-plain-baseline", "--json",
-                            "--out", str(tmp_path / "q"))
+                            "--model", str(path), "--out", str(tmp_path / "q"))
     assert code == 0, err
     assert Manifest.load(tmp_path / "q").find("onnx"), "a quantized ONNX of the program"
     assert any("no Conv2d/Linear modules" in n for n in json.loads(stdout)["report"]["notes"]), \

@@ -331,3 +331,21 @@ def test_a_float_layer_stays_float_under_ort_load_time_requantization(trained, t
     changed = run_onnx(tmp_path / "as_ort_writes_it.onnx", "input", x)
     kept = run_onnx(tmp_path / "as_ort_writes_it.onnx", "input", x, as_written=True)
     assert np.abs(changed - kept).max() > 1e-3
+
+
+def test_calibration_in_chunks_keeps_minmax_exact_and_histograms_close(trained, monkeypatch):
+    """ORT's calibrators hold every intermediate tensor of the inputs they are given, so
+    calibration runs in chunks (memory); MinMax ranges must not depend on the chunking, and
+    the percentile ranges (merged histograms) stay within a few histogram bins."""
+    import quantize.onnx_ptq as onnx_ptq
+    calib = trained["calib"][:48]
+    got = {}
+    for chunk in (16, 48):
+        monkeypatch.setattr(onnx_ptq, "CALIBRATION_CHUNK", chunk)
+        with PtqSession(trained["onnx"], calib, qnn=True) as s:
+            got[chunk] = {m: _ranges(s, m) for m in ("minmax", "percentile")}
+    assert got[16]["minmax"] == got[48]["minmax"]
+    for t, (lo, hi) in got[48]["percentile"].items():
+        lo16, hi16 = got[16]["percentile"][t]
+        width = max(hi - lo, 1e-6)
+        assert abs(lo16 - lo) <= 0.02 * width and abs(hi16 - hi) <= 0.02 * width, t
