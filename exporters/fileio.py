@@ -154,14 +154,14 @@ def check_distinct_from_inputs(out_dir: str | Path, *inputs: str | Path | None,
             continue
         src = Path(given).resolve()
         if out == src:
-            how = "the input itself"
+            how = "the input"
         elif out in src.parents:
             how = "a folder holding the input"
         elif src.is_dir() and src in out.parents:
             how = "inside the input folder"
         else:
             continue
-        raise InputError(flag, f"an output folder apart from the input {given}", f"{out_dir}, {how}")
+        raise InputError(flag, "an output folder apart from the inputs", f"{out_dir}: {how} {given}")
 
 
 @contextlib.contextmanager
@@ -207,6 +207,9 @@ def staged_output_dir(out_dir: str | Path, force: bool = False) -> Iterator[Path
     check_writable_output(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".staging", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    stage.chmod(0o777 & ~umask)    # the folder a user gets, not mkdtemp's private 0700
     try:
         yield stage
         _fsync_dir(out.parent)
