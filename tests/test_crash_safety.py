@@ -5,6 +5,7 @@ and never loses a previous result): the rerun succeeds, the previous result is n
 lost, and nothing hidden is left beside ``--out``."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -166,3 +167,24 @@ def test_run_config_error_is_found_before_training(cli, tmp_path):
     assert code == 2 and err.strip().count("\n") == 0 and "pdf" in err and "[export]" in err, err
     assert sorted(p.name for p in runs.iterdir()) == ["latest", "previous"]
     assert os.readlink(runs / "latest") == "previous"
+
+
+def test_run_is_built_aside_and_renamed_into_place(cli, tmp_path):
+    """``mdeploy run`` builds its folder in a staging sibling: when it is renamed into place
+    every recorded path (report, manifest) names the run folder, not the staging one, and
+    ``latest`` points at it (it moves only once the run is complete)."""
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text('name = "tiny"\nstages = ["train", "export", "report"]\n[train]\nmodel = "mobilenet_v2"\n'
+                   'model_kwargs = { width_mult = 0.35 }\ndata = "digits"\ninput_size = 16\nepochs = 1\n'
+                   'train_samples = 256\n[export]\nformats = ["onnx"]\n')
+    runs = tmp_path / "runs"
+    code, out, err = cli("run", "--config", str(cfg), "--out", str(runs), "-q", "--json")
+    assert code == 0, err
+    (run_dir,) = [p for p in runs.iterdir() if p.name != "latest"]
+    assert os.readlink(runs / "latest") == run_dir.name and _hidden(runs) == []
+    record = json.loads((run_dir / "report.json").read_text())
+    assert record["run_dir"] == str(run_dir) and record["train"]["checkpoint"].startswith(str(run_dir))
+    for text in (out, (run_dir / "report.json").read_text(), (run_dir / "export" / "manifest.json").read_text()):
+        assert ".staging" not in text
+    assert (Path(record["train"]["checkpoint"])).is_file()
+
