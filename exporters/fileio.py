@@ -213,6 +213,10 @@ def staged_output_dir(out_dir: str | Path, force: bool = False) -> Iterator[Path
     try:
         yield stage
         _fsync_dir(out.parent)
+        if not force and out.is_dir() and any(out.iterdir()):
+            # filled by someone else while this command worked: still not ours to replace
+            raise InputError(out, "a new or empty output folder (or --force)",
+                             "an existing folder with results in it (written while this command ran)")
         if os.path.lexists(out):
             old = out.parent / f".{out.name}.old{os.getpid()}"
             os.replace(out, old)
