@@ -11,7 +11,9 @@ the typed run record (``pipeline.report.RunRecord``), which writes the report an
 ``--json`` document.
 
 Each run gets a fresh folder ``runs/<UTC timestamp>-<name>/`` (``runs/latest``
-points at the newest), so nothing earlier is ever overwritten.
+points at the newest), so nothing earlier is ever overwritten. The folder is built in a
+hidden staging sibling and renamed into place when every stage has finished; a failed or
+killed run leaves no folder and ``latest`` keeps pointing at the last complete one.
 """
 from __future__ import annotations
 
@@ -150,7 +152,7 @@ def run(args: argparse.Namespace, ui) -> int:
     # has finished: a failed or killed run leaves no half-run folder, and 'latest' moves
     # only to a complete run
     with staged_output_dir(run_dir) as stage:
-        code = _stages(args, ui, cfg, stages, stage, record, user_factory)
+        code = _stages(args, ui, cfg, stages, stage, record, user_factory, shown=run_dir)
         for old, new in ((stage.resolve(), run_dir.resolve()), (stage, run_dir)):   # absolute and as given
             _relocate(record, str(old), str(new))
             _relocate_files(stage, old, new)
@@ -166,8 +168,9 @@ def run(args: argparse.Namespace, ui) -> int:
 
 
 def _stages(args: argparse.Namespace, ui, cfg, stages: list[str], run_dir: Path, record: "RunRecord",
-            user_factory: str | None) -> int:
-    """Every stage of the run, in order, into ``run_dir`` (the staging folder); the exit code."""
+            user_factory: str | None, shown: Path) -> int:
+    """Every stage of the run, in order, into ``run_dir`` (the staging folder); the exit code.
+    Messages name ``shown``, the folder the run will have once renamed into place."""
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else None
     export_dir = run_dir / "export"
     code = 0
@@ -187,7 +190,7 @@ def _stages(args: argparse.Namespace, ui, cfg, stages: list[str], run_dir: Path,
         record.add(TrainRecord.from_result(cfg.train.model, cfg.train.data, result))
         record.stages["train"] = time.perf_counter() - t0
         ui.result(f"trained {cfg.train.model}: held-out accuracy {100 * result.test_acc:.2f}% "
-                  f"(best epoch {result.best_epoch}) -> {checkpoint}")
+                  f"(best epoch {result.best_epoch}) -> {shown / checkpoint.relative_to(run_dir)}")
 
     if "export" in stages:
         from pipeline.commands.export import artifacts_table
