@@ -152,6 +152,12 @@ def test_quantize_out_same_as_input_is_refused_and_input_untouched(cli, tmp_path
         assert code == 2 and err.strip().count("\n") == 0 and "--out" in err and "input" in err, err
     assert {p.name: p.read_bytes() for p in export_dir.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    # export: --out the folder holding the checkpoint would swap the checkpoint away
+    ckpt = export_dir / "model.safetensors"
+    ckpt.write_bytes(b"weights")
+    code, _, err = cli("export", "--checkpoint", str(ckpt), "--out", str(export_dir), "--force")
+    assert code == 2 and "--out" in err and "holding the input" in err, err
+    assert ckpt.read_bytes() == b"weights" and (export_dir / "model.onnx").read_bytes() == b"onnx bytes"
 
 
 def test_run_config_error_is_found_before_training(cli, tmp_path):
