@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -57,9 +58,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def check_writable_output(out_dir: str | Path, force: bool) -> None:
-    """Refuse to touch an existing, non-empty output folder unless ``force``."""
+    """Refuse to touch an existing, non-empty output folder unless ``force``.
+
+    Also runs ``recover_output`` first, so a result a killed ``--force`` swap left aside
+    is back in place before it is judged (and protected without ``--force``)."""
     out = Path(out_dir)
     check_output_location(out)
+    recover_output(out)        # a previous kill's debris first: a restored result counts
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise InputError(out, "a new or empty output folder (or --force)",
                          "an existing folder with results in it")
@@ -87,25 +92,150 @@ def check_output_location(out_dir: str | Path) -> None:
         raise InputError(out, "an output folder you can write", f"no write permission in {ancestor}")
 
 
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a staging folder of a live process is its work
+    in progress, not debris)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:        # someone else's live process
+        return True
+    return True
+
+
+_OLD_RE = re.compile(r"\.old(\d+)$")
+_STAGING_RE = re.compile(r"\.(\d+)\.[^.]*\.staging$")
+
+
+def recover_output(out_dir: str | Path) -> None:
+    """Undo what a killed process left beside ``out_dir``, before anything else looks at it.
+
+    A kill between the two renames of a ``--force`` swap leaves no ``NAME`` and the previous
+    result as ``.NAME.old<pid>``: it is renamed back, so the previous result is never lost. A
+    kill after the swap leaves ``NAME`` (complete) and the old copy: the copy is deleted.
+    Staging folders ``.NAME.<pid>.*.staging`` of dead processes are deleted. Anything of a
+    live process is left alone (it may be mid-swap)."""
+    out = Path(out_dir)
+    parent = out.parent
+    if not parent.is_dir():
+        return
+    prefix = f".{out.name}."
+    try:
+        entries = [e for e in parent.iterdir() if e.name.startswith(prefix)]
+    except OSError:
+        return
+    for entry in sorted(entries):
+        rest = entry.name[len(out.name) + 1:]
+        old, staging = _OLD_RE.fullmatch(rest), _STAGING_RE.fullmatch(rest)
+        match = old or staging
+        if match is None or _pid_alive(int(match.group(1))):
+            continue
+        if old and not os.path.lexists(out):
+            os.replace(entry, out)
+        elif entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+
+
+def check_distinct_from_inputs(out_dir: str | Path, *inputs: str | Path | None,
+                               flag: str = "--out") -> None:
+    """``--out`` may not be, contain, or lie inside an input folder (or be or contain an
+    input file): swapping it in with ``--force`` would delete the input (``quantize DIR
+    --out DIR --force`` lost ``model.onnx``), and an output inside an input folder would be
+    read back as input. Inputs that are not existing paths (``mnist``) are skipped."""
+    out = Path(out_dir).resolve()
+    for given in inputs:
+        if given is None or not Path(given).exists():
+            continue
+        src = Path(given).resolve()
+        if out == src:
+            how = "the input"
+        elif out in src.parents:
+            how = "a folder holding the input"
+        elif src.is_dir() and src in out.parents:
+            how = "inside the input folder"
+        else:
+            continue
+        raise InputError(flag, "an output folder apart from the inputs", f"{out_dir}: {how} {given}")
+
+
+@contextlib.contextmanager
+def scratch_tempdir() -> Iterator[Path]:
+    """Point this process's temporary files (``tempfile``, and ``TMPDIR`` for the tools it
+    starts) at one folder ``mdeploy-<pid>-*`` that is removed at exit, and first remove
+    such folders of dead processes: a killed export otherwise leaves converter scratch
+    files in ``$TMPDIR`` that nothing ever deletes."""
+    base = Path(tempfile.gettempdir())
+    with contextlib.suppress(OSError):
+        for entry in base.iterdir():
+            m = re.fullmatch(r"mdeploy-(\d+)-[^/]*", entry.name)
+            if m and entry.is_dir() and not entry.is_symlink() and not _pid_alive(int(m.group(1))):
+                shutil.rmtree(entry, ignore_errors=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f"mdeploy-{os.getpid()}-", dir=base))
+    saved_dir, saved_env = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir = str(scratch)
+    os.environ["TMPDIR"] = str(scratch)
+    try:
+        yield scratch
+    finally:
+        tempfile.tempdir = saved_dir
+        if saved_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved_env
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def staged_output_dir(out_dir: str | Path, force: bool = False) -> Iterator[Path]:
     """Build an output folder in a temporary sibling; swap it in only on success.
 
     On failure the previous folder (if any) is untouched and the staging folder removed.
+    The one helper every command that writes a folder uses (export, quantize, train, run).
+    Crash safety: the staging folder is named ``.NAME.<pid>.*.staging`` and a replaced
+    folder is first renamed to ``.NAME.old<pid>``, then the new one renamed in, then the
+    old one deleted; a process killed at any point leaves either the old or the new folder
+    complete, and ``recover_output`` (run first here and by ``check_writable_output``)
+    puts things right on the next start.
     """
     out = Path(out_dir)
     check_writable_output(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".staging", dir=out.parent))
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".staging", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    stage.chmod(0o777 & ~umask)    # the folder a user gets, not mkdtemp's private 0700
     try:
         yield stage
-        if out.exists():
+        _fsync_dir(out.parent)
+        if not force and out.is_dir() and any(out.iterdir()):
+            # filled by someone else while this command worked: still not ours to replace
+            raise InputError(out, "a new or empty output folder (or --force)",
+                             "an existing folder with results in it (written while this command ran)")
+        if os.path.lexists(out):
             old = out.parent / f".{out.name}.old{os.getpid()}"
             os.replace(out, old)
             os.replace(stage, out)
+            _fsync_dir(out.parent)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(stage, out)
+            _fsync_dir(out.parent)
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make renames in ``folder`` durable (a power cut must not undo the swap's order)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

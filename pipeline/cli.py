@@ -56,8 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     from models.errors import InputError
     from pipeline.ui import UI
     ui = UI(quiet=args.quiet, json_mode=args.json, debug=args.debug)
+    from exporters.fileio import scratch_tempdir
     try:
-        code = args.func(args, ui)
+        # every temporary file of this run (ours and the converters') in one folder that a
+        # later run deletes if this process is killed
+        with scratch_tempdir():
+            code = args.func(args, ui)
     except InputError as exc:
         if args.debug:
             raise

@@ -11,11 +11,14 @@ the typed run record (``pipeline.report.RunRecord``), which writes the report an
 ``--json`` document.
 
 Each run gets a fresh folder ``runs/<UTC timestamp>-<name>/`` (``runs/latest``
-points at the newest), so nothing earlier is ever overwritten.
+points at the newest), so nothing earlier is ever overwritten. The folder is built in a
+hidden staging sibling and renamed into place when every stage has finished; a failed or
+killed run leaves no folder and ``latest`` keeps pointing at the last complete one.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 from datetime import datetime, timezone
@@ -42,21 +45,68 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
 
 
 def _new_run_dir(parent: Path, name: str) -> Path:
+    """A fresh run folder name (not created: the run is built in a staging sibling and
+    renamed to it at the end, see ``run``)."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     run_dir = parent / f"{stamp}-{name}"
     n = 1
-    while run_dir.exists():
+    while os.path.lexists(run_dir):
         n += 1
         run_dir = parent / f"{stamp}-{name}-{n}"
-    run_dir.mkdir(parents=True)
-    latest = parent / "latest"
+    return run_dir
+
+
+def _point_latest(run_dir: Path) -> None:
+    """``latest`` -> the finished run (a symlink swapped in with one rename)."""
+    parent = run_dir.parent
     tmp = parent / f".latest.{os.getpid()}"
     try:
         tmp.symlink_to(run_dir.name)
-        os.replace(tmp, latest)
+        os.replace(tmp, parent / "latest")
     except OSError:
-        pass
-    return run_dir
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def _relocate(obj: Any, old: str, new: str, seen: set[int] | None = None) -> Any:
+    """``obj`` with every string naming a path under ``old`` made to name it under ``new``
+    (dataclasses edited in place): the stages ran in the staging folder, but the record
+    must name the folder the run will have once renamed into place."""
+    import dataclasses
+    seen = set() if seen is None else seen
+    if isinstance(obj, str):
+        return new + obj[len(old):] if obj == old or obj.startswith(old + os.sep) else obj
+    if id(obj) in seen:
+        return obj
+    if isinstance(obj, dict):
+        seen.add(id(obj))
+        return {k: _relocate(v, old, new, seen) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        seen.add(id(obj))
+        return type(obj)(_relocate(v, old, new, seen) for v in obj)
+    if isinstance(obj, Path):
+        return Path(_relocate(str(obj), old, new, seen))
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        seen.add(id(obj))
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            fixed = _relocate(value, old, new, seen)
+            if fixed is not value:
+                object.__setattr__(obj, f.name, fixed)
+    return obj
+
+
+def _relocate_files(stage: Path, old_dir: Path, new_dir: Path) -> None:
+    """The JSON files the stages wrote in ``stage`` (manifests, summaries) name the staging
+    folder ``old_dir``; rewrite them (atomically) to name the run folder ``new_dir``."""
+    from exporters.fileio import atomic_write_text
+    old, new = str(old_dir), str(new_dir)
+    for path in stage.rglob("*.json"):
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > 50_000_000:
+            continue
+        text = path.read_text(encoding="utf-8", errors="surrogateescape")
+        if old in text:
+            atomic_write_text(path, text.replace(old + os.sep, new + os.sep).replace(f'"{old}"', f'"{new}"'))
 
 
 def run(args: argparse.Namespace, ui) -> int:
@@ -95,8 +145,32 @@ def run(args: argparse.Namespace, ui) -> int:
         raise InputError(args.config, f"{getattr(exc, 'section', '')}{exc.expected}", exc.found) from None
     run_dir = _new_run_dir(out_parent, name)
     ui.info(Markup(f"[bold]mdeploy run[/bold] -> {esc(run_dir)}"))
+    from exporters.fileio import staged_output_dir
     from pipeline.report import RunRecord
     record = RunRecord(name=name, run_dir=str(run_dir), config=cfg.model_dump())
+    # the run is built in a staging sibling and renamed to its name only when every stage
+    # has finished: a failed or killed run leaves no half-run folder, and 'latest' moves
+    # only to a complete run
+    with staged_output_dir(run_dir) as stage:
+        code = _stages(args, ui, cfg, stages, stage, record, user_factory, shown=run_dir)
+        for old, new in ((stage.resolve(), run_dir.resolve()), (stage, run_dir)):   # absolute and as given
+            _relocate(record, str(old), str(new))
+            _relocate_files(stage, old, new)
+        record.run_dir = str(run_dir)
+        if "report" in stages:
+            from pipeline.report import write_report
+            paths = write_report(stage, record)
+            ui.result(f"report: {run_dir / paths['html'].name}  (also {paths['md'].name}, {paths['json'].name})")
+    _point_latest(run_dir)
+    if args.json:
+        ui.emit_json(record.to_dict())
+    return code
+
+
+def _stages(args: argparse.Namespace, ui, cfg, stages: list[str], run_dir: Path, record: "RunRecord",
+            user_factory: str | None, shown: Path) -> int:
+    """Every stage of the run, in order, into ``run_dir`` (the staging folder); the exit code.
+    Messages name ``shown``, the folder the run will have once renamed into place."""
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else None
     export_dir = run_dir / "export"
     code = 0
@@ -116,7 +190,7 @@ def run(args: argparse.Namespace, ui) -> int:
         record.add(TrainRecord.from_result(cfg.train.model, cfg.train.data, result))
         record.stages["train"] = time.perf_counter() - t0
         ui.result(f"trained {cfg.train.model}: held-out accuracy {100 * result.test_acc:.2f}% "
-                  f"(best epoch {result.best_epoch}) -> {checkpoint}")
+                  f"(best epoch {result.best_epoch}) -> {shown / checkpoint.relative_to(run_dir)}")
 
     if "export" in stages:
         from pipeline.commands.export import artifacts_table
@@ -198,12 +272,7 @@ def run(args: argparse.Namespace, ui) -> int:
             ui.warn(f"a {stage} check failed (see the table and {stage}/summary.json)")
 
     if "report" in stages:
-        from pipeline.report import write_report
         timed("report")
-        paths = write_report(run_dir, record)
-        ui.result(f"report: {paths['html']}  (also {paths['md'].name}, {paths['json'].name})")
-    if args.json:
-        ui.emit_json(record.to_dict())
     return code
 
 

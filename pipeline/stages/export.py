@@ -35,7 +35,8 @@ from exporters.artifact import (Artifact, Manifest, ModelCard, Preprocessing, Te
                                 library_versions, sha256_of, size_of)
 from exporters.base import (MODULE, ExportContext, Exporter, ExporterOptions, check_precisions_known,
                             exporter_classes, import_exporter_module, precisions_for)
-from exporters.fileio import atomic_write_bytes, check_writable_output, staged_output_dir
+from exporters.fileio import (atomic_write_bytes, check_distinct_from_inputs, check_writable_output,
+                             staged_output_dir)
 from models.errors import InputError
 from models.images import RESIZE_FILTERS
 from models.util import error_line
@@ -301,6 +302,10 @@ def export_model(model_spec: str | None, out_dir: str | Path, *, checkpoint: str
         opts.preprocessing.fields()                     # bad --mean/--std/--input-size/...: before any work
     labels = list(opts.labels) if opts.labels else None
     check_writable_output(out_dir, opts.force)          # before minutes of work, not after
+    from models.checkpoint import is_factory_spec, is_program_spec
+    spec_file = (model_spec.rpartition(":")[0] if is_factory_spec(model_spec) else
+                 model_spec if is_program_spec(model_spec) else None) if model_spec else None
+    check_distinct_from_inputs(out_dir, checkpoint, spec_file)
 
     from models.checkpoint import build_model
     say("building the model")

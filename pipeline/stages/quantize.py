@@ -139,7 +139,9 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
     opts.keep_float = _count_or_names(opts.keep_float)
     opts.w8a16_layers = _count_or_names(opts.w8a16_layers)
     _check_options(opts)
-    from exporters.fileio import check_writable_output
+    from exporters.fileio import check_distinct_from_inputs, check_writable_output
+    # out == the export folder would swap the input away (its model.onnx deleted) with --force
+    check_distinct_from_inputs(out_dir, folder, opts.calibration, opts.eval_data)
     check_writable_output(out_dir, opts.force)          # before calibration, not after it
     say = progress or (lambda msg: None)
     seconds: dict[str, float] = {}

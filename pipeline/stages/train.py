@@ -24,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from exporters.fileio import atomic_write_bytes, atomic_write_text, check_writable_output
+from exporters.fileio import (atomic_write_bytes, atomic_write_text, check_distinct_from_inputs,
+                             check_writable_output, staged_output_dir)
 from models import create_model, model_entry
 from models.checkpoint import checkpoint_bytes
 from models.datasets import ImageSet, _stratified_pick, dataset_stats, load_dataset, to_model_input
@@ -162,12 +163,14 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, force: bool = False,
     """Train ``cfg.model`` on ``cfg.data``; keep the best-on-validation weights.
 
     Writes ``model.safetensors`` (with the metadata that export/verify need) and
-    ``train_log.json`` into ``out_dir`` atomically. Under torchrun, only rank 0 writes.
+    ``train_log.json`` into ``out_dir``, built in a staging sibling and renamed into place
+    (``staged_output_dir``). Under torchrun, only rank 0 writes.
     ``hooks`` (see ``TrainHook``) come before the ones the config implies.
     """
     out_dir = Path(out_dir)
     rank, world = _dist_info()
     if rank == 0:
+        check_distinct_from_inputs(out_dir, cfg.data)     # an image folder is an input
         check_writable_output(out_dir, force)
     check_options(cfg)
     if cfg.threads:
@@ -295,11 +298,13 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, force: bool = False,
                 world_size=world)
     ckpt = out_dir / CHECKPOINT_NAME
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(ckpt, checkpoint_bytes(model, meta))
+        # checkpoint and log appear together or not at all: a kill or a full disk between
+        # the two writes must not leave a checkpoint without its log that a rerun refuses
         import json
-        atomic_write_text(out_dir / "train_log.json", json.dumps(
-            {"meta": meta, "history": [asdict(h) for h in history]}, indent=2) + "\n")
+        with staged_output_dir(out_dir, force) as stage:
+            atomic_write_bytes(stage / CHECKPOINT_NAME, checkpoint_bytes(model, meta))
+            atomic_write_text(stage / "train_log.json", json.dumps(
+                {"meta": meta, "history": [asdict(h) for h in history]}, indent=2) + "\n")
     if world > 1:
         import torch.distributed as dist
         dist.barrier()

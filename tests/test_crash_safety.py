@@ -1,0 +1,196 @@
+"""Crash safety with real kills: ``mdeploy`` is SIGKILLed by the kernel at a chosen
+``rename`` (strace's syscall fault injection), then the same command is rerun with no
+manual cleanup. What must hold (DESIGN.md: a failed stage leaves no half-written artifact
+and never loses a previous result): the rerun succeeds, the previous result is never
+lost, and nothing hidden is left beside ``--out``."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STRACE = shutil.which("strace")
+RENAMES = "rename,renameat,renameat2"
+TINY_TRAIN = ("train", "mobilenet_v2", "--model-arg", "width_mult=0.35", "--data", "digits",
+              "--input-size", "16", "--epochs", "1", "--train-samples", "256", "--threads", "1", "-q")
+
+needs_strace = pytest.mark.skipif(STRACE is None, reason="strace (syscall fault injection) not installed")
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    """No .pyc writes (they are renames too, and would shift the count); a private TMPDIR
+    so the test can see what a killed process leaves there."""
+    tmpdir = tmp / "tmpdir"
+    tmpdir.mkdir(exist_ok=True)
+    return {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1",
+            "TMPDIR": str(tmpdir), "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
+def _mdeploy(tmp: Path, *args: str, kill_at_rename: int | None = None, trace: Path | None = None
+             ) -> subprocess.CompletedProcess:
+    """Run the CLI in a fresh process; with ``kill_at_rename=N`` the kernel delivers SIGKILL
+    at its N-th rename (the process dies before the rename happens); with ``trace`` the
+    renames are only recorded."""
+    cmd = [sys.executable, "-B", "-m", "pipeline.cli", *args]
+    if kill_at_rename is not None:
+        cmd = [STRACE, "-f", "-qq", "-o", os.devnull, "-e", f"trace={RENAMES}",
+               "-e", f"inject={RENAMES}:signal=SIGKILL:when={kill_at_rename}", *cmd]
+    elif trace is not None:
+        cmd = [STRACE, "-f", "-qq", "-o", str(trace), "-e", f"trace={RENAMES}", *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp), timeout=300)
+
+
+def _killed(proc: subprocess.CompletedProcess) -> bool:
+    """strace re-raises the tracee's fatal signal on itself, so SIGKILL shows as -9 (or 137)."""
+    return proc.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL)
+
+
+def _hidden(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+@needs_strace
+def test_train_killed_between_checkpoint_and_log_reruns_cleanly(tmp_path):
+    """The old failure: a kill after ``model.safetensors`` and before ``train_log.json``
+    left a checkpoint without its log in ``--out`` and the rerun refused the folder."""
+    out = tmp_path / "runs" / "tiny"
+    args = (*TINY_TRAIN, "--out", str(out))
+    # rename 1 puts model.safetensors in place (in the staging folder); die at rename 2
+    proc = _mdeploy(tmp_path, *args, kill_at_rename=2)
+    assert _killed(proc), (proc.returncode, proc.stderr[-2000:])
+    assert not out.exists()                                 # nothing half-written under --out
+    (staging,) = _hidden(out.parent)                        # the dead process's staging folder
+    assert staging.endswith(".staging") and (out.parent / staging / "model.safetensors").is_file()
+    assert any((tmp_path / "tmpdir").iterdir())             # its scratch folder in TMPDIR
+
+    proc = _mdeploy(tmp_path, *args)                        # same command, no cleanup, no --force
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "train_log.json"]
+    assert _hidden(out.parent) == []                        # debris of the killed run removed
+    assert list((tmp_path / "tmpdir").iterdir()) == []      # and its scratch files
+
+
+@needs_strace
+def test_export_killed_during_force_swap_keeps_a_complete_result(tmp_path):
+    """``export --force`` over a previous export: killed between moving the old folder
+    aside and renaming the new one in (the moment ``--out`` does not exist). The next start
+    puts the old folder back (a rerun without ``--force`` refuses to overwrite it, its
+    files intact), and a rerun with ``--force`` completes."""
+    ckpt_dir = tmp_path / "ckpt"
+    proc = _mdeploy(tmp_path, *TINY_TRAIN, "--out", str(ckpt_dir))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / "exports" / "app"
+    args = ("export", "--checkpoint", str(ckpt_dir / "model.safetensors"), "--formats", "onnx",
+            "--out", str(out), "-q")
+    trace = tmp_path / "renames.txt"
+    proc = _mdeploy(tmp_path, *args, trace=trace)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    renames = len([line for line in trace.read_text().splitlines() if "rename" in line])
+
+    # the --force run renames as many times, plus once to move the old folder aside first:
+    # the last rename is staging -> --out; die there
+    proc = _mdeploy(tmp_path, *args, "--force", kill_at_rename=renames + 1)
+    assert _killed(proc), (proc.returncode, proc.stderr[-2000:])
+    assert not out.exists()
+    hidden = _hidden(out.parent)
+    assert any(".old" in h for h in hidden) and any(h.endswith(".staging") for h in hidden), hidden
+
+    proc = _mdeploy(tmp_path, *args)                        # no --force: the old result is back
+    assert proc.returncode == 2 and "--force" in proc.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+    assert _hidden(out.parent) == []
+
+    proc = _mdeploy(tmp_path, *args, "--force")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == sorted(first)
+    assert _hidden(out.parent) == []
+
+
+def test_recover_output_removes_debris_only_of_dead_processes(tmp_path):
+    """The startup sweep: a dead process's swap is undone or finished, a live one's
+    work in progress (here: this test's own pid) is left alone."""
+    from exporters.fileio import recover_output
+    dead = _dead_pid()
+    out = tmp_path / "out"
+    (tmp_path / f".out.old{dead}").mkdir()
+    (tmp_path / f".out.old{dead}" / "kept").write_text("previous")
+    (tmp_path / f".out.{dead}.abc.staging").mkdir()
+    (tmp_path / f".out.{os.getpid()}.xyz.staging").mkdir()
+    (tmp_path / ".outside.1.abc.staging").mkdir()               # another folder's name
+    recover_output(out)
+    assert (out / "kept").read_text() == "previous"
+    assert _hidden(tmp_path) == [".out." + f"{os.getpid()}.xyz.staging", ".outside.1.abc.staging"]
+    (tmp_path / f".out.old{dead}").mkdir()                       # NAME exists: the swap finished
+    recover_output(out)
+    assert not (tmp_path / f".out.old{dead}").exists() and (out / "kept").is_file()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_quantize_out_same_as_input_is_refused_and_input_untouched(cli, tmp_path):
+    """``quantize DIR --out DIR --force`` used to swap the export folder away (its
+    ``model.onnx`` deleted); ``--out`` inside or around the input is refused the same way."""
+    export_dir = tmp_path / "export"
+    export_dir.mkdir()
+    for name, data in (("model.onnx", b"onnx bytes"), ("manifest.json", b"{}")):
+        (export_dir / name).write_bytes(data)
+    before = {p.name: p.read_bytes() for p in export_dir.iterdir()}
+    for out in (export_dir, export_dir / "q", tmp_path):
+        code, _, err = cli("quantize", str(export_dir), "--out", str(out), "--force", "--random-inputs")
+        assert code == 2 and err.strip().count("\n") == 0 and "--out" in err and "input" in err, err
+    assert {p.name: p.read_bytes() for p in export_dir.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    # export: --out the folder holding the checkpoint would swap the checkpoint away
+    ckpt = export_dir / "model.safetensors"
+    ckpt.write_bytes(b"weights")
+    code, _, err = cli("export", "--checkpoint", str(ckpt), "--out", str(export_dir), "--force")
+    assert code == 2 and "--out" in err and "holding the input" in err, err
+    assert ckpt.read_bytes() == b"weights" and (export_dir / "model.onnx").read_bytes() == b"onnx bytes"
+
+
+def test_run_config_error_is_found_before_training(cli, tmp_path):
+    """``formats = ["pdf"]`` is an export-section error: refused before the train stage,
+    so no run folder is made and ``latest`` does not move."""
+    cfg = tmp_path / "pdf.toml"
+    cfg.write_text('[train]\nepochs = 1\n[export]\nformats = ["pdf"]\n')
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "previous").mkdir()
+    (runs / "latest").symlink_to("previous")
+    code, _, err = cli("run", "--config", str(cfg), "--out", str(runs))
+    assert code == 2 and err.strip().count("\n") == 0 and "pdf" in err and "[export]" in err, err
+    assert sorted(p.name for p in runs.iterdir()) == ["latest", "previous"]
+    assert os.readlink(runs / "latest") == "previous"
+
+
+def test_run_is_built_aside_and_renamed_into_place(cli, tmp_path):
+    """``mdeploy run`` builds its folder in a staging sibling: when it is renamed into place
+    every recorded path (report, manifest) names the run folder, not the staging one, and
+    ``latest`` points at it (it moves only once the run is complete)."""
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text('name = "tiny"\nstages = ["train", "export", "report"]\n[train]\nmodel = "mobilenet_v2"\n'
+                   'model_kwargs = { width_mult = 0.35 }\ndata = "digits"\ninput_size = 16\nepochs = 1\n'
+                   'train_samples = 256\n[export]\nformats = ["onnx"]\n')
+    runs = tmp_path / "runs"
+    code, out, err = cli("run", "--config", str(cfg), "--out", str(runs), "-q", "--json")
+    assert code == 0, err
+    (run_dir,) = [p for p in runs.iterdir() if p.name != "latest"]
+    assert os.readlink(runs / "latest") == run_dir.name and _hidden(runs) == []
+    record = json.loads((run_dir / "report.json").read_text())
+    assert record["run_dir"] == str(run_dir) and record["train"]["checkpoint"].startswith(str(run_dir))
+    for text in (out, (run_dir / "report.json").read_text(), (run_dir / "export" / "manifest.json").read_text()):
+        assert ".staging" not in text
+    assert (Path(record["train"]["checkpoint"])).is_file()
+
