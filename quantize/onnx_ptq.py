@@ -488,25 +488,55 @@ class PtqSession:
 
 
 def _float_layers_read_float(proto: Any, float_nodes: set[str]) -> int:
-    """Let each float Conv/Gemm read the float tensor its input Q/DQ pair was made from.
+    """Let each float Conv/Gemm read its input unrounded: ``Clip(x, lo, hi)`` of the float
+    tensor its input Q/DQ pair was made from, with the range that Q/DQ represents.
 
     ORT's quantizer leaves a layer it was told to skip between a ``Q -> DQ`` on its input
     and one on its output, and onnxruntime >= 1.21 then re-quantizes that layer's float
     weights per-tensor at load (``ORT_REQUANTIZING_OPTIMIZERS``), so the float fallback
-    would silently be a worse int8 layer. Reading the tensor before its Q (the producer's
-    float output) keeps the layer float and its input unrounded. Returns the rewired count.
+    would silently be a worse int8 layer. The Clip keeps what the Q/DQ did besides
+    rounding: where ORT folded a ReLU/ReLU6 into the Q/DQ, the tensor before it is the
+    unclamped Conv output and the Q's range is that activation. Returns the rewired count.
     """
-    producers = {o: n for n in proto.graph.node for o in n.output}
-    rewired = 0
-    for node in proto.graph.node:
+    from onnx import helper, numpy_helper
+    g = proto.graph
+    producers = {o: n for n in g.node for o in n.output}
+    inits = {t.name: t for t in g.initializer}
+    clipped: dict[str, str] = {}
+    added = []
+    for node in g.node:
         if node.name not in float_nodes or node.op_type not in _REQUANTIZED_OPS or not node.input:
             continue
         dq = producers.get(node.input[0])
         q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-        if q is not None and q.op_type == "QuantizeLinear":
-            node.input[0] = q.input[0]
-            rewired += 1
-    return rewired
+        if q is None or q.op_type != "QuantizeLinear" or len(q.input) < 3 or q.input[1] not in inits \
+                or q.input[2] not in inits:
+            continue
+        if q.output[0] not in clipped:
+            scale = numpy_helper.to_array(inits[q.input[1]]).astype(np.float64)
+            zp = numpy_helper.to_array(inits[q.input[2]])
+            if scale.size != 1 or zp.size != 1:
+                continue
+            info = np.iinfo(zp.dtype)
+            z = float(zp.reshape(()))
+            lo, hi = (info.min - z) * float(scale.reshape(())), (info.max - z) * float(scale.reshape(()))
+            base = f"{q.input[0]}_float_range"
+            g.initializer.extend([numpy_helper.from_array(np.array(lo, np.float32), base + "_min"),
+                                  numpy_helper.from_array(np.array(hi, np.float32), base + "_max")])
+            added.append(helper.make_node("Clip", [q.input[0], base + "_min", base + "_max"], [base],
+                                          name=base))
+            clipped[q.output[0]] = base
+        node.input[0] = clipped[q.output[0]]
+    if added:
+        # keep the node list topologically sorted: each Clip right after its tensor's producer
+        order = list(g.node)
+        for clip in added:
+            src = producers.get(clip.input[0])
+            at = order.index(src) + 1 if src is not None else 0
+            order.insert(at, clip)
+        del g.node[:]
+        g.node.extend(order)
+    return sum(1 for n in g.node if n.name in float_nodes and n.input and n.input[0] in clipped.values())
 
 
 def qdq_layer_map(proto: Any, layer_map: dict[str, str]) -> dict[str, str]:

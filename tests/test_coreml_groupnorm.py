@@ -123,7 +123,7 @@ def test_verify_diagnosis_agrees_with_the_per_layer_search(tmp_path, cli, monkey
     assert code == 0, err
     np.save(tmp_path / "x.npy", inputs())
     code, stdout, err = cli("verify", str(out), "--inputs", str(tmp_path / "x.npy"), "--samples", "all",
-                            "--json")
+                            "--json", "--model", f"{tmp_path / 'gn.py'}:build")
     assert code == 1, err
     import json
     pair = json.loads(stdout)["pairs"][0]

@@ -319,12 +319,14 @@ def test_a_float_layer_stays_float_under_ort_load_time_requantization(trained, t
     proto = onnx.load(str(tmp_path / "mixed.onnx"))
     producers = {o: n for n in proto.graph.node for o in n.output}
     node = next(n for n in proto.graph.node if n.name == conv.name)
-    assert producers[node.input[0]].op_type != "DequantizeLinear"
+    assert producers[node.input[0]].op_type == "Clip"      # the Q/DQ's range, without its rounding
     default = run_onnx(tmp_path / "mixed.onnx", "input", x)
     np.testing.assert_array_equal(default, run_onnx(tmp_path / "mixed.onnx", "input", x, as_written=True))
+    assert top1_agreement(trained["ref"][:64], default) >= MIN_AGREEMENT
 
     # negative control: the same layer reading the DQ, as ORT's quantizer writes it, is re-quantized
-    q = next(n for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == node.input[0])
+    clip = producers[node.input[0]]
+    q = next(n for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == clip.input[0])
     dq = next(n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == q.output[0])
     node.input[0] = dq.output[0]
     onnx.save(proto, str(tmp_path / "as_ort_writes_it.onnx"))

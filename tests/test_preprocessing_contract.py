@@ -272,7 +272,7 @@ def test_lite1_factory_with_its_normalisation_reaches_the_app_files_and_verifies
     assert fold["scale"] == pytest.approx(1 / 127.5) and fold["bias"] == pytest.approx([-1.0] * 3)
     assert fold["channel_scale"] is None
     code, stdout, err = cli("verify", str(out), "--inputs", "photos", "--samples", "8", "--json",
-                            "--no-divergence")
+                            "--no-divergence", "--model", f"{fac}:lite1")
     assert code == 0, err
     rep = json.loads(stdout)
     assert {p["target"] for p in rep["pairs"]} >= {"onnx/fp32", "tflite/fp32"} and not rep["inputs"]["random"]

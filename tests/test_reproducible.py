@@ -69,7 +69,7 @@ def twice(tmp_path_factory) -> tuple[Path, Path]:
         _mdeploy("export", f"{tmp / 'net.py'}:build", "--input-size", "16", "--formats", "onnx,tflite",
                  "--precisions", "fp32,int8", "--calibration", str(tmp / "calib.npy"), "--out", str(out),
                  seed=run)
-        _mdeploy("quantize", str(out), "--target", "snapdragon", "--calib", str(tmp / "calib.npy"),
+        _mdeploy("quantize", str(out), "--model", f"{tmp / 'net.py'}:build", "--target", "snapdragon", "--calib", str(tmp / "calib.npy"),
                  "--samples", "16", "--eval", str(tmp / "calib.npy"), "--eval-samples", "16", "--no-tflite",
                  "--no-sensitivity", "--no-plain-baseline", "--out", str(tmp / f"quant{run}"), seed=run)
     return tmp / "export1", tmp / "export2"
