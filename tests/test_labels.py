@@ -65,7 +65,7 @@ def exported(tmp_path_factory) -> Path:
     return out
 
 
-def _TRUST(exported: Path) -> tuple[str, str]:
+def _trust(exported: Path) -> tuple[str, str]:
     """The factory named on the command line: a folder never imports the file it records."""
     return "--model", f"{exported.parent / 'net.py'}:build"
 
@@ -81,13 +81,13 @@ def _folder(root: Path, classes: list[str]) -> Path:
 
 def test_verify_explains_a_mismatch_and_drops_the_accuracy_column(exported, tmp_path, cli):
     imgs = _folder(tmp_path / "imgs", ["one", "sevn", "two"])
-    code, out, err = cli("verify", str(exported), "--inputs", str(imgs), "--json", *_TRUST(exported))
+    code, out, err = cli("verify", str(exported), "--inputs", str(imgs), "--json", *_trust(exported))
     assert code == 0, err
     doc = json.loads(out)
     assert not doc["inputs"]["labels"] and doc["pairs"][0]["accuracy_reference"] is None
     notes = [n for n in doc["notes"] if "accuracy not measured" in n]
     assert len(notes) == 1 and "'sevn'" in notes[0] and "'seven'" in notes[0], doc["notes"]
-    code, out, err = cli("verify", str(exported), "--inputs", str(imgs), *_TRUST(exported))
+    code, out, err = cli("verify", str(exported), "--inputs", str(imgs), *_trust(exported))
     assert code == 0
     assert "accuracy" not in out.split("parity against PyTorch", 1)[1].splitlines()[2], "no accuracy column"
     assert "'sevn'" in out + err
@@ -95,7 +95,7 @@ def test_verify_explains_a_mismatch_and_drops_the_accuracy_column(exported, tmp_
 
 def test_verify_measures_accuracy_when_names_match(exported, tmp_path, cli):
     imgs = _folder(tmp_path / "imgs", ["one", "seven", "two"])
-    code, out, err = cli("verify", str(exported), "--inputs", str(imgs), "--json", *_TRUST(exported))
+    code, out, err = cli("verify", str(exported), "--inputs", str(imgs), "--json", *_trust(exported))
     assert code == 0, err
     doc = json.loads(out)
     assert doc["inputs"]["labels"] and doc["pairs"][0]["accuracy_reference"] is not None
@@ -105,7 +105,8 @@ def test_verify_measures_accuracy_when_names_match(exported, tmp_path, cli):
 def test_quantize_report_explains_and_drops_accuracy(exported, tmp_path, cli):
     imgs = _folder(tmp_path / "imgs", ["0", "1", "sevn"])        # mixed: neither names nor indices
     np.save(tmp_path / "calib.npy", np.random.default_rng(1).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8))
-    code, out, err = cli("quantize", str(exported), *_TRUST(exported), "--target", "generic", "--calib", str(tmp_path / "calib.npy"),
+    code, out, err = cli("quantize", str(exported), *_trust(exported), "--target", "generic",
+                         "--calib", str(tmp_path / "calib.npy"),
                          "--samples", "8", "--eval", str(imgs), "--no-tflite", "--no-sensitivity",
                          "--no-plain-baseline", "--weight-rounding", "rtn", "--out", str(tmp_path / "q"))
     assert code == 0, err
