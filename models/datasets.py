@@ -26,6 +26,12 @@ from models.errors import InputError
 from models.images import IMAGE_SUFFIXES, image_files, normalise, read_images
 
 BUNDLED = ("mnist", "digits", "photos")
+
+
+def is_bundled(source: str | Path) -> bool:
+    """``source`` names a bundled set, and no file or folder of that name exists: a user's
+    own ``./photos`` folder is theirs, not the bundled photo crops."""
+    return str(source).lower() in BUNDLED and not Path(str(source)).exists()
 SPLIT_SEED = 0
 
 
@@ -90,7 +96,7 @@ def load_dataset(source: str | Path, split: str = "train", size: tuple[int, int]
     images of another (H, W) than ``size`` (default: the first image's) are resized to
     it (``models.images.read_images``).
     """
-    key = str(source).lower()
+    key = str(source).lower() if is_bundled(source) else None
     if key == "photos":
         from models.photos import photo_crops
         if split not in ("train", "test"):

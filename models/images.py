@@ -476,7 +476,7 @@ def load_images(source: str | Path, pre: Preprocessing, split: str = "all", samp
     ``all`` is every image), a flat folder of images, one image file, or a ``.npy``/
     ``.npz`` of uint8 images ``(N, H, W[, C])`` or float model inputs ``(N, C, H, W)``.
     """
-    from models.datasets import BUNDLED, load_dataset
+    from models.datasets import BUNDLED, is_bundled, load_dataset
     if samples is not None and samples < 1:
         raise InputError("samples", "a positive number", str(samples))
     _check_filter(pre.resize)
@@ -487,7 +487,7 @@ def load_images(source: str | Path, pre: Preprocessing, split: str = "all", samp
     label = str(source)
     groups: np.ndarray | None = None          # stratifies sampling; never reported as labels
     fitted = False                            # files are read at the model's size (resize/crop applied)
-    if key in BUNDLED:
+    if is_bundled(source):
         ds = load_dataset(key, split)
         pixels, labels, classes, label = ds.images, ds.labels, ds.classes, f"{key} ({split} split)"
         if not ds.labelled:                   # photos: labels only say which photo a crop came from

@@ -121,3 +121,22 @@ def test_pickled_arrays_and_unknown_filters_are_refused(tmp_path):
         load_calibration(tmp_path / "obj.npz", RGB)
     with pytest.raises(InputError, match="bilinear, bicubic, nearest"):
         load_images(tmp_path / "obj.npz", Preprocessing([16, 16], [0.5], [0.5], "GRAY", resize="lanczos"))
+
+
+def test_a_folder_named_like_a_bundled_set_is_the_users(tmp_path, monkeypatch):
+    """``--inputs photos`` in a directory holding a ``photos/`` folder means that folder,
+    not the bundled photo crops (a name users pick for their own images)."""
+    from PIL import Image
+
+    from models.datasets import is_bundled
+    from models.images import Preprocessing, load_images
+    for cls in ("cat", "dog"):
+        (tmp_path / "photos" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (20, 20), (40 * i, 80, 120)).save(tmp_path / "photos" / cls / f"{i}.png")
+    pre = Preprocessing([16, 16], [0.5] * 3, [0.5] * 3, "RGB")
+    assert is_bundled("photos")                               # nothing named so here (the test's cwd)
+    monkeypatch.chdir(tmp_path)
+    assert not is_bundled("photos")
+    got = load_images("photos", pre, "all", None)
+    assert got.x.shape == (6, 3, 16, 16) and got.classes == ["cat", "dog"]

@@ -21,7 +21,7 @@ from device_tests.compare import ParityReport, compare, run_all, run_batched, to
 from device_tests.divergence import find_first_divergent, worst_samples
 from device_tests.runners.base import Runner, runner_for
 from exporters.artifact import Artifact, Manifest, sha256_of
-from models.datasets import BUNDLED
+from models.datasets import is_bundled
 from models.errors import InputError
 from models.images import load_images, match_class_folders, preprocess
 
@@ -82,7 +82,7 @@ Progress = Callable[[str], None]
 def has_held_out(data: str | Path) -> bool:
     """A source with a held-out part: a bundled set, or a folder with ``test/``/``val/``."""
     path = Path(str(data))
-    return str(data).lower() in BUNDLED or (path.is_dir() and any((path / s).is_dir() for s in ("test", "val")))
+    return is_bundled(data) or (path.is_dir() and any((path / s).is_dir() for s in ("test", "val")))
 
 
 def load_inputs(spec: str | None, manifest: Manifest, samples: int | None, seed: int = 0,
@@ -102,7 +102,7 @@ def load_inputs(spec: str | None, manifest: Manifest, samples: int | None, seed:
         h, w = pre.input_size
         pixels = rng.integers(0, 256, (samples or DEFAULT_SAMPLES, h, w, pre.channels), dtype=np.uint8)
         return VerifyInputs(preprocess(pixels, pre), None, "random pixels", random=True)
-    bundled = str(data).lower() in BUNDLED
+    bundled = is_bundled(data)
     held_out = has_held_out(data)
     got = load_images(data, pre, "test" if held_out else "all", samples, seed)
     labels = got.labels
