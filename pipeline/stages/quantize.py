@@ -470,23 +470,19 @@ def _measure(stage: Path, artifacts: list[Artifact], evaluation: Any, manifest: 
     """Run the reference and every quantized artifact on the held-out inputs (and the
     plain round-to-nearest model, from the temporary folder, when there is one)."""
     from device_tests.compare import run_all
-    from device_tests.runners.base import runner_for
+    from pipeline.stages.verify import open_runner
     from quantize.report import QuantReport, accuracy, measure_variant, references_for
 
     runners = {}
     plain, plain_root = plain if plain is not None else (None, None)
     plain_key = f"{plain.key} (plain rtn, not written)" if plain is not None else None
+    # the PyTorch reference of a model only the user's code defines needs that code
+    options = {"torch": {"model": opts.model}} if opts.model else {}
     try:
         for art in artifacts:
-            cls = runner_for(art)
-            # the PyTorch reference of a model only the user's code defines needs that code
-            runner = cls(model=opts.model) if cls.kind == "torch" and opts.model else cls()
-            runner.load(art, stage)
-            runners[art.key] = runner
+            runners[art.key] = open_runner(art, stage, options)
         if plain is not None:
-            runner = runner_for(plain)()
-            runner.load(plain, plain_root)
-            runners[plain_key] = runner
+            runners[plain_key] = open_runner(plain, plain_root, options)
         results = run_all(runners, {artifacts[0].inputs[0].name: evaluation.x}, batch_size=32)
     finally:
         for r in runners.values():

@@ -182,7 +182,8 @@ def _where(pair: Any, div: Any) -> tuple[str, str] | None:
     return None
 
 
-def _open(artifact: Artifact, root: Path, options: dict[str, dict[str, Any]]) -> Runner:
+def open_runner(artifact: Artifact, root: Path, options: dict[str, dict[str, Any]]) -> Runner:
+    """The artifact's registered runner, loaded, with the options given for its kind."""
     cls = runner_for(artifact)
     runner = cls(**options.get(cls.kind, {}))
     runner.load(artifact, root)
@@ -235,7 +236,7 @@ def verify_folder(folder: str | Path, options: VerifyOptions | None = None,
     runners: dict[str, Runner] = {}
     try:
         say(f"loading the PyTorch reference ({ref_art.path})")
-        runners[ref_art.key] = _open(ref_art, root, opts.runner_options)
+        runners[ref_art.key] = open_runner(ref_art, root, opts.runner_options)
         for art in targets:
             try:
                 cls = runner_for(art)
@@ -246,7 +247,7 @@ def verify_folder(folder: str | Path, options: VerifyOptions | None = None,
                 continue
             say(f"loading {art.key} ({cls.kind})")
             key = art.key if art.key not in runners else f"{art.key}:{art.path}"
-            runners[key] = _open(art, root, opts.runner_options)
+            runners[key] = open_runner(art, root, opts.runner_options)
         keys = list(runners)
         if len(keys) < 2:
             # nothing compared is not a pass
