@@ -189,6 +189,11 @@ class Runner(ABC):
         """The files a device needs to load the model at ``path`` (to send it elsewhere)."""
         return [Path(path)]
 
+    @classmethod
+    def check_file(cls, path: Path) -> None:
+        """Parse the model file without running it: a truncated or foreign file is an
+        ``InputError`` naming it (before a profile or a device run). Default: no check."""
+
     @property
     def label(self) -> str:
         """What produced the numbers, for reports (e.g. ``coreml (numpy MIL interpreter)``)."""

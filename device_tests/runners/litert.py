@@ -141,6 +141,20 @@ class LiteRTRunner(Runner):
         return {spec.name: self._interp.get_tensor(d["index"]) for spec, d in self._out}
 
     @classmethod
+    def check_file(cls, path: Path) -> None:
+        head = path.read_bytes()[:8] if path.is_file() else b""
+        if len(head) < 8 or head[4:8] != b"TFL3":
+            raise InputError(path, "a TFLite flatbuffer (identifier TFL3)", "a file without it")
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError:
+            return
+        try:
+            Interpreter(model_path=str(path))
+        except Exception as exc:  # ValueError / RuntimeError from the flatbuffer verifier
+            raise InputError(path, "a complete TFLite model", one_line(exc, 160)) from None
+
+    @classmethod
     def profile(cls, path: str, **kw: Any) -> dict[str, Any]:
         from device_tests.profile import profile_litert
         return profile_litert(path, **kw)

@@ -119,6 +119,11 @@ class OnnxRuntimeRunner(Runner):
         return [Path(path), data] if data.exists() else [Path(path)]
 
     @classmethod
+    def check_file(cls, path: Path) -> None:
+        from exporters.onnx import load_onnx
+        load_onnx(path, load_weights=False)
+
+    @classmethod
     def profile(cls, path: str, **kw: Any) -> dict[str, Any]:
         from device_tests.profile import profile_onnxruntime
         return profile_onnxruntime(path, **kw)

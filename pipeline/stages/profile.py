@@ -66,27 +66,18 @@ def select_artifacts(manifest: Manifest, wanted: list[str] | None) -> list[Artif
 
 
 def check_artifact_file(art: Artifact, folder: Path) -> None:
-    """The artifact's file exists and its runtime can parse it: a truncated or foreign
-    ``.tflite``/``.onnx`` is an ``InputError`` naming the file (it used to be profiled as a
-    warning and exit 0). Parsing only: nothing is run."""
+    """The artifact's file exists and its runtime can parse it (``Runner.check_file``): a
+    truncated or foreign ``.tflite``/``.onnx`` is an ``InputError`` naming the file (it used
+    to be profiled as a warning and exit 0). Parsing only: nothing is run."""
+    from device_tests.runners.base import runner_for
     path = art.resolve(folder)
     if not path.exists():
         raise InputError(path, f"the {art.key} artifact listed in the manifest", "no such file")
-    if art.format == "onnx":
-        from exporters.onnx import load_onnx
-        load_onnx(path, load_weights=False)
-    elif art.format == "tflite":
-        head = path.read_bytes()[:8] if path.is_file() else b""
-        if len(head) < 8 or head[4:8] != b"TFL3":
-            raise InputError(path, "a TFLite flatbuffer (identifier TFL3)", "a file without it")
-        try:
-            from ai_edge_litert.interpreter import Interpreter
-        except ImportError:
-            return
-        try:
-            Interpreter(model_path=str(path))
-        except Exception as exc:  # ValueError / RuntimeError from the flatbuffer verifier
-            raise InputError(path, "a complete TFLite model", one_line(exc, 160)) from None
+    try:
+        cls = runner_for(art)
+    except KeyError:                 # a format no runner loads: nothing to parse it with
+        return
+    cls.check_file(path)
 
 
 def profile_folder(folder: str | Path, opts: ProfileOptions,
