@@ -15,6 +15,18 @@ import torch.nn as nn
 ActLayer = Callable[..., nn.Module]
 
 
+def he_init(model: nn.Module) -> None:
+    """torchvision's ResNet init, which the ResNet-derived papers here (ResNeXt, Xception's
+    Cadene port, ShiftNet, the sparse-shift FE-Net) all use: He-normal (fan_out) convs, unit
+    BatchNorm; Linear keeps PyTorch's default. One copy, so they cannot drift apart."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> int:
     """Round channels to a multiple of ``divisor`` without dropping more than 10%.
 

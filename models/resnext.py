@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from models.layers import SqueezeExcite
+from models.layers import SqueezeExcite, he_init
 from models.registry import register_model
 
 _RESNET = "He et al. 2016, Deep Residual Learning for Image Recognition"
@@ -129,13 +129,7 @@ class ResNet(nn.Module):
 
 
 def _init_weights(model: nn.Module, zero_init_residual: bool) -> None:
-    # torchvision's ResNet init: He-normal (fan_out) convs, unit BN, default Linear.
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+    he_init(model)
     if zero_init_residual:  # Goyal et al. 2017: each block starts as an identity
         for m in model.modules():
             if isinstance(m, Bottleneck):

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.layers import he_init
 from models.registry import register_model
 
 _SHIFT_PAPER = ("Wu et al. 2018, Shift: A Zero FLOP, Zero Parameter Alternative to "
@@ -233,7 +234,7 @@ class ShiftResNetCifar(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         self.fc = nn.Linear(in_chs, num_classes)
-        _init_weights(self)
+        he_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layers(self.relu(self.bn1(self.conv1(x))))
@@ -300,7 +301,7 @@ class ShiftNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         self.fc = nn.Linear(in_chs, num_classes)
-        _init_weights(self)
+        he_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.norm(self.stages(self.conv1(x))))
@@ -358,22 +359,11 @@ class ASNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         self.fc = nn.Linear(in_chs, num_classes)
-        _init_weights(self)
+        he_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.norm(self.stages(self.conv1(x))))
         return self.fc(self.drop(torch.flatten(self.pool(x), 1)))
-
-
-def _init_weights(model: nn.Module) -> None:
-    # He-normal (fan_out) convs and unit BN, as in the authors' ResNet-derived code;
-    # ActiveShift keeps its own uniform init, the classifier PyTorch's default.
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 # -- registered networks ---------------------------------------------------------------------

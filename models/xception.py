@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from models.layers import ClassifierHead
+from models.layers import ClassifierHead, he_init
 from models.registry import register_model
 
 _PAPER = "Chollet 2017, Xception: Deep Learning with Depthwise Separable Convolutions"
@@ -88,24 +88,13 @@ class Xception(nn.Module):
         )
         self.num_features = 2048
         self.head = ClassifierHead(2048, num_classes, drop_rate)
-        _init_weights(self)
+        he_init(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.head_convs(self.blocks(self.stem(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))
-
-
-def _init_weights(model: nn.Module) -> None:
-    # timm / the Cadene port: He-normal (fan_out) convs, unit BN; the classifier keeps
-    # PyTorch's default Linear init.
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 @register_model(input_size=299, small_input_size=32, paper=_PAPER)
