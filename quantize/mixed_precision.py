@@ -180,18 +180,13 @@ def split_sensitivity(session: PtqSession, profile: QuantProfile, x: np.ndarray,
     import onnx
     from onnx import numpy_helper
 
-    from quantize.sensitivity import run_onnx
-    if len(x) == 0:
-        raise InputError("sensitivity inputs", "at least one input", "none")
+    from quantize.sensitivity import probe_baseline, run_onnx
     t0 = time.perf_counter()
+    base = probe_baseline(session, profile, x, method, "split")
     layers = list(layers if layers is not None else session.layers)
-    work = session.work_dir / "split"
-    work.mkdir(exist_ok=True)
-    ref = run_onnx(session.model_path, session.input_name, x)
-    full_path = work / "full.onnx"
-    ranges = session.write(profile, full_path, method=method)
-    qdq = onnx.load(str(full_path))
-    full_snr = snr_db(ref, run_onnx(full_path, session.input_name, x))
+    work, ref, ranges = base.work, base.reference, base.ranges
+    qdq = onnx.load(str(base.full_path))
+    full_snr = snr_db(ref, base.full)
     weights = _dequantized_weights(qdq)
     enc = read_encodings(qdq)
     act_dtype = profile.activations if profile.activation_bits == 8 else "uint8"

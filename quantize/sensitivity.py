@@ -82,16 +82,10 @@ def layer_sensitivity(session: PtqSession, profile: QuantProfile, x: np.ndarray,
     """Rank ``layers`` (default: every layer of the session's model) by sensitivity."""
     if mode not in MODES:
         raise InputError("sensitivity mode", f"one of {', '.join(MODES)}", repr(mode))
-    if len(x) == 0:
-        raise InputError("sensitivity inputs", "at least one input", "none")
     t0 = time.perf_counter()
+    base = probe_baseline(session, profile, x, method, "sensitivity")
     layers = list(layers if layers is not None else session.layers)
-    work = session.work_dir / "sensitivity"
-    work.mkdir(exist_ok=True)
-    ref = run_onnx(session.model_path, session.input_name, x)
-    full_path = work / "full.onnx"
-    session.write(profile, full_path, method=method)
-    full = run_onnx(full_path, session.input_name, x)
+    work, ref, full = base.work, base.reference, base.full
     full_snr = snr_db(ref, full)
     report = SensitivityReport(
         mode=mode, profile=profile.name, method=session.ranges(profile.range_method or method).method,
@@ -134,6 +128,32 @@ def pick_layers(session: PtqSession, spec: str | int | Sequence[str] | None,
         return resolve_layers(sensitivity.worst(n), session.layers)
     names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
     return resolve_layers([n for n in names if n], session.layers)
+
+
+@dataclass
+class ProbeBaseline:
+    """What every per-layer probe is compared with: the float model's and the fully
+    quantized model's outputs on the probe inputs, and a scratch folder for the probes."""
+
+    work: Path
+    reference: np.ndarray          # float model
+    full_path: Path                # the fully quantized QDQ model
+    full: np.ndarray               # its outputs
+    ranges: Any                    # the calibration ranges it used (onnx_ptq.Ranges)
+
+
+def probe_baseline(session: PtqSession, profile: QuantProfile, x: np.ndarray, method: str,
+                   folder: str) -> ProbeBaseline:
+    """Run the float model and write and run the fully quantized one, for a probe family
+    (``folder`` under the session's scratch folder)."""
+    if len(x) == 0:
+        raise InputError("sensitivity inputs", "at least one input", "none")
+    work = session.work_dir / folder
+    work.mkdir(exist_ok=True)
+    ref = run_onnx(session.model_path, session.input_name, x)
+    full_path = work / "full.onnx"
+    ranges = session.write(profile, full_path, method=method)
+    return ProbeBaseline(work, ref, full_path, run_onnx(full_path, session.input_name, x), ranges)
 
 
 def run_onnx(path: str | Path, input_name: str, x: np.ndarray, *, as_written: bool = False) -> np.ndarray:
