@@ -37,9 +37,13 @@ from exporters.tflite_metadata import TensorInfo, image_classifier_metadata, pac
 from exporters.tflite_ops import delegate_fallbacks, graph_ops, op_counts
 from models.errors import InputError
 
-PRECISIONS = ("fp32", "fp16", "dynamic", "int8", "int8-io")
+PRECISIONS = ("fp32", "fp16", "dynamic", "int8", "int8-io", "uint8-pixels")
 DEFAULT_PRECISIONS = ("fp32", "fp16")        # the integer kinds need calibration data: asked for explicitly
-INTEGER_PRECISIONS = ("int8", "int8-io")
+INTEGER_PRECISIONS = ("int8", "int8-io", "uint8-pixels")
+# The camera-ready kind: uint8 pixels 0..255 in (scale 1, zero point 0: the byte *is* the
+# pixel), the model's own (pixel * pixel_scale - mean) / std as its first ops, int8 out.
+# An app feeds camera bytes as they are, as to TFLite Model Maker's quantized models.
+PIXEL_PRECISION = "uint8-pixels"
 LAYOUTS = ("NHWC", "NCHW")
 ONNX2TF_TIMEOUT_S = 1800
 # onnx2tf feeds this file (20 NHWC RGB images, downloaded if absent) through the ONNX
@@ -87,7 +91,15 @@ def export_tflite(onnx_path: str | Path, out_dir: str | Path, precisions: Iterab
         saved_model = _onnx2tf(model, work, input_name=in_name, input_shape=in_shape,
                                keep_nchw=(layout == "NCHW"), sample=calib)
         raw = {p: _rename_io(_convert(saved_model, p, calib, layout), [in_name], out_names)
-               for p in dict.fromkeys(["fp32", *precisions])}     # fp32 always: the layer map needs it
+               for p in dict.fromkeys(["fp32", *precisions]) if p != PIXEL_PRECISION}   # fp32: the layer map needs it
+        if PIXEL_PRECISION in precisions:
+            assert calib is not None
+            pix_calib = pixel_calibration(calib, preprocessing)
+            (work / "pixels").mkdir()
+            pix_saved = _onnx2tf(with_pixel_input(model, preprocessing), work / "pixels", input_name=in_name,
+                                 input_shape=in_shape, keep_nchw=(layout == "NCHW"), sample=pix_calib)
+            raw[PIXEL_PRECISION] = _check_pixel_input(_rename_io(
+                _convert(pix_saved, PIXEL_PRECISION, pix_calib, layout), [in_name], out_names))
     sample = calib[:1] if calib is not None else _sample_input(in_shape, preprocessing)
     layer_map = _layer_map(model, raw["fp32"], sample, layout)
     tool_version = _tool_version()
@@ -96,7 +108,8 @@ def export_tflite(onnx_path: str | Path, out_dir: str | Path, precisions: Iterab
         data = raw[precision]
         ins, outs = _tensor_specs(data, layout)
         md = image_classifier_metadata(card, preprocessing, input_name=in_name, output_name=out_names[0],
-                                       input_dtype=ins[0].dtype, labels=labels)
+                                       input_dtype=ins[0].dtype, labels=labels,
+                                       normalised_inside=(precision == PIXEL_PRECISION))
         md.outputs += [TensorInfo(name) for name in out_names[1:]]     # extra outputs: named, no labels
         data = populate(data, md)
         path = out_dir / f"{onnx_path.stem}_{precision}.tflite"
@@ -111,8 +124,15 @@ def export_tflite(onnx_path: str | Path, out_dir: str | Path, precisions: Iterab
             "metadata": {"schema": "TFLite Metadata (tflite-support metadata_schema.fbs)",
                          "associated_files": sorted(md.file_contents)},
             "weights": {"fp32": "float32", "fp16": "float16", "dynamic": "int8",
-                        "int8": "int8", "int8-io": "int8"}[precision],
+                        "int8": "int8", "int8-io": "int8", PIXEL_PRECISION: "int8"}[precision],
         }
+        if precision == PIXEL_PRECISION:
+            # The runners' input edge turns normalised NCHW back into these pixels
+            # (device_tests.runners.base.to_pixels), the same record Core ML's image input has.
+            extra["image_input"] = {"mean": [float(m) for m in preprocessing.mean],
+                                    "std": [float(v) for v in preprocessing.std],
+                                    "pixel_scale": float(preprocessing.pixel_scale),
+                                    "pixels": "uint8 0..255, normalised inside the model"}
         if precision in INTEGER_PRECISIONS:
             extra["calibration"] = {"samples": int(len(calib)), "source": calib_source}
         artifacts.append(Artifact(
@@ -176,6 +196,69 @@ def _calibration(calibration: np.ndarray | None, shape: list[int], pre: Preproce
     if not np.issubdtype(x.dtype, np.floating) or not np.isfinite(x).all():
         raise InputError("calibration", "finite floating-point model inputs", f"dtype {x.dtype}")
     return np.ascontiguousarray(x, dtype=np.float32), "caller"
+
+
+def pixel_calibration(calib: np.ndarray, pre: Preprocessing) -> np.ndarray:
+    """Normalised calibration inputs -> the pixels they came from (float, 0..255, NCHW).
+
+    The converter sets the input's quantization from the observed min/max, so the first
+    image gets a 0 and a 255 in every channel: the range is then exactly [0, 255], the
+    scale exactly 1 and the zero point 0 (``_check_pixel_input`` holds it to that).
+    """
+    c = calib.shape[1]
+    mean = np.asarray(pre.mean, np.float64).reshape(1, c, 1, 1)
+    std = np.asarray(pre.std, np.float64).reshape(1, c, 1, 1)
+    pix = np.clip(np.rint((calib.astype(np.float64) * std + mean) / float(pre.pixel_scale)), 0, 255)
+    pix[0, :, 0, 0] = 0.0
+    pix[0, :, -1, -1] = 255.0
+    return pix.astype(np.float32)
+
+
+def with_pixel_input(model: Any, pre: Preprocessing) -> Any:
+    """A copy of ``model`` taking pixels: its input (same name) goes through
+    ``Mul(pixel_scale / std) -> Add(-mean / std)`` per channel before the original graph.
+
+    An exact per-channel affine of its own, not folded into the first convolution: a
+    fold would be wrong at zero-padded borders (padding a pixel 0 is not padding a
+    normalised 0).
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    init = {t.name for t in g.initializer}
+    inp = next(i for i in g.input if i.name not in init)
+    name, inner = inp.name, inp.name + "__normalised"
+    for node in g.node:
+        node.input[:] = [inner if x == name else x for x in node.input]
+    for out in g.output:
+        if out.name == name:
+            raise InputError("model", "an output that is not the input", name)
+    c = pre.channels
+    std = np.asarray(pre.std, np.float64).reshape(1, c, 1, 1)
+    mean = np.asarray(pre.mean, np.float64).reshape(1, c, 1, 1)
+    g.initializer.extend([numpy_helper.from_array((float(pre.pixel_scale) / std).astype(np.float32), name + "__scale"),
+                          numpy_helper.from_array((-mean / std).astype(np.float32), name + "__bias")])
+    pre_nodes = [helper.make_node("Mul", [name, name + "__scale"], [name + "__scaled"], name="pixels_scale"),
+                 helper.make_node("Add", [name + "__scaled", name + "__bias"], [inner], name="pixels_normalise")]
+    nodes = list(g.node)
+    del g.node[:]
+    g.node.extend(pre_nodes + nodes)
+    return m
+
+
+def _check_pixel_input(data: bytes) -> bytes:
+    """The camera-ready file must take uint8 with scale 1 and zero point 0 exactly, or the
+    app's bytes are not the pixels; anything else is a conversion error, never a silent
+    rescale."""
+    from ai_edge_litert.interpreter import Interpreter
+    d = Interpreter(model_content=data).get_input_details()[0]
+    scale, zp = d["quantization"]
+    if d["dtype"] != np.uint8 or scale != 1.0 or zp != 0:
+        raise ConversionError("tf.lite.TFLiteConverter", "a uint8 pixel input with scale 1 and zero point 0",
+                              f"{np.dtype(d['dtype']).name} scale {scale!r} zero point {zp!r}")
+    return data
 
 
 def _sample_input(shape: list[int], pre: Preprocessing) -> np.ndarray:
@@ -274,6 +357,9 @@ def _convert(saved_model: Path, precision: str, calib: np.ndarray | None, layout
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]   # fail, never fall back to float
         if precision == "int8-io":
             conv.inference_input_type = tf.int8
+            conv.inference_output_type = tf.int8
+        if precision == PIXEL_PRECISION:
+            conv.inference_input_type = tf.uint8
             conv.inference_output_type = tf.int8
     try:
         with captured_native_output():       # the MLIR quantizer prints "fully_quantize: 0, ..." from C++

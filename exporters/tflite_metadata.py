@@ -105,12 +105,14 @@ class TFLiteMetadata:
 
 def image_classifier_metadata(card: ModelCard, preprocessing: Preprocessing, *, input_name: str,
                               output_name: str, input_dtype: str = "float32",
-                              labels: list[str] | None = None) -> TFLiteMetadata:
+                              labels: list[str] | None = None, normalised_inside: bool = False
+                              ) -> TFLiteMetadata:
     """The metadata of an image classifier, from the manifest's card and preprocessing.
 
     Our preprocessing is ``(pixel * pixel_scale - mean) / std``; the metadata's is
     ``(pixel - mean') / std'`` on raw pixels, so ``mean' = mean / pixel_scale`` and
-    ``std' = std / pixel_scale``.
+    ``std' = std / pixel_scale``. A model that normalises itself (``normalised_inside``,
+    the camera-ready uint8 kind) says mean 0 / std 1: the app feeds camera bytes as they are.
     """
     scale = preprocessing.pixel_scale
     mean = [float(m) / scale for m in preprocessing.mean]
@@ -120,6 +122,10 @@ def image_classifier_metadata(card: ModelCard, preprocessing: Preprocessing, *, 
     h, w = preprocessing.input_size
     desc = (f"Input image to be classified: {h}x{w}, {order}, normalized as (pixel - mean) / std "
             f"on 0..255 pixel values; {preprocessing.resize_note()}.")
+    if normalised_inside:
+        mean, std = [0.0] * len(mean), [1.0] * len(std)
+        desc = (f"Input image to be classified: {h}x{w}, {order}, uint8 pixel values 0..255 as the camera "
+                f"gives them (the model normalises them itself); {preprocessing.resize_note()}.")
     stats_min = stats_max = None
     if input_dtype == "float32":      # as the Task Library writer: the range a normalized pixel spans
         stats_min = [(0.0 - m) / s for m, s in zip(mean, std)]

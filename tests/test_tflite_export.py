@@ -123,7 +123,7 @@ def test_fp16_within_documented_tolerance(tiny):
     assert (y.argmax(1) == ref.argmax(1)).all()
 
 
-@pytest.mark.parametrize("precision", ["dynamic", "int8", "int8-io"])
+@pytest.mark.parametrize("precision", ["dynamic", "int8", "int8-io", "uint8-pixels"])
 def test_quantized_kinds_stay_faithful(tiny, precision):
     ref = tiny["ref"]
     y = _run(tiny["arts"][precision], tiny["folder"], tiny["x"])

@@ -139,9 +139,25 @@ class Runner(ABC):
                 raise InputError(self.where, f"input {spec.name!r} of shape [{', '.join(shown)}] (NCHW)",
                                  f"shape {list(shape)}")
 
+    @property
+    def _image(self) -> dict[str, Any] | None:
+        """The pixel-input record (``extra["image_input"]``) of a model that takes pixels
+        and normalises them itself (Core ML's image input, TFLite's ``uint8-pixels``)."""
+        return (self.artifact.extra.get("image_input") if self.artifact is not None else None) or None
+
+    def to_pixels(self, x: np.ndarray) -> np.ndarray:
+        """Normalised NCHW -> pixel values (float, model channel order), inverting the
+        preprocessing: one inversion for every runtime whose model takes pixels."""
+        img = self._image
+        assert img is not None
+        return to_pixels(x, img["mean"], img["std"], float(img["pixel_scale"]))
+
     def encode_input(self, spec: TensorSpec, x: np.ndarray) -> np.ndarray:
         """Float NCHW -> the tensor as the model takes it: its layout, its dtype, quantized
-        with its own scale and zero point."""
+        with its own scale and zero point. A model that takes pixels is given the pixels
+        the normalised input came from (its uint8 scale 1 then rounds and clips them)."""
+        if self._image:
+            x = self.to_pixels(x)
         if spec.layout == "NHWC":
             x = nchw_to_nhwc(x)
         dtype = _np_dtype(spec.dtype)
@@ -269,6 +285,14 @@ def quantize_array(x: np.ndarray, scale: float, zero_point: int, dtype: str) -> 
     info = np.iinfo(np.dtype(dtype))
     q = np.round(x / scale) + zero_point
     return np.clip(q, info.min, info.max).astype(dtype)
+
+
+def to_pixels(x: np.ndarray, mean: Any, std: Any, pixel_scale: float) -> np.ndarray:
+    """Normalised NCHW ``(pixel * pixel_scale - mean) / std`` -> pixel (float32)."""
+    c = x.shape[1]
+    s = np.asarray(std, np.float64).reshape(1, c, 1, 1)
+    m = np.asarray(mean, np.float64).reshape(1, c, 1, 1)
+    return ((x.astype(np.float64) * s + m) / float(pixel_scale)).astype(np.float32)
 
 
 def dequantize_array(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:

@@ -100,19 +100,6 @@ class CoreMLRunner(Runner):
 
     # -- feeding -------------------------------------------------------------------------
 
-    @property
-    def _image(self) -> dict[str, Any] | None:
-        return (self.artifact.extra.get("image_input") if self.artifact is not None else None) or None
-
-    def to_pixels(self, x: np.ndarray) -> np.ndarray:
-        """Normalised NCHW -> pixel values (model channel order), inverting the folding."""
-        img = self._image
-        assert img is not None
-        c = x.shape[1]
-        std = np.asarray(img["std"], np.float64).reshape(1, c, 1, 1)
-        mean = np.asarray(img["mean"], np.float64).reshape(1, c, 1, 1)
-        return ((x.astype(np.float64) * std + mean) / float(img["pixel_scale"])).astype(np.float32)
-
     def encode_input(self, spec: TensorSpec, x: np.ndarray) -> np.ndarray:
         """An image input takes pixels (float, NCHW, model channel order); a tensor input
         is what the base class makes of it."""
