@@ -40,8 +40,6 @@ FP16_RTOL = 2e-3
 KNOWN_FAILURES: dict[str, str] = {
     "asnet_base": "onnx2tf at ONNX node node_view_170: Cannot reshape a tensor with 262144 elements "
                   "to shape [1,512] (input shapes: [1,512,512,1]) -- 1x1 map before the flatten at 32x32",
-    "qarepvgg_tiny": "onnx2tf at ONNX node node_view: Cannot reshape a tensor with 16384 elements to shape "
-                     "[1,128] (input shapes: [1,128,128,1]) -- 1x1 map before the flatten at 32x32",
     "repvgg_tiny": "onnx2tf at ONNX node node_add_9: Dimensions must be equal, but are 2048 and 64 "
                    "(input shapes: [1,2,2,2048], [1,2,2,64]) -- 2-group conv on a 2x2 map at 32x32",
     "mixer_b16_224": "onnx2tf at ONNX node node_add_1: Dimensions must be equal, but are 768 and 196 "
