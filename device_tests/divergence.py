@@ -132,29 +132,29 @@ def find_first_divergent(reference: Runner, target: Runner, inputs: Mapping[str,
     notes = []
     if skipped:
         notes.append(f"{skipped} matched layer(s) skipped (value missing or size differs)")
-    if div.first is not None:
-        # the first layer beyond the bound may only amplify an error that an earlier,
-        # passing layer introduced (a 5e-6 epsilon change before a cancelling head)
-        step = snr_step(div.layers[: div.first.index + 1])
-        if step is not None and step[0].index < div.first.index:
-            layer, before, after = step
-            div.step = layer
+    # Where the SNR steps down: before the first layer beyond the bound (which may only
+    # amplify an error an earlier, passing layer introduced, e.g. a 5e-6 epsilon change
+    # before a cancelling head), or anywhere when no layer is beyond it.
+    scope = div.layers[: div.first.index + 1] if div.first is not None else div.layers
+    step = snr_step(scope) if scope else None
+    if step is not None and div.first is not None and step[0].index >= div.first.index:
+        step = None                          # the failing layer itself: nothing earlier to name
+    if step is not None:
+        layer, before, after = step
+        div.step = layer
+        where = (f"{layer.module} ({layer.tensor}): {before:.1f} dB at worst before it, "
+                 f"{after:.1f} dB there")
+        if div.first is not None:
             notes.append(f"the first layer beyond the per-layer tolerance is {div.first.module}, but the "
-                         f"SNR steps down earlier, at {layer.module} ({layer.tensor}): {before:.1f} dB at "
-                         f"worst before it, {after:.1f} dB there; the error starts there and "
+                         f"SNR steps down earlier, at {where}; the error starts there and "
                          f"{div.first.module} amplifies it")
-    elif div.layers:
-        step = snr_step(div.layers)
-        if step is not None:
-            layer, before, after = step
-            div.step = layer
-            notes.append(f"no layer exceeds the per-layer tolerance, but the SNR steps down at "
-                         f"{layer.module} ({layer.tensor}): {before:.1f} dB at worst before it, {after:.1f} dB there; "
-                         f"look there first (a slightly different "
-                         f"formula or epsilon, or an output that cancels and so amplifies rounding)")
         else:
-            notes.append("no layer exceeds the per-layer tolerance and the SNR has no step of "
-                         f"{STEP_DB:.0f} dB: the error builds up gradually over the layers")
+            notes.append(f"no layer exceeds the per-layer tolerance, but the SNR steps down at {where}; "
+                         f"look there first (a slightly different formula or epsilon, or an output that "
+                         f"cancels and so amplifies rounding)")
+    elif div.first is None and div.layers:
+        notes.append("no layer exceeds the per-layer tolerance and the SNR has no step of "
+                     f"{STEP_DB:.0f} dB: the error builds up gradually over the layers")
     div.note = "; ".join(notes)
     return div
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from models.errors import InputError
 from models.images import IMAGE_SUFFIXES, image_files, normalise, read_images
+from models.util import is_utf8
 
 BUNDLED = ("mnist", "digits", "photos")
 
@@ -153,11 +154,9 @@ def _read_class_folders(root: Path, name: str, size: tuple[int, int] | None = No
     if not classes:
         raise InputError(root, "one sub-folder of images per class (ImageFolder layout)",
                          "no class sub-folders")
-    for cls in classes:
-        try:
-            cls.encode("utf-8")       # class names go into JSON, safetensors and app metadata
-        except UnicodeEncodeError:
-            raise InputError(root / cls, "a class folder named in UTF-8", repr(cls)[:60]) from None
+    for cls in classes:               # class names go into JSON, safetensors and app metadata
+        if not is_utf8(cls):
+            raise InputError(root / cls, "a class folder named in UTF-8", repr(cls)[:60])
     files, labels = [], []
     for label, cls in enumerate(classes):
         found = image_files(root / cls)

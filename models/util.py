@@ -63,6 +63,17 @@ def path_component(value: object, source: str) -> str:
 
 # -- layout -------------------------------------------------------------------
 
+def is_utf8(text: str) -> bool:
+    """``text`` encodes as UTF-8: a name read from a non-UTF-8 file system arrives as lone
+    surrogates, which JSON, safetensors and the TFLite/Core ML metadata writers reject
+    deep inside, after minutes of converting."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def layout_for_ndim(ndim: int, image_layout: str = "NCHW") -> str:
     """The layout a float tensor of rank ``ndim`` is recorded with: images ``image_layout``
     (NCHW unless the file says otherwise), logits NC."""

@@ -39,7 +39,7 @@ from exporters.fileio import (atomic_write_bytes, check_distinct_from_inputs, ch
                              staged_output_dir)
 from models.errors import InputError
 from models.images import RESIZE_FILTERS
-from models.util import error_line
+from models.util import error_line, is_utf8
 
 PT_NAME = "model.safetensors"
 # Exporters registered outside exporters/ (which may not import them): Core ML weight
@@ -106,14 +106,6 @@ def read_labels(path: str | Path) -> list[str]:
     if not labels:
         raise InputError(path, "one class name per line", "an empty file")
     return labels
-
-
-def _utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _resolve_spec(spec: str | None) -> str | None:
@@ -329,7 +321,7 @@ def export_model(model_spec: str | None, out_dir: str | Path, *, checkpoint: str
     for label in labels or []:
         # TFLite and Core ML metadata are UTF-8: a lone surrogate (a non-UTF-8 folder name
         # read by Python) would fail deep inside their writers after minutes of converting
-        if not isinstance(label, str) or not _utf8(label):
+        if not isinstance(label, str) or not is_utf8(label):
             raise InputError(opts.labels and "--labels" or checkpoint or "labels",
                              "class names that are UTF-8 text", repr(label)[:60])
     if labels is None:
