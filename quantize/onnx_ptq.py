@@ -487,7 +487,7 @@ class PtqSession:
                         tool_version=onnxruntime.__version__, variant=profile.variant, extra=extra)
 
 
-def _float_layers_read_float(proto: Any, float_nodes: set[str]) -> int:
+def _float_layers_read_float(proto: Any, float_nodes: set[str]) -> None:
     """Let each float Conv/Gemm read its input unrounded: ``Clip(x, lo, hi)`` of the float
     tensor its input Q/DQ pair was made from, with the range that Q/DQ represents.
 
@@ -496,7 +496,7 @@ def _float_layers_read_float(proto: Any, float_nodes: set[str]) -> int:
     weights per-tensor at load (``ORT_REQUANTIZING_OPTIMIZERS``), so the float fallback
     would silently be a worse int8 layer. The Clip keeps what the Q/DQ did besides
     rounding: where ORT folded a ReLU/ReLU6 into the Q/DQ, the tensor before it is the
-    unclamped Conv output and the Q's range is that activation. Returns the rewired count.
+    unclamped Conv output and the Q's range is that activation.
     """
     from onnx import helper, numpy_helper
     g = proto.graph
@@ -536,7 +536,6 @@ def _float_layers_read_float(proto: Any, float_nodes: set[str]) -> int:
             order.insert(at, clip)
         del g.node[:]
         g.node.extend(order)
-    return sum(1 for n in g.node if n.name in float_nodes and n.input and n.input[0] in clipped.values())
 
 
 def qdq_layer_map(proto: Any, layer_map: dict[str, str]) -> dict[str, str]:
