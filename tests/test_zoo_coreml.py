@@ -9,10 +9,14 @@ defaults, so a wrong epsilon or a mis-folded BatchNorm shows), in eval mode; the
 tensor-input variant is converted (the image variant adds two elementwise ops, tested in
 ``tests/test_coreml_export.py``).
 
-Tolerances are the comparator's defaults (``device_tests/compare.py``): fp32 max |d| on
-the logits <= 1e-5 x max(1, max |logit|) (float32 rounding is relative: random-weight
-deep nets give logits above 1), fp16 SNR >= 40 dB and top-1 agreement >= 0.99. The
-measured errors are printed by ``test_report`` (run with ``-s`` to see them).
+Tolerances are verify's rows (``device_tests/compare.py``): fp32 max |d| on the logits
+<= 1e-5 + 1e-5 x max |logit|, fp16 SNR >= 40 dB and top-1 agreement >= 0.99. Where a
+model rounds beyond them in PyTorch itself, a miss is judged as verify's float64 check
+judges it: fp32 within 2x of PyTorch's own fp32 distance from float64
+(``fp32_parity_failure``), fp16 (computed in fp16 here) within 2x (6 dB) of PyTorch's own
+fp16 forward (``fp16_compute_failure``; random-weight MobileNetV2 is at 39.2 dB in PyTorch
+fp16 and 39.7 dB in Core ML). The measured errors are printed by ``test_report`` (run
+with ``-s`` to see them).
 """
 from __future__ import annotations
 
@@ -23,14 +27,14 @@ import numpy as np
 import pytest
 import torch
 
-from device_tests.compare import error_metrics, tolerance_for
+from device_tests.compare import error_metrics
 from device_tests.mil_interpreter import OP_TABLE, MILInterpreter
 from device_tests.mil_program import load_program
 from exporters.artifact import ModelCard, Preprocessing
 from exporters.coreml import export_coreml
 from models import create_model, list_models, model_entry
 from models.reparam import is_reparameterizable, reparameterize_model
-from tests.zoo_checks import trained_like
+from tests.zoo_checks import fp16_compute_failure, fp32_parity_failure, trained_like
 
 pytestmark = pytest.mark.zoo
 
@@ -95,12 +99,10 @@ def test_fp32_and_fp16_parity(name, zoo_dir):
     res["fp16_top1"] = float((outs["fp16"].argmax(1) == ref.argmax(1)).mean())
     _RESULTS[name] = res
     assert np.abs(ref).max() > 0, f"{name}: all-zero logits prove nothing"
-    fp32_tol = tolerance_for("fp32").max_abs * scale
-    assert res["fp32_max_abs"] <= fp32_tol, (
-        f"{name} fp32: max abs {res['fp32_max_abs']:.3g} > {fp32_tol:.3g} (logits up to {scale:.3g})")
-    fp16 = tolerance_for("fp16")
-    assert res["fp16_snr_db"] >= fp16.min_snr_db, f"{name} fp16: SNR {res['fp16_snr_db']:.1f} dB"
-    assert res["fp16_top1"] >= fp16.min_top1, f"{name} fp16: top-1 agreement {res['fp16_top1']:.2f}"
+    failure = fp32_parity_failure(_model(name), x, outs["fp32"], name)
+    assert failure is None, failure
+    failure = fp16_compute_failure(_model(name), x, outs["fp16"], name)
+    assert failure is None, failure
 
 
 def test_report(capsys, zoo_dir):

@@ -17,7 +17,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from device_tests.compare import ParityReport, compare, run_all, run_batched, tolerance_for, tolerance_row
+from device_tests.compare import (FP64_MARGIN, ParityReport, compare, run_all, run_batched, tolerance_for,
+                                  tolerance_row)
 from device_tests.divergence import find_first_divergent, worst_samples
 from device_tests.runners.base import Runner, runner_for
 from exporters.artifact import Artifact, Manifest, sha256_of
@@ -124,7 +125,6 @@ def _num_classes(manifest: Manifest) -> int | None:
 
 # -- running ------------------------------------------------------------------
 
-FP64_MARGIN = 2.0   # both sides round: a target within 2x of PyTorch's own fp32 error is rounding
 
 
 def _fp64_check(report: ParityReport, results: Any, ref_art: Artifact, root: Path,
