@@ -30,7 +30,7 @@ class _Section(BaseModel):
 
 class ExportSection(_Section):
     formats: list[str] = Field(default_factory=lambda: ["onnx", "tflite", "coreml"])
-    tflite_precisions: list[str] = Field(default_factory=lambda: ["fp32", "fp16", "int8", "int8-io"])
+    tflite_precisions: list[str] = Field(default_factory=lambda: ["fp32", "fp16", "int8", "int8-io", "uint8-pixels"])
     coreml_precisions: list[str] = Field(default_factory=lambda: ["fp32", "fp16", "int8w", "palette6"])
     opset: int = 18
     calib_samples: int = Field(200, ge=1)
@@ -89,6 +89,9 @@ class QuantizeSection(_Section):
     target_sqnr: float | None = Field(None, description="dB: mixed precision until the 8-bit model's logit SQNR "
                                                      "reaches it (16-bit activations, then float)")
     sensitivity: bool = True
+    tflite_inputs: list[Literal["int8-io", "uint8-pixels"]] = Field(
+        default_factory=lambda: ["int8-io", "uint8-pixels"], min_length=1,
+        description="full-integer TFLite kinds: int8-io (normalised int8 in), uint8-pixels (camera bytes in)")
     coreml: bool = Field(False, description="also write a Core ML package with int8 weights (int8w), grid-checked")
     plain_baseline: bool = Field(True, description="measure the first profile with round-to-nearest weights too "
                                                    "(not written), to show what the weight rounding gained")

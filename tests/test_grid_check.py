@@ -28,12 +28,14 @@ def stage(tmp_path_factory):
 
 def test_the_int8_tflite_carries_the_optimised_integers(stage):
     tmp, result = stage
-    (tfl,) = [a for a in result.manifest.artifacts if a.format == "tflite"]
-    found = tfl.extra["weight_grid_mismatch"]
-    assert len(found) >= 50 and not tfl.extra["weight_grid_unmatched"]    # every conv, depthwise and fc weight
-    assert sum(found.values()) == 0, {k: v for k, v in found.items() if v}
-    assert result.report.weight_rounding["grid_mismatch"][tfl.key] == 0
-    assert result.report.weight_rounding["grid_unmatched"][tfl.key] == 0
+    tflites = [a for a in result.manifest.artifacts if a.format == "tflite"]
+    assert sorted(a.precision for a in tflites) == ["int8-io", "uint8-pixels"]     # both by default
+    for tfl in tflites:     # the camera-ready one too: its pixel affine is an op of its own, not folded
+        found = tfl.extra["weight_grid_mismatch"]
+        assert len(found) >= 50 and not tfl.extra["weight_grid_unmatched"]    # every conv, depthwise and fc weight
+        assert sum(found.values()) == 0, (tfl.key, {k: v for k, v in found.items() if v})
+        assert result.report.weight_rounding["grid_mismatch"][tfl.key] == 0
+        assert result.report.weight_rounding["grid_unmatched"][tfl.key] == 0
 
 
 def test_the_tflite_check_fails_against_weights_off_the_grid(stage):
@@ -41,7 +43,7 @@ def test_the_tflite_check_fails_against_weights_off_the_grid(stage):
     (BatchNorm folded by the ONNX export, never rounded): its integers are not those."""
     from quantize.grid_check import tflite_weight_mismatch
     tmp, result = stage
-    (tfl,) = [a for a in result.manifest.artifacts if a.format == "tflite"]
+    tfl = next(a for a in result.manifest.artifacts if a.key == "tflite/int8-io")
     check = tflite_weight_mismatch(tmp / "export" / "model.onnx", tmp / "q" / tfl.path)
     assert check.total > 0 and len(check.mismatch) >= 40
 

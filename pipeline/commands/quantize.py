@@ -62,6 +62,10 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
                         "problem, until the logit SQNR on the sensitivity inputs reaches DB (re-measured on the "
                         "quantized model at each step); a note says when it cannot")
     p.add_argument("--no-tflite", action="store_true", help="skip the full-integer TFLite")
+    p.add_argument("--tflite-input", choices=("both", "pixels", "int8"), default="both",
+                   help="which full-integer TFLite: pixels = uint8-pixels (uint8 camera bytes 0..255 in, the "
+                        "normalisation inside, for apps), int8 = int8-io (int8 in the normalised domain, for "
+                        "NPU/DSP pipelines that feed it); default both")
     p.add_argument("--coreml", action="store_true",
                    help="also write a Core ML package with per-channel symmetric int8 weights (int8w, from the fp32 "
                         "program); its integers are checked against the optimised weights")
@@ -93,7 +97,9 @@ def run(args: argparse.Namespace, ui) -> int:
         float_fixes=tuple(args.float_fixes), keep_float=args.keep_float,
         weight_rounding=tuple(args.weight_rounding) if args.weight_rounding is not None else None,
         rounding_samples=args.rounding_samples, w8a16_layers=args.w8a16_layers, target_sqnr=args.target_sqnr,
-        tflite=not args.no_tflite, coreml=args.coreml, plain_baseline=not args.no_plain_baseline,
+        tflite=not args.no_tflite, coreml=args.coreml,
+        tflite_inputs={"both": ("int8-io", "uint8-pixels"), "pixels": ("uint8-pixels",),
+                       "int8": ("int8-io",)}[args.tflite_input], plain_baseline=not args.no_plain_baseline,
         sensitivity=not args.no_sensitivity,
         sensitivity_mode=args.sensitivity_mode, sensitivity_samples=args.sensitivity_samples,
         eval_data=args.eval_data, eval_samples=args.eval_samples, force=args.force, seed=args.seed,

@@ -8,7 +8,9 @@ Used by ``mdeploy quantize`` and ``mdeploy run``, without argparse: every choice
 * the QDQ ONNX model of each profile of the target (``quantize.onnx_ptq.TARGETS``):
   ``snapdragon`` -> ``model_qnn_w8a8.onnx`` and ``model_qnn_w8a16.onnx`` (QNN EP),
   ``generic`` -> ``model_int8.onnx`` (ORT CPU);
-* the full-integer TFLite with int8 input and output (``exporters.tflite``, ``int8-io``);
+* the full-integer TFLite models (``exporters.tflite``): ``int8-io`` (int8 in the normalised
+  domain, for NPU/DSP pipelines) and ``uint8-pixels`` (the camera's uint8 bytes in, the
+  normalisation inside), both by default;
 * with ``coreml`` (``--coreml``), an ``int8w`` ``.mlpackage``: the registered Core ML exporters,
   per-channel symmetric int8 weights compressed from the fp32 program (``quantize.coreml``);
 * a copy of the PyTorch reference, so ``mdeploy verify DIR2`` checks every quantized file
@@ -56,6 +58,9 @@ Progress = Callable[[str], None]
 LayerProgress = Callable[[int, int, str], None]
 
 
+TFLITE_INPUTS = ("int8-io", "uint8-pixels")     # the full-integer TFLite kinds the stage writes
+
+
 @dataclass
 class QuantizeOptions:
     target: str = "snapdragon"                 # snapdragon | generic
@@ -69,6 +74,9 @@ class QuantizeOptions:
     w8a16_layers: str | int | None = None      # N most sensitive layers, or names
     target_sqnr: float | None = None           # dB: raise layers of the first profile until its logit SQNR gets there
     tflite: bool = True
+    # which full-integer TFLite inputs: "int8-io" (normalised int8, for NPU/DSP pipelines) and
+    # "uint8-pixels" (the camera's bytes, normalisation inside): both unless one is asked for
+    tflite_inputs: tuple[str, ...] = TFLITE_INPUTS
     coreml: bool = False                       # also an int8w .mlpackage (per-channel symmetric int8 weights)
     plain_baseline: bool = True                # measure the first profile with round-to-nearest weights too
     sensitivity: bool = True
@@ -121,6 +129,9 @@ def _check_options(opts: QuantizeOptions) -> None:
     for flag, value in (("--keep-float", opts.keep_float), ("--w8a16-layers", opts.w8a16_layers)):
         if isinstance(value, int) and value < 0:
             raise InputError(flag, "a count or a comma list of layer names", str(value))
+    if not opts.tflite_inputs or set(opts.tflite_inputs) - set(TFLITE_INPUTS):
+        raise InputError("--tflite-input", f"one or more of {', '.join(TFLITE_INPUTS)}",
+                         ",".join(opts.tflite_inputs) or "nothing")
 
 
 def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOptions | None = None,
@@ -279,12 +290,13 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
                     artifacts.append(art)
             if opts.tflite:
                 from exporters.tflite import export_tflite
-                say("converting the full-integer TFLite (int8 input and output)")
+                kinds = {"int8-io": "int8 input", "uint8-pixels": "uint8 camera pixels in"}
+                say("converting the full-integer TFLite (" + "; ".join(kinds[k] for k in opts.tflite_inputs) + ")")
                 t0 = time.perf_counter()
-                made = export_tflite(float_onnx, stage, ["int8-io"], preprocessing=pre, labels=manifest.labels,
-                                     card=manifest.card, calibration=calib, root=stage)
+                made = export_tflite(float_onnx, stage, list(opts.tflite_inputs), preprocessing=pre,
+                                     labels=manifest.labels, card=manifest.card, calibration=calib, root=stage)
                 for a in made:
-                    if optimized and a.precision == "int8-io":
+                    if optimized:
                         from quantize.grid_check import tflite_weight_mismatch
                         grid = tflite_weight_mismatch(float_onnx, stage / a.path)
                         a.extra["weight_grid_mismatch"] = grid.mismatch
@@ -297,8 +309,8 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
                 artifacts.extend(made)
                 seconds["tflite"] = time.perf_counter() - t0
                 if keep or wide or (mixed is not None and (mixed.keep_float or mixed.w16_layers)):
-                    notes.append("mixed precision applies to the ONNX models only: the TFLite int8-io model is "
-                                 "full integer (TFLite has no per-layer float fallback in that mode)")
+                    notes.append("mixed precision applies to the ONNX models only: the full-integer TFLite "
+                                 "models are full integer (TFLite has no per-layer float fallback in that mode)")
             if opts.coreml:
                 say("converting the Core ML package with int8 weights (int8w, from the fp32 program)")
                 t0 = time.perf_counter()
