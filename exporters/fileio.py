@@ -142,6 +142,25 @@ def recover_output(out_dir: str | Path) -> None:
                 entry.unlink()
 
 
+_ANY_STAGING_RE = re.compile(r"\..+\.(\d+)\.[^.]*\.staging")
+
+
+def remove_dead_staging(parent: str | Path) -> None:
+    """Delete the staging folders of dead processes in ``parent``, whatever output they were
+    for. ``recover_output`` only sweeps those of one name; a folder of runs needs this
+    too, since every ``mdeploy run`` picks a new name (a killed run's staging folder would
+    otherwise stay for ever). A live process's folder is its work in progress: left alone."""
+    folder = Path(parent)
+    try:
+        entries = list(folder.iterdir()) if folder.is_dir() else []
+    except OSError:
+        return
+    for entry in entries:
+        match = _ANY_STAGING_RE.fullmatch(entry.name)
+        if match and entry.is_dir() and not entry.is_symlink() and not _pid_alive(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 def check_distinct_from_inputs(out_dir: str | Path, *inputs: str | Path | None,
                                flag: str = "--out") -> None:
     """``--out`` may not be, contain, or lie inside an input folder (or be or contain an

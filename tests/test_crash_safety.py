@@ -114,6 +114,78 @@ def test_export_killed_during_force_swap_keeps_a_complete_result(tmp_path):
     assert _hidden(out.parent) == []
 
 
+def _renames(tmp: Path, *args: str) -> int:
+    """How many renames a successful run of ``args`` makes (strace records them)."""
+    trace = tmp / "renames.txt"
+    proc = _mdeploy(tmp, *args, trace=trace)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return len([line for line in trace.read_text().splitlines() if "rename" in line])
+
+
+@needs_strace
+def test_quantize_killed_at_each_stage_of_its_force_swap_keeps_a_complete_result(tmp_path):
+    """``quantize --force`` over a previous result, killed (1) while its staging folder is
+    being filled and (2) at the swap's last rename, when ``--out`` does not exist. Each time
+    the rerun without ``--force`` finds the previous result intact (and refuses to replace
+    it), a rerun with ``--force`` completes, and no debris is left beside ``--out``."""
+    ckpt_dir, export_dir = tmp_path / "ckpt", tmp_path / "export"
+    assert _mdeploy(tmp_path, *TINY_TRAIN, "--out", str(ckpt_dir)).returncode == 0
+    proc = _mdeploy(tmp_path, "export", "--checkpoint", str(ckpt_dir / "model.safetensors"), "--formats", "onnx",
+                    "--out", str(export_dir), "-q")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / "quantized"
+    args = ("quantize", str(export_dir), "--out", str(out), "--samples", "16", "--rounding-samples", "16",
+            "--eval-samples", "40", "--no-sensitivity", "--no-tflite", "--no-plain-baseline", "-q")
+    renames = _renames(tmp_path, *args)
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert renames >= 3 and "model_qnn_w8a8.onnx" in first
+
+    # die at a rename inside the staging folder, then at the last one (staging -> --out)
+    for when in (2, renames + 1):
+        proc = _mdeploy(tmp_path, *args, "--force", kill_at_rename=when)
+        assert _killed(proc), (when, proc.returncode, proc.stderr[-2000:])
+        proc = _mdeploy(tmp_path, *args)                    # no --force: the previous result is there
+        assert proc.returncode == 2 and "--force" in proc.stderr, (when, proc.stderr[-2000:])
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == first, when
+        assert _hidden(out.parent) == [], (when, _hidden(out.parent))
+    proc = _mdeploy(tmp_path, *args, "--force")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == sorted(first) and _hidden(out.parent) == []
+    assert list((tmp_path / "tmpdir").iterdir()) == []      # no scratch files of the killed runs
+
+
+@needs_strace
+def test_run_killed_midway_then_rerun_completes_and_latest_moves_only_then(tmp_path):
+    """``mdeploy run`` killed after its train stage (at the first rename of the export
+    stage): no run folder appears, ``latest`` still names the previous run; the same command
+    rerun completes, ``latest`` moves to it, and the killed run's staging folder is gone."""
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text('name = "tiny"\nstages = ["train", "export"]\n[train]\nmodel = "mobilenet_v2"\n'
+                   'model_kwargs = { width_mult = 0.35 }\ndata = "digits"\ninput_size = 16\nepochs = 1\n'
+                   'train_samples = 256\n[export]\nformats = ["onnx"]\n')
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "previous").mkdir()
+    (runs / "latest").symlink_to("previous")
+    args = ("run", "--config", str(cfg), "--out", str(runs), "-q")
+    trace = tmp_path / "renames.txt"
+    proc = _mdeploy(tmp_path, "train", "mobilenet_v2", "--model-arg", "width_mult=0.35", "--data", "digits",
+                    "--input-size", "16", "--epochs", "1", "--train-samples", "256", "-q",
+                    "--out", str(tmp_path / "alone"), trace=trace)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    train_renames = len([line for line in trace.read_text().splitlines() if "rename" in line])
+    proc = _mdeploy(tmp_path, *args, kill_at_rename=train_renames + 1)
+    assert _killed(proc), (proc.returncode, proc.stderr[-2000:])
+    assert sorted(p.name for p in runs.iterdir() if not p.name.startswith(".")) == ["latest", "previous"]
+    assert os.readlink(runs / "latest") == "previous"
+
+    proc = _mdeploy(tmp_path, *args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (run_dir,) = [p for p in runs.iterdir() if p.name not in ("latest", "previous") and not p.name.startswith(".")]
+    assert os.readlink(runs / "latest") == run_dir.name and _hidden(runs) == []
+    assert (run_dir / "train" / "model.safetensors").is_file() and (run_dir / "export" / "model.onnx").is_file()
+
+
 def test_recover_output_removes_debris_only_of_dead_processes(tmp_path):
     """The startup sweep: a dead process's swap is undone or finished, a live one's
     work in progress (here: this test's own pid) is left alone."""
@@ -131,6 +203,17 @@ def test_recover_output_removes_debris_only_of_dead_processes(tmp_path):
     (tmp_path / f".out.old{dead}").mkdir()                       # NAME exists: the swap finished
     recover_output(out)
     assert not (tmp_path / f".out.old{dead}").exists() and (out / "kept").is_file()
+
+
+def test_remove_dead_staging_sweeps_every_name_but_only_dead_processes(tmp_path):
+    """A folder of runs: each run has a new name, so the sweep is by pattern, not by name;
+    a live process's staging folder and anything that is not a staging folder stay."""
+    from exporters.fileio import remove_dead_staging
+    dead = _dead_pid()
+    for name in (f".20260101-000000-a.{dead}.x1.staging", f".b.{os.getpid()}.x2.staging", "c", ".latest.1"):
+        (tmp_path / name).mkdir()
+    remove_dead_staging(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".b.{os.getpid()}.x2.staging", ".latest.1", "c"]
 
 
 def _dead_pid() -> int:

@@ -61,6 +61,8 @@ def _point_latest(run_dir: Path) -> None:
     parent = run_dir.parent
     tmp = parent / f".latest.{os.getpid()}"
     try:
+        with contextlib.suppress(FileNotFoundError):   # a killed process of the same pid left it
+            tmp.unlink()
         tmp.symlink_to(run_dir.name)
         os.replace(tmp, parent / "latest")
     except OSError:
@@ -143,9 +145,10 @@ def run(args: argparse.Namespace, ui) -> int:
             raise
         # the value came from the user's file: name the file and the section, not a flag
         raise InputError(args.config, f"{getattr(exc, 'section', '')}{exc.expected}", exc.found) from None
+    from exporters.fileio import remove_dead_staging, staged_output_dir
+    remove_dead_staging(out_parent)                     # what killed runs left (each run has a new name)
     run_dir = _new_run_dir(out_parent, name)
     ui.info(Markup(f"[bold]mdeploy run[/bold] -> {esc(run_dir)}"))
-    from exporters.fileio import staged_output_dir
     from pipeline.report import RunRecord
     record = RunRecord(name=name, run_dir=str(run_dir), config=cfg.model_dump())
     # the run is built in a staging sibling and renamed to its name only when every stage
