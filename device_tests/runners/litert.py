@@ -31,6 +31,7 @@ import numpy as np
 from device_tests.runners.base import Runner, dequantize_array, with_native
 from exporters.artifact import Artifact, TensorSpec, nhwc_to_nchw
 from exporters.native_output import captured_native_output
+from models.cpu import default_threads
 from models.errors import InputError
 from models.util import one_line
 
@@ -100,7 +101,7 @@ class LiteRTRunner(Runner):
         resolver = OpResolverType.AUTO if use_xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         with captured_native_output(), warnings.catch_warnings():
             warnings.simplefilter("ignore")   # "preserve_all_tensors is for debugging"
-            it = Interpreter(model_content=self._model, num_threads=self.threads,
+            it = Interpreter(model_content=self._model, num_threads=self.threads or default_threads(),
                              experimental_op_resolver_type=resolver,
                              experimental_preserve_all_tensors=debug)
             it.allocate_tensors()
@@ -122,7 +123,7 @@ class LiteRTRunner(Runner):
 
     @property
     def label(self) -> str:
-        threads = self.threads or "auto"
+        threads = self.threads or "the free cores"
         if self.xnnpack and self.xnnpack_refused:
             delegate = "XNNPACK refused the model, builtin kernels"
         else:

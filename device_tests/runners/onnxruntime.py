@@ -24,6 +24,7 @@ import numpy as np
 
 from device_tests.runners.base import Runner, dequantize_array, with_native
 from exporters.artifact import Artifact
+from models.cpu import default_threads, shared
 from models.errors import InputError
 from models.util import one_line
 
@@ -47,6 +48,7 @@ class OnnxRuntimeRunner(Runner):
         self.opt_level = level
         threads = options.get("threads")
         self.threads = int(threads) if threads else 0
+        self._threads_used = 0
         self.path: Path | None = None
         self.session: Any = None
         self._proto: Any = None
@@ -61,8 +63,12 @@ class OnnxRuntimeRunner(Runner):
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[self.opt_level]
-        so.intra_op_num_threads = self.threads
+        threads = self.threads or default_threads()      # the free cores, not every core
+        so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+        if shared(threads):     # other work on these cores: workers sleep between ops, not spin
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self._threads_used = threads
         so.log_severity_level = 3          # ORT's own warnings would print below pipeline/
         return so
 
@@ -103,7 +109,7 @@ class OnnxRuntimeRunner(Runner):
     @property
     def label(self) -> str:
         import onnxruntime as ort
-        threads = self.threads or "auto"
+        threads = self.threads or f"{self._threads_used or 'auto'} (free cores)"
         return f"onnxruntime {ort.__version__} (CPU EP, opt={self.opt_level}, threads={threads})"
 
     # -- running ------------------------------------------------------------

@@ -47,7 +47,7 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--train-samples", type=int, help="train on a stratified subset of N images")
     p.add_argument("--no-augment", action="store_true", help="no random translation")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: the cores free when training starts)")
     p.add_argument("--model-arg", action="append", type=_kv, default=[], metavar="KEY=VALUE",
                    help="keyword argument for the model factory (JSON value), e.g. width_mult=0.5")
     p.add_argument("--shift-l1", type=float, default=d.shift_l1, metavar="LAMBDA",

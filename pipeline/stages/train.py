@@ -28,6 +28,7 @@ from exporters.fileio import (atomic_write_bytes, atomic_write_text, check_disti
                              check_writable_output, staged_output_dir)
 from models import create_model, model_entry
 from models.checkpoint import checkpoint_bytes
+from models.cpu import default_threads
 from models.datasets import ImageSet, _stratified_pick, dataset_stats, load_dataset, to_model_input
 
 CHECKPOINT_NAME = "model.safetensors"
@@ -173,8 +174,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, force: bool = False,
         check_distinct_from_inputs(out_dir, cfg.data)     # an image folder is an input
         check_writable_output(out_dir, force)
     check_options(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    # the free cores unless named: torch would take every core and fight whatever else runs
+    torch.set_num_threads(cfg.threads or max(1, default_threads() // world))
     torch.manual_seed(cfg.seed)
     if world > 1:
         import torch.distributed as dist
