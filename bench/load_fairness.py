@@ -54,7 +54,8 @@ def epoch_seconds(out: Path, samples: int, epochs: int, threads: int | None) -> 
 
 
 def busy_process(threads: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", BUSY, str(threads)], env={**os.environ, "OMP_NUM_THREADS": ""})
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    proc = subprocess.Popen([sys.executable, "-c", BUSY, str(threads)], env=env)
     time.sleep(2.0)                                  # its workers are up and spinning
     return proc
 

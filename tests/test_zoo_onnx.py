@@ -23,7 +23,7 @@ from exporters.artifact import Artifact
 from exporters.onnx import export_onnx
 from models import create_model, list_models, model_entry
 from models.reparam import is_reparameterizable, reparameterize_model
-from tests.zoo_checks import fp32_parity_failure, trained_like
+from tests.zoo_checks import fp32_parity_failure, fp32_rounding_allowance, trained_like
 
 pytestmark = pytest.mark.zoo
 
@@ -52,6 +52,10 @@ def test_zoo_model_exports_and_matches_on_onnxruntime(name, tmp_path, record_pro
         assert failure is None, failure
         assert not [f for f in pair.failures if not f.startswith("max_abs")], f"{name}: {pair.failures}"
         assert pair.top1_agreement == 1.0
-        div = find_first_divergent(ref, target, {"input": x[:1]}, tol)
+        # a model that rounds beyond the bound in PyTorch itself: the layers get the float64
+        # rule's allowance too (their bound scaled by PyTorch's own measured rounding)
+        allowance = fp32_rounding_allowance(model, x[:1])
+        layer_tol = tol.with_overrides(layer_max_rel=tol.layer_max_rel * allowance) if allowance > 1 else tol
+        div = find_first_divergent(ref, target, {"input": x[:1]}, layer_tol)
     assert len(div.layers) >= 5, f"{name}: layer map covers {len(div.layers)} layers"
     assert div.first is None, f"{name}: layer {div.summary()} over the per-layer tolerance"

@@ -195,9 +195,10 @@ def fp32_parity_failure(model: nn.Module, x: np.ndarray, out: np.ndarray, what: 
             f"float64 where PyTorch fp32 is {own:.3g}: beyond fp32 rounding")
 
 
-def fp16_compute_failure(model: nn.Module, x: np.ndarray, out: np.ndarray, what: str) -> str | None:
-    """None when ``out`` (a runtime computing in fp16, as Core ML's fp16 programs do) holds
-    verify's fp16 row against ``model`` (SNR >= 40 dB, top-1 agreement >= 0.99), else why not.
+def fp16_parity_failure(model: nn.Module, x: np.ndarray, out: np.ndarray, what: str) -> str | None:
+    """None when ``out`` (a runtime's fp16 logits: Core ML computes in fp16, TFLite's fp16
+    file stores fp16 weights) holds verify's fp16 row against ``model`` (SNR >= 40 dB, top-1
+    agreement >= 0.99), else why not.
 
     As for fp32, the bound does not move, and a miss is judged against PyTorch itself: a
     model whose own fp16 forward (``model.half()``) is under 40 dB cannot be held to 40 dB
@@ -224,3 +225,17 @@ def fp16_compute_failure(model: nn.Module, x: np.ndarray, out: np.ndarray, what:
         return None
     return (f"{what} fp16: SNR {snr:.1f} dB, top-1 {top1:.2f} (bound {tol.min_snr_db} dB / {tol.min_top1}); "
             f"PyTorch's own fp16 forward: {own_snr:.1f} dB, top-1 {own_top1:.2f}")
+
+
+def fp32_rounding_allowance(model: nn.Module, x: np.ndarray) -> float:
+    """The factor by which the per-layer bound of the divergence map is scaled for a model
+    that rounds beyond the fp32 bound in PyTorch itself: ``FP64_MARGIN`` x PyTorch's own
+    fp32 distance from a float64 forward on the logits, over the logits bound (1.0 when
+    that is within it). The float64 rule of ``fp32_parity_failure`` carried to the layers;
+    a wrong padding or weight is orders of magnitude beyond it."""
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy().astype(np.float64)
+        exact = copy.deepcopy(model).double()(torch.from_numpy(x).double()).numpy()
+    tol = tolerance_for("fp32")
+    bound = tol.max_abs + tol.rtol * float(np.abs(ref).max())
+    return max(1.0, FP64_MARGIN * float(np.abs(ref - exact).max()) / bound)
