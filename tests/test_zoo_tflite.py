@@ -39,14 +39,37 @@ pytestmark = pytest.mark.zoo
 KNOWN_FAILURES: dict[str, str] = {
     "asnet_base": "onnx2tf at ONNX node node_view_170: Cannot reshape a tensor with 262144 elements "
                   "to shape [1,512] (input shapes: [1,512,512,1]) -- 1x1 map before the flatten at 32x32",
-    "repvgg_tiny": "onnx2tf at ONNX node node_add_9: Dimensions must be equal, but are 2048 and 64 "
-                   "(input shapes: [1,2,2,2048], [1,2,2,64]) -- 2-group conv on a 2x2 map at 32x32",
     "mixer_b16_224": "onnx2tf at ONNX node node_add_1: Dimensions must be equal, but are 768 and 196 "
                      "(input shapes: [1,768,196], [1,196,768]) -- layout inference across the token-mixing "
                      "transpose, 196 tokens x 768 channels",
     "shiftnet_a": "onnx2tf at ONNX node node_view_23: Cannot reshape a tensor with 9072 elements to shape "
                   "[1,384,4,6] (input shapes: [1,42,216]) -- layout inference at 32x32",
+    # onnx2tf checks its layout guesses on a sample forward, so these depend on the weights:
+    "repvgg_b3": "onnx2tf: its Keras graph fails to build (TensorSpec(shape=(2560, 10)) ... at the classifier) "
+                 "-- layout inference at 32x32 with the zoo weights",
+    "shufflenet_v1_g2": "onnx2tf at ONNX node node_Conv_943: tf.math.add_31 Dimensions must be equal, but are "
+                        "20000 and ... -- layout inference at 32x32 with the zoo weights",
+    "shufflenet_v1_g4": "onnx2tf at ONNX node node_Conv_919: tf.math.add_10 Dimensions must be equal, but are "
+                        "4624 and ... -- layout inference at 32x32 with the zoo weights",
 }
+
+# name -> the measured miss (make test-zoo): the file converts, the numbers are off beyond the rule.
+# RepVGG-B fp32: LiteRT's XNNPACK kernels round these wide plain 3x3 convs (up to 11,520 products
+# per output) more than PyTorch: repvgg_b0 is 9.6e-5 from float64 with XNNPACK, 5.6e-5 without it,
+# ONNX Runtime 2.8e-5, PyTorch fp32 2.5e-5; the 2x float64 rule calls it a divergence. Open question:
+# a bound that knows the accumulation length, or a comparison with XNNPACK off.
+_XNNPACK = "fp32 on XNNPACK beyond 2x PyTorch's own float64 distance"
+KNOWN_MISSES: dict[str, str] = {
+    "repvgg_b0": f"{_XNNPACK}: 9.61e-05 vs PyTorch 2.49e-05",
+    "repvgg_b1": f"{_XNNPACK}: 1.43e-04 vs PyTorch 2.93e-05",
+    "repvgg_b1g2": f"{_XNNPACK}: 1.34e-04 vs PyTorch 2.11e-05",
+    "repvgg_b2": f"{_XNNPACK}: 1.32e-04 vs PyTorch 2.00e-05",
+    "repvgg_b2g4": f"{_XNNPACK}: 7.78e-05 vs PyTorch 2.21e-05",
+    "densenet_cifar": "fp16 file 31.9 dB where PyTorch's own fp16 forward is 39.6 dB and Core ML fp16 35.9 dB "
+                      "(not investigated)",
+}
+# repvgg_tiny (like qarepvgg_tiny before it) converts at 32x32 since the zoo weights carry a real
+# signal: onnx2tf checks its layout guesses on a sample forward, so what it picks depends on them.
 SIZE_SPECIFIC = ("asnet_base", "qarepvgg_tiny", "repvgg_tiny", "shiftnet_a")
 
 
@@ -55,6 +78,8 @@ def _params() -> list:
     for name in list_models():
         marks = [pytest.mark.xfail(raises=InputError, strict=True, reason=KNOWN_FAILURES[name])] \
             if name in KNOWN_FAILURES else []
+        if name in KNOWN_MISSES:
+            marks = [pytest.mark.xfail(raises=AssertionError, strict=True, reason=KNOWN_MISSES[name])]
         out.append(pytest.param(name, marks=marks, id=name))
     return out
 
