@@ -128,6 +128,16 @@ def _lt(value: float | None, bound: float) -> bool:
 # distance from a float64 forward is rounding, not a fault (verify's float64 check).
 FP64_MARGIN = 2.0
 
+
+def fp64_distances(reference: np.ndarray, target: np.ndarray, exact: np.ndarray) -> tuple[float, float, bool]:
+    """The float64 rule, one place for verify and the zoo sweeps: the reference's and the
+    target's max distance from a float64 forward ``exact``, and whether the target is within
+    ``FP64_MARGIN`` of the reference (rounding, not a fault)."""
+    e = np.asarray(exact, dtype=np.float64)
+    own = float(np.abs(np.asarray(reference, dtype=np.float64) - e).max())
+    tgt = float(np.abs(np.asarray(target, dtype=np.float64) - e).max())
+    return own, tgt, tgt <= FP64_MARGIN * own
+
 DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(max_abs=1e-5, rtol=1e-5, layer_max_rel=2e-5),
     "fp16": Tolerance(min_snr_db=40.0, min_top1=0.99, layer_min_snr_db=40.0),

@@ -56,6 +56,14 @@ def _hidden(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
 
 
+def _renames(tmp: Path, *args: str) -> int:
+    """How many renames a successful run of ``args`` makes (strace records them)."""
+    trace = tmp / "renames.txt"
+    proc = _mdeploy(tmp, *args, trace=trace)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return len([line for line in trace.read_text().splitlines() if "rename" in line])
+
+
 @needs_strace
 def test_train_killed_between_checkpoint_and_log_reruns_cleanly(tmp_path):
     """The old failure: a kill after ``model.safetensors`` and before ``train_log.json``
@@ -89,11 +97,8 @@ def test_export_killed_during_force_swap_keeps_a_complete_result(tmp_path):
     out = tmp_path / "exports" / "app"
     args = ("export", "--checkpoint", str(ckpt_dir / "model.safetensors"), "--formats", "onnx",
             "--out", str(out), "-q")
-    trace = tmp_path / "renames.txt"
-    proc = _mdeploy(tmp_path, *args, trace=trace)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    renames = _renames(tmp_path, *args)
     first = {p.name: p.read_bytes() for p in out.iterdir()}
-    renames = len([line for line in trace.read_text().splitlines() if "rename" in line])
 
     # the --force run renames as many times, plus once to move the old folder aside first:
     # the last rename is staging -> --out; die there
@@ -112,14 +117,6 @@ def test_export_killed_during_force_swap_keeps_a_complete_result(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == sorted(first)
     assert _hidden(out.parent) == []
-
-
-def _renames(tmp: Path, *args: str) -> int:
-    """How many renames a successful run of ``args`` makes (strace records them)."""
-    trace = tmp / "renames.txt"
-    proc = _mdeploy(tmp, *args, trace=trace)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return len([line for line in trace.read_text().splitlines() if "rename" in line])
 
 
 @needs_strace
@@ -168,12 +165,7 @@ def test_run_killed_midway_then_rerun_completes_and_latest_moves_only_then(tmp_p
     (runs / "previous").mkdir()
     (runs / "latest").symlink_to("previous")
     args = ("run", "--config", str(cfg), "--out", str(runs), "-q")
-    trace = tmp_path / "renames.txt"
-    proc = _mdeploy(tmp_path, "train", "mobilenet_v2", "--model-arg", "width_mult=0.35", "--data", "digits",
-                    "--input-size", "16", "--epochs", "1", "--train-samples", "256", "-q",
-                    "--out", str(tmp_path / "alone"), trace=trace)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    train_renames = len([line for line in trace.read_text().splitlines() if "rename" in line])
+    train_renames = _renames(tmp_path, *TINY_TRAIN, "--out", str(tmp_path / "alone"))
     proc = _mdeploy(tmp_path, *args, kill_at_rename=train_renames + 1)
     assert _killed(proc), (proc.returncode, proc.stderr[-2000:])
     assert sorted(p.name for p in runs.iterdir() if not p.name.startswith(".")) == ["latest", "previous"]

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from device_tests.compare import FP64_MARGIN, tolerance_for
+from device_tests.compare import FP64_MARGIN, error_metrics, fp64_distances, tolerance_for
 from models import create_model, model_entry
 from models.complexity import Complexity, count_complexity
 
@@ -167,32 +167,43 @@ def train_losses(model: nn.Module, size: int, steps: int = 3, batch: int = 4,
     return losses
 
 
+def _float64_forward(model: nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return copy.deepcopy(model).double()(torch.from_numpy(x).double()).numpy()
+
+
+def _fp32_reference(model: nn.Module, x: np.ndarray) -> tuple[np.ndarray, float]:
+    """PyTorch's fp32 logits (as float64) and verify's fp32 bound on them."""
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy().astype(np.float64)
+    tol = tolerance_for("fp32")
+    return ref, tol.max_abs + tol.rtol * float(np.abs(ref).max())
+
+
+def _snr(metrics: dict) -> float:
+    return metrics["snr_db"] if metrics["snr_db"] is not None else float("inf")
+
+
 def fp32_parity_failure(model: nn.Module, x: np.ndarray, out: np.ndarray, what: str) -> str | None:
     """None when ``out`` (a runtime's fp32 logits for ``x``) holds the fp32 tolerance against
     ``model``, else why not, judged as ``mdeploy verify`` judges it.
 
     The bound itself does not move: ``max_abs <= 1e-5 + 1e-5 * max|ref|``. A deep network
     with a real input-dependent signal (50+ layers, BatchNorm folded) can round further
-    than that in fp32 on *either* side; then, as verify's float64 check does, the runtime
-    passes only if it is within ``FP64_MARGIN`` of PyTorch's own fp32 distance from a
-    float64 forward, i.e. no worse than PyTorch itself. Both distances go in the message.
+    than that in fp32 on *either* side; then, by verify's float64 rule
+    (``device_tests.compare.fp64_distances``), the runtime passes only if it is within
+    ``FP64_MARGIN`` of PyTorch's own fp32 distance from a float64 forward, i.e. no worse
+    than PyTorch itself. Both distances go in the message.
     """
-    with torch.no_grad():
-        ref = model(torch.from_numpy(x)).numpy().astype(np.float64)
-    tol = tolerance_for("fp32")
-    scale = float(np.abs(ref).max())
-    bound = tol.max_abs + tol.rtol * scale
+    ref, bound = _fp32_reference(model, x)
     err = float(np.abs(out.astype(np.float64) - ref).max())
     if err <= bound:
         return None
-    with torch.no_grad():
-        exact = copy.deepcopy(model).double()(torch.from_numpy(x).double()).numpy()
-    own = float(np.abs(ref - exact).max())
-    tgt = float(np.abs(out.astype(np.float64) - exact).max())
-    if tgt <= FP64_MARGIN * own:
+    own, tgt, rounding = fp64_distances(ref, out, _float64_forward(model, x))
+    if rounding:
         return None
-    return (f"{what} fp32: max abs {err:.3g} > {bound:.3g} (logits up to {scale:.3g}), and {tgt:.3g} from "
-            f"float64 where PyTorch fp32 is {own:.3g}: beyond fp32 rounding")
+    return (f"{what} fp32: max abs {err:.3g} > {bound:.3g} (logits up to {np.abs(ref).max():.3g}), and {tgt:.3g} "
+            f"from float64 where PyTorch fp32 is {own:.3g}: beyond fp32 rounding")
 
 
 def fp16_parity_failure(model: nn.Module, x: np.ndarray, out: np.ndarray, what: str) -> str | None:
@@ -206,19 +217,16 @@ def fp16_parity_failure(model: nn.Module, x: np.ndarray, out: np.ndarray, what: 
     when its error is within ``FP64_MARGIN`` of PyTorch's fp16 error (rms) and its top-1
     agreement is no lower. Both figures go in the message.
     """
-    from device_tests.compare import error_metrics
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
     tol = tolerance_for("fp16")
-    m = error_metrics(ref, out)
-    snr = m["snr_db"] if m["snr_db"] is not None else float("inf")
+    snr = _snr(error_metrics(ref, out))
     top1 = float((out.argmax(1) == ref.argmax(1)).mean())
     if snr >= tol.min_snr_db and top1 >= tol.min_top1:
         return None
     with torch.no_grad():
         half = copy.deepcopy(model).half()(torch.from_numpy(x).half()).float().numpy()
-    own = error_metrics(ref, half)
-    own_snr = own["snr_db"] if own["snr_db"] is not None else float("inf")
+    own_snr = _snr(error_metrics(ref, half))
     own_top1 = float((half.argmax(1) == ref.argmax(1)).mean())
     margin_db = 20 * np.log10(FP64_MARGIN)
     if snr >= own_snr - margin_db and top1 >= min(tol.min_top1, own_top1):
@@ -233,9 +241,6 @@ def fp32_rounding_allowance(model: nn.Module, x: np.ndarray) -> float:
     fp32 distance from a float64 forward on the logits, over the logits bound (1.0 when
     that is within it). The float64 rule of ``fp32_parity_failure`` carried to the layers;
     a wrong padding or weight is orders of magnitude beyond it."""
-    with torch.no_grad():
-        ref = model(torch.from_numpy(x)).numpy().astype(np.float64)
-        exact = copy.deepcopy(model).double()(torch.from_numpy(x).double()).numpy()
-    tol = tolerance_for("fp32")
-    bound = tol.max_abs + tol.rtol * float(np.abs(ref).max())
-    return max(1.0, FP64_MARGIN * float(np.abs(ref - exact).max()) / bound)
+    ref, bound = _fp32_reference(model, x)
+    own = float(np.abs(ref - _float64_forward(model, x)).max())
+    return max(1.0, FP64_MARGIN * own / bound)

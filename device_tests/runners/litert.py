@@ -63,6 +63,7 @@ class LiteRTRunner(Runner):
         super().__init__(**options)
         threads = options.get("threads")
         self.threads = int(threads) if threads else None
+        self._threads_used = 0
         self.xnnpack = bool(options.get("xnnpack", True))
         self.xnnpack_refused: str | None = None     # why XNNPACK could not take this model
         self.path: Path | None = None
@@ -101,7 +102,8 @@ class LiteRTRunner(Runner):
         resolver = OpResolverType.AUTO if use_xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         with captured_native_output(), warnings.catch_warnings():
             warnings.simplefilter("ignore")   # "preserve_all_tensors is for debugging"
-            it = Interpreter(model_content=self._model, num_threads=self.threads or default_threads(),
+            self._threads_used = self.threads or default_threads()      # the free cores, not every core
+            it = Interpreter(model_content=self._model, num_threads=self._threads_used,
                              experimental_op_resolver_type=resolver,
                              experimental_preserve_all_tensors=debug)
             it.allocate_tensors()
@@ -123,7 +125,7 @@ class LiteRTRunner(Runner):
 
     @property
     def label(self) -> str:
-        threads = self.threads or "the free cores"
+        threads = self.threads or f"{self._threads_used or 'auto'} (free cores)"
         if self.xnnpack and self.xnnpack_refused:
             delegate = "XNNPACK refused the model, builtin kernels"
         else:

@@ -231,7 +231,8 @@ def _stages(args: argparse.Namespace, ui, cfg, stages: list[str], run_dir: Path,
                                float_fixes=tuple(q.float_fixes), weight_rounding=tuple(q.weight_rounding),
                                keep_float=q.keep_float,
                                w8a16_layers=q.w8a16_layers, target_sqnr=q.target_sqnr, sensitivity=q.sensitivity,
-                               tflite_inputs=tuple(q.tflite_inputs), coreml=q.coreml, plain_baseline=q.plain_baseline, eval_samples=q.eval_samples,
+                               tflite_inputs=tuple(q.tflite_inputs), coreml=q.coreml,
+                               plain_baseline=q.plain_baseline, eval_samples=q.eval_samples,
                                model=user_factory)
         with sensitivity_progress(ui) as on_layer:
             res = quantize_folder(export_dir, quant_dir, opts, progress=ui.info, layer_progress=on_layer)

@@ -17,8 +17,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from device_tests.compare import (FP64_MARGIN, ParityReport, compare, run_all, run_batched, tolerance_for,
-                                  tolerance_row)
+from device_tests.compare import (FP64_MARGIN, ParityReport, compare, fp64_distances, run_all, run_batched,
+                                  tolerance_for, tolerance_row)
 from device_tests.divergence import find_first_divergent, worst_samples
 from device_tests.runners.base import Runner, runner_for
 from exporters.artifact import Artifact, Manifest, sha256_of
@@ -147,13 +147,12 @@ def _fp64_check(report: ParityReport, results: Any, ref_art: Artifact, root: Pat
         runner.load(ref_art, root)
         exact = next(iter(run_batched(runner, feeds, batch_size=opts.batch_size).values()))
     _, ref32 = results.output(report.pairs[0].reference)
-    own = float(np.abs(ref32.astype(np.float64) - exact).max())
     for pair in failing:
         _, t = results.output(pair.target)
-        tgt = float(np.abs(t.astype(np.float64) - exact).max())
+        own, tgt, rounding = fp64_distances(ref32, t, exact)
         pair.fp64_check = {"reference_vs_fp64": own, "target_vs_fp64": tgt}
         where = _where(pair, (divergences or {}).get(pair.target))
-        if tgt <= FP64_MARGIN * own:
+        if rounding:
             closer = " (closer to exact than the reference)" if tgt < own else ""
             look = (f"look at {where[1]}" if where and where[0] != "built up over" else
                     "look for BatchNorm layers with near-zero running variance")
