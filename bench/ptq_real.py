@@ -183,8 +183,8 @@ def checks(rows: list[Row]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="efficientnet_lite1,efficientnet_lite2")
-    p.add_argument("--calib-samples", type=int, default=200)
-    p.add_argument("--rounding-samples", type=int, default=128)
+    p.add_argument("--calib-samples", type=int, default=256)
+    p.add_argument("--rounding-samples", type=int, default=256)
     p.add_argument("--eval-samples", type=int, default=448)
     p.add_argument("--techniques", type=lambda s: [t.strip() for t in s.split(",") if t.strip()], default=None,
                    help="only these rows (first word of the label, e.g. rtn,default)")

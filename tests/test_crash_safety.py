@@ -269,3 +269,83 @@ def test_run_is_built_aside_and_renamed_into_place(cli, tmp_path):
         assert ".staging" not in text
     assert (Path(record["train"]["checkpoint"])).is_file()
 
+
+
+# -------------------------------------------------------------------------- full disk
+
+
+def _mount_tmpfs(where: Path, size: str) -> bool:
+    """A small real tmpfs at ``where`` (needs CAP_SYS_ADMIN: root outside a locked-down
+    container); False where the machine does not allow it."""
+    mount = shutil.which("mount")
+    if mount is None:
+        return False
+    proc = subprocess.run([mount, "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                          capture_output=True, text=True)
+    return proc.returncode == 0
+
+
+def test_export_onto_a_full_disk_fails_in_one_line_and_leaves_the_disk_as_it_was(tmp_path, trained_mnist):
+    """``--out`` on a real 256 KiB tmpfs, too small for the model (about 1.6 MB of ONNX): the
+    write fails with ENOSPC inside the staging folder. What must hold: exit 2, one line on
+    stderr saying the disk is full, the staged files removed (the disk holds exactly what it
+    held before: a file a user put there), and the same export onto a roomy disk works."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if not _mount_tmpfs(disk, "256k"):
+        pytest.skip("cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN); the strace ENOSPC test covers it")
+    try:
+        (disk / "keep.txt").write_text("a user's file\n")
+        args = ("export", "--checkpoint", str(trained_mnist), "--formats", "onnx", "-q")
+        proc = _mdeploy(tmp_path, *args, "--out", str(disk / "app"))
+        assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "No space left on device" in lines[0], proc.stderr
+        assert sorted(p.name for p in disk.iterdir()) == ["keep.txt"]
+        assert (disk / "keep.txt").read_text() == "a user's file\n"
+        proc = _mdeploy(tmp_path, *args, "--out", str(tmp_path / "roomy"))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+@needs_strace
+def test_export_with_enospc_at_each_write_fails_cleanly_then_reruns(tmp_path, trained_mnist):
+    """The kernel answers ENOSPC to the N-th ``write``/``pwrite64`` (strace fault injection:
+    no mount needed) of ``export --force`` over an earlier result, for N at the first,
+    middle and last write a successful run makes. Each time: never a traceback; exit 0,
+    or exit 2 with one line; ``--out`` holds a complete result, the earlier one or a new
+    one whose files all match its manifest's hashes (a write that failed after the swap,
+    e.g. to the terminal, leaves the new result in place), never a mix; nothing hidden is
+    left beside ``--out``; and a plain rerun with ``--force`` succeeds."""
+    from exporters.artifact import Manifest, sha256_of
+    out = tmp_path / "exports" / "app"
+    args = ("export", "--checkpoint", str(trained_mnist), "--formats", "onnx", "--out", str(out), "-q")
+    trace = tmp_path / "writes.txt"
+    proc = subprocess.run([STRACE, "-f", "-qq", "-o", str(trace), "-e", "trace=write,pwrite64",
+                           sys.executable, "-B", "-m", "pipeline.cli", *args],
+                          capture_output=True, text=True, env=_env(tmp_path), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    names = sorted(p.name for p in out.iterdir())
+    writes = len([line for line in trace.read_text().splitlines() if "write" in line])
+    assert writes > 3
+    for n in sorted({1, writes // 2, writes}):
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        proc = subprocess.run([STRACE, "-f", "-qq", "-o", os.devnull, "-e", "trace=write,pwrite64",
+                               "-e", f"inject=write,pwrite64:error=ENOSPC:when={n}",
+                               sys.executable, "-B", "-m", "pipeline.cli", *args, "--force"],
+                              capture_output=True, text=True, env=_env(tmp_path), timeout=300)
+        assert "Traceback" not in proc.stderr, (n, proc.stderr[-3000:])
+        assert proc.returncode in (0, 2), (n, proc.returncode, proc.stderr[-2000:])
+        if proc.returncode == 2:
+            assert len(proc.stderr.strip().splitlines()) <= 1, (n, proc.stderr)
+        assert sorted(p.name for p in out.iterdir()) == names, n
+        if {p.name: p.read_bytes() for p in out.iterdir()} != before:
+            manifest = Manifest.load(out)
+            assert manifest.artifacts and all(a.sha256 for a in manifest.artifacts), n
+            for art in manifest.artifacts:
+                assert sha256_of(art.resolve(out)) == art.sha256, (n, art.path)
+        assert _hidden(out.parent) == [], (n, _hidden(out.parent))
+    proc = _mdeploy(tmp_path, *args, "--force")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == names

@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 
 from models.util import pct
 from pipeline.commands.export import _csv, _size
+from pipeline.stages.quantize import DEFAULT_CALIBRATION_SAMPLES, DEFAULT_ROUNDING_SAMPLES
 
 TOP_LAYERS = 10
 
@@ -42,7 +43,8 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
                         "that its figures are no evidence")
     p.add_argument("--method", choices=CALIBRATION_METHODS, default="minmax",
                    help="activation range calibration (default minmax)")
-    p.add_argument("--samples", type=int, default=200, help="calibration inputs (default 200)")
+    p.add_argument("--samples", type=int, default=DEFAULT_CALIBRATION_SAMPLES,
+                   help=f"calibration inputs (default {DEFAULT_CALIBRATION_SAMPLES})")
     p.add_argument("--float-fixes", type=_csv, default=(), metavar="FIX,...",
                    help=f"applied to the float model first: comma list of {', '.join(FIXES)} "
                         "(BatchNorm folding, cross-layer equalization, high-bias absorption, bias correction)")
@@ -50,8 +52,9 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
                    help="how int8 weights are chosen (default mse,gptq,bias): mse (per-channel scale "
                         "search), gptq (rounding with error feedback), sequential (on already-quantized inputs), "
                         "bias (bias correction); rtn = plain round-to-nearest, as quantize_static alone does")
-    p.add_argument("--rounding-samples", type=int, default=128,
-                   help="calibration inputs the weight rounding uses (default 128)")
+    p.add_argument("--rounding-samples", type=int, default=DEFAULT_ROUNDING_SAMPLES,
+                   help=f"calibration inputs the weight rounding uses (default {DEFAULT_ROUNDING_SAMPLES}, "
+                        "at most --samples)")
     p.add_argument("--keep-float", metavar="N|LAYERS",
                    help="keep the N most sensitive layers (or these comma-separated layers) in float")
     p.add_argument("--w8a16-layers", metavar="N|LAYERS",

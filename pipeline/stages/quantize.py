@@ -49,10 +49,10 @@ from exporters.fileio import atomic_write_text, staged_output_dir
 from models.errors import InputError
 
 REPORT_NAME = "quantization_report.json"
-DEFAULT_CALIBRATION_SAMPLES = 200
+DEFAULT_CALIBRATION_SAMPLES = 256     # weight rounding generalises with more (see README, Weight rounding)
 DEFAULT_SENSITIVITY_SAMPLES = 100
 DEFAULT_EVAL_SAMPLES = 1000
-DEFAULT_ROUNDING_SAMPLES = 128
+DEFAULT_ROUNDING_SAMPLES = 256
 
 Progress = Callable[[str], None]
 LayerProgress = Callable[[int, int, str], None]
