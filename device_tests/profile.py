@@ -439,6 +439,75 @@ def profile_litert(path: str, *, runs: int, warmup: int, threads: int | None,
                                 "run benchmark_model --enable_op_profiling=true (adb:// devices do)")}
 
 
+# -- ExecuTorch -------------------------------------------------------------------
+
+# ExecuTorch's ScalarType codes (c10) of the dtypes a .pte input can have here.
+EXECUTORCH_DTYPES = {0: np.uint8, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.int64, 5: np.float16,
+                     6: np.float32, 7: np.float64, 11: np.bool_}
+_executorch_default_threads: list[int] = []
+
+
+def executorch_threads(threads: int | None) -> int:
+    """Size ExecuTorch's thread pool (the one XNNPACK runs on) and return it.
+
+    The pool is process-wide and its Python binding can only *reset* it
+    (``_unsafe_reset_threadpool``, marked experimental); ``None`` restores the size it had
+    when first seen here (the runtime's default: one thread per core), so one runner's
+    ``--threads`` does not leak into the next profile. Resetting prints from C++; captured.
+    """
+    import executorch.extension.pybindings.portable_lib as pl
+
+    from exporters.native_output import captured_native_output
+    if not _executorch_default_threads:
+        _executorch_default_threads.append(int(pl._threadpool_get_thread_count()))
+    want = int(threads) if threads else _executorch_default_threads[0]
+    if pl._threadpool_get_thread_count() != want:
+        with captured_native_output():
+            pl._unsafe_reset_threadpool(want)
+    return int(pl._threadpool_get_thread_count())
+
+
+def profile_executorch(path: str, *, runs: int, warmup: int, threads: int | None,
+                       op_profile: bool = True, marker: Marker | None = None) -> dict[str, Any]:
+    """Latency of a ``.pte`` through ``executorch.runtime``: init is program load plus
+    method load (XNNPACK builds its delegate there), then the timed ``execute`` calls on a
+    fixed random input in the program's own dtype and shape."""
+    import torch
+
+    from exporters.executorch import METHOD, executorch_version, quiet_executorch, runtime_call
+    from models.errors import InputError
+    mark = marker or (lambda code: None)
+    with quiet_executorch():
+        from executorch.runtime import Runtime
+        runtime = Runtime.get()
+        used = executorch_threads(threads)
+    with PeakMemory() as mem:
+        mark(MARK_INIT_BEGIN)
+        t0 = time.perf_counter()
+        try:
+            method = runtime_call(lambda: runtime.load_program(path).load_method(METHOD), path,
+                                  "a program the ExecuTorch runtime loads")
+        except InputError as exc:     # check_file refuses a broken file before any profile
+            raise _prepare_error("ExecuTorch", path, RuntimeError(exc.found)) from None
+        init_ms = (time.perf_counter() - t0) * 1e3
+        mark(MARK_INIT_END)
+        meta = method.metadata
+        feed = []
+        for n in range(meta.num_inputs()):
+            info = meta.input_tensor_meta(n)
+            x = random_input(list(info.sizes()), EXECUTORCH_DTYPES.get(info.dtype(), np.float32), seed=n)
+            feed.append(torch.from_numpy(x))
+        first, times = _timed_runs(lambda: method.execute(feed), runs, warmup, marker)
+    return {"runtime": f"ExecuTorch {executorch_version()} (XNNPACK delegate, threads={used}"
+                       f"{'' if threads else ', runtime default'})",
+            "init_ms": init_ms, "first_inference_ms": first, "times_ms": times,
+            "peak_memory_bytes": mem.delta, "memory_note": f"RSS growth; {mem.method}",
+            "ops_by_type": [], "ops_by_node": [],
+            "op_profile_note": ("per-op time is not collected for .pte files: it needs an ETDump "
+                                "(load_program(enable_etdump=True)) read by executorch.devtools' Inspector, "
+                                "not wired in")}
+
+
 def measure(fmt: str, path: str, *, runs: int, warmup: int, threads: int | None,
             op_profile: bool = True, marker: Marker | None = None) -> dict[str, Any]:
     """Raw measurements of one model file (the part that runs where the model runs), by

@@ -24,7 +24,7 @@ from models.util import layout_for_ndim  # noqa: F401  (re-exported: exporters' 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 
-FORMATS = ("onnx", "tflite", "mlpackage", "pt")
+FORMATS = ("onnx", "tflite", "mlpackage", "executorch", "pt")
 LAYOUTS = ("NCHW", "NHWC", "NC", "ANY")
 
 
@@ -237,7 +237,8 @@ def safe_join(root: str | Path, rel: str | Path) -> Path:
 
 
 def library_versions(names: tuple[str, ...] = ("torch", "onnx", "onnxruntime", "tensorflow",
-                                               "ai-edge-litert", "coremltools", "onnx2tf", "numpy")
+                                               "ai-edge-litert", "coremltools", "onnx2tf", "executorch",
+                                               "torchao", "numpy")
                      ) -> dict[str, str]:
     """Installed versions of the tools that shape an artifact, for the manifest."""
     from importlib import metadata

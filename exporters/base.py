@@ -6,7 +6,7 @@ its own flags. Now an exporter says, as class attributes, what it needs and offe
 and the stage loops over the registered ones; adding a format is one file with one
 subclass, registered by being defined (as runners are).
 
-* ``format``: the ``--formats`` name it answers to (``onnx``, ``tflite``, ``coreml``).
+* ``format``: the ``--formats`` name it answers to (``onnx``, ``tflite``, ``coreml``, ``executorch``).
   Several exporters may share a format (the Core ML weight-compressed variants are a
   second ``coreml`` exporter, registered by ``quantize.coreml``); each takes the
   requested precisions it offers.
@@ -36,7 +36,7 @@ from models.errors import InputError
 
 MODULE = "module"
 _EXPORTERS: dict[str, type["Exporter"]] = {}
-BUILTIN_EXPORTERS = ("exporters.onnx", "exporters.tflite", "exporters.coreml")
+BUILTIN_EXPORTERS = ("exporters.onnx", "exporters.tflite", "exporters.coreml", "exporters.executorch")
 
 
 def option(default: Any, *, key: str, flag: str, **kw: Any) -> Any:

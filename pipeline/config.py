@@ -29,7 +29,8 @@ class _Section(BaseModel):
 
 
 class ExportSection(_Section):
-    formats: list[str] = Field(default_factory=lambda: ["onnx", "tflite", "coreml"])
+    # executorch takes fp32 and int8 from the precisions below (a .pte of each)
+    formats: list[str] = Field(default_factory=lambda: ["onnx", "tflite", "coreml", "executorch"])
     tflite_precisions: list[str] = Field(default_factory=lambda: ["fp32", "fp16", "int8", "int8-io", "uint8-pixels"])
     coreml_precisions: list[str] = Field(default_factory=lambda: ["fp32", "fp16", "int8w", "palette6"])
     opset: int = 18

@@ -16,7 +16,7 @@ data = "digits"
 input_size = 16
 epochs = 2
 [export]
-formats = ["onnx", "tflite", "coreml"]
+formats = ["onnx", "tflite", "coreml", "executorch"]
 tflite_precisions = ["fp32", "int8"]
 coreml_precisions = ["fp32"]
 calib_samples = 64
@@ -57,7 +57,7 @@ def test_run_small_config_end_to_end(cli, tmp_path):
     manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
     keys = {(a["format"], a["precision"]) for a in manifest["artifacts"]}
     assert {("pt", "fp32"), ("onnx", "fp32"), ("tflite", "fp32"), ("tflite", "int8"),
-            ("mlpackage", "fp32")} <= keys
+            ("mlpackage", "fp32"), ("executorch", "fp32"), ("executorch", "int8")} <= keys
     targets = {p["target"] for p in record["verify"]["pairs"]}
     assert len(targets) == len(manifest["artifacts"]) - 1          # every artifact but the reference
     assert all(p["passed"] for p in record["verify"]["pairs"]), record["verify"]["pairs"]
@@ -85,6 +85,8 @@ def test_run_small_config_end_to_end(cli, tmp_path):
         assert (run_dir / name).is_file(), name
     html = (run_dir / "report.html").read_text()
     assert "data:image/png;base64," in html and "onnx/fp32" in html and "<table>" in html
+    assert "executorch/int8" in html and "op split" in html          # the .pte beside the other targets
+    assert {"executorch/fp32", "executorch/int8"} <= {p["artifact"] for p in record["profile"]["profiles"]}
     assert "qarepvgg_tiny" in html and "Sparse shifts" in html
     # the --json document is the documented schema, and report.json is the same document
     from pipeline.report import SCHEMA_PATH

@@ -31,12 +31,12 @@ from models.errors import InputError
 
 _RUNNERS: dict[str, type["Runner"]] = {}
 # Imported on first lookup; a module missing here (the device bundle has no torch) is skipped.
-BUILTIN_RUNNERS = ("torch", "onnxruntime", "litert", "coreml")
+BUILTIN_RUNNERS = ("torch", "onnxruntime", "litert", "coreml", "executorch")
 _import_errors: dict[str, str] = {}
 
 
 class Runner(ABC):
-    kind: ClassVar[str]            # "torch", "onnxruntime", "litert", "coreml", ...
+    kind: ClassVar[str]            # "torch", "onnxruntime", "litert", "coreml", "executorch", ...
     formats: ClassVar[tuple[str, ...]] = ()   # artifact formats it can load
     # A runtime whose model has a fixed batch of one (TFLite, Core ML) is fed a batch of
     # N sample by sample; the others take exactly the artifact's static batch.

@@ -61,10 +61,10 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
                                             "mdeploy --checkpoint")
     p.add_argument("--out", required=True, help="output folder (built atomically)")
     p.add_argument("--formats", type=_csv, default=("onnx",),
-                   help="comma list of onnx, tflite, coreml (default onnx)")
-    p.add_argument("--precisions", type=_csv, help="for tflite/coreml: comma list, e.g. fp32,fp16,int8 "
+                   help="comma list of onnx, tflite, coreml, executorch (default onnx)")
+    p.add_argument("--precisions", type=_csv, help="for tflite/coreml/executorch: comma list, e.g. fp32,fp16,int8 "
                                                     "(tflite also: dynamic, int8-io, uint8-pixels = "
-                                                    "camera-ready uint8 pixel input)")
+                                                    "camera-ready uint8 pixel input; executorch: fp32, int8)")
     p.add_argument("--checkpoint", help="weights: mdeploy .safetensors, or a .pt/.pth state dict")
     add_preprocessing_args(p)
     p.add_argument("--labels", help="class names: a text file (one per line) or a JSON list")

@@ -105,7 +105,7 @@ def options_from_args(args: argparse.Namespace):
     if args.threads is not None:
         if args.threads < 1:
             raise InputError("--threads", "a positive number", str(args.threads))
-        for kind in ("onnxruntime", "litert", "coreml"):
+        for kind in ("onnxruntime", "litert", "coreml", "executorch"):
             runner_options.setdefault(kind, {})["threads"] = args.threads
     for kind, key, value in args.runner_option:
         runner_options.setdefault(kind, {})[key] = value

@@ -84,7 +84,22 @@ class ExportRecord:
         return ["## Artifacts", ""] + contract + table(
             ["artifact", "file", "size (KiB)", "sha256"], "llrl",
             [[a.key, f"`{a.path}`", f"{a.size_bytes / 1024:,.1f}", f"`{a.sha256[:12]}`"] for a in self.artifacts]) \
-            + [""]
+            + [""] + self.delegation_lines()
+
+    def delegation_lines(self) -> list[str]:
+        """Where each delegated artifact's ops run (``extra["delegation"]``, ExecuTorch's
+        XNNPACK split): an op left outside the delegate is slow on a phone, so say which."""
+        lines = []
+        for a in self.artifacts:
+            d = a.extra.get("delegation") if isinstance(a.extra, dict) else None
+            if not isinstance(d, dict):
+                continue
+            rest = d.get("non_delegated") or {}
+            left = f" ({', '.join(f'{op} x{n}' for op, n in rest.items())})" if rest else ""
+            lines.append(f"- **{a.key}** op split: {d.get('delegated_ops')} ops in {d.get('delegated_subgraphs')} "
+                         f"{d.get('backend', '')} delegate subgraph(s), {d.get('non_delegated_ops')} on the "
+                         f"portable CPU kernels{left}")
+        return lines + [""] if lines else []
 
 
 @dataclass

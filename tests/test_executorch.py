@@ -1,0 +1,154 @@
+"""The ExecuTorch target (issue 16, item 2): ``.pte`` files lowered to XNNPACK, run by the
+real ``executorch.runtime``, through the same export -> verify -> profile stages as every
+other format.
+
+The model is the one ``mdeploy run`` trains by default (``trained_mnist``, shared with the
+other tests that need real weights), so the int8 figure is the one users get: top-1
+agreement with float on the 1,000 held-out MNIST digits, against the issue's 0.98. The fp32
+``.pte`` is held to the project's unchanged fp32 row (``1e-5 + 1e-5 * max|logit|``).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+from device_tests.compare import DEFAULT_TOLERANCES
+
+
+@pytest.fixture(scope="module")
+def pte_export(trained_mnist, tmp_path_factory, cli) -> Path:
+    out = tmp_path_factory.mktemp("executorch") / "export"
+    code, _, err = cli("export", "--checkpoint", str(trained_mnist), "--formats", "executorch",
+                       "--precisions", "fp32,int8", "--out", str(out), "-q")
+    assert code == 0, err[-2000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def cli():
+    """The module-scoped twin of conftest's ``cli`` (a module fixture cannot use capsys)."""
+    import contextlib
+    import io
+
+    from pipeline.cli import main
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(argv))
+            except SystemExit as exc:
+                code = int(exc.code or 0)
+        return code, out.getvalue(), err.getvalue()
+    return run
+
+
+@pytest.fixture(scope="module")
+def verified(pte_export):
+    from pipeline.stages.verify import VerifyOptions, verify_folder
+    return verify_folder(pte_export, VerifyOptions(samples=1000))      # all 1,000 held-out digits
+
+
+def test_fp32_pte_passes_verify_at_the_fp32_tolerance(pte_export, verified):
+    pair = {p.target: p for p in verified.report.pairs}["executorch/fp32"]
+    assert verified.report.inputs["samples"] == 1000 and not verified.report.inputs["random"]
+    assert pair.passed and pair.top1_agreement == 1.0
+    assert pair.tolerance["max_abs"] == DEFAULT_TOLERANCES["fp32"].max_abs == 1e-5        # the row, unchanged
+    assert 0 < pair.ref_max_abs and pair.max_abs <= 1e-5 + 1e-5 * pair.ref_max_abs
+    assert pair.target_runner.startswith(f"ExecuTorch {metadata.version('executorch')} (CPU, XNNPACK")
+
+
+def test_int8_pte_keeps_top1_agreement_on_the_default_model(verified):
+    pair = {p.target: p for p in verified.report.pairs}["executorch/int8"]
+    assert pair.samples == 1000 and pair.passed
+    assert pair.top1_agreement >= 0.98, pair.top1_agreement
+
+
+def test_manifest_records_version_time_and_op_split(pte_export):
+    from exporters.artifact import Manifest
+    m = Manifest.load(pte_export)
+    arts = {a.precision: a for a in m.find("executorch")}
+    assert set(arts) == {"fp32", "int8"}
+    assert m.versions["executorch"] == metadata.version("executorch")
+    for precision, a in arts.items():
+        assert a.path == f"model_{precision}.pte" and (pte_export / a.path).read_bytes()[4:8] == b"ET12"
+        assert a.inputs[0].shape == [1, 1, 28, 28] and a.inputs[0].layout == "NCHW"
+        assert a.inputs[0].dtype == a.outputs[0].dtype == "float32"       # int8 quantizes inside the delegate
+        e = a.extra
+        assert e["executorch_version"] == metadata.version("executorch") and e["export_seconds"] > 0
+        split = e["delegation"]
+        assert split["delegated_subgraphs"] >= 1 and split["delegated_ops"] > 0
+        assert split["delegated"]["aten_convolution_default"] == 52            # every conv in XNNPACK
+        assert split["non_delegated_ops"] == sum(split["non_delegated"].values())
+        assert "manifest.json" in e["metadata"]                              # labels live there, not in the .pte
+    q = arts["int8"].extra
+    assert q["quantization"]["config"] == "get_symmetric_quantization_config(is_per_channel=True)"
+    assert q["calibration"]["samples"] == 200
+    assert arts["int8"].extra["delegation"]["delegated_quantize_dequantize"] > 0
+    assert arts["int8"].size_bytes < arts["fp32"].size_bytes / 2.5
+
+
+def test_profile_measures_pte_files(pte_export):
+    from pipeline.stages.profile import ProfileOptions, profile_folder
+    res = profile_folder(pte_export, ProfileOptions(runs=5, warmup=1, threads=1, artifacts=["executorch"]))
+    assert not res.skipped, res.skipped
+    assert {p.artifact for p in res.profiles} == {"executorch/fp32", "executorch/int8"}
+    for p in res.profiles:
+        assert p.runtime.startswith("ExecuTorch") and "threads=1" in p.runtime
+        assert p.latency is not None and p.latency.count == 5 and p.latency.p50_ms > 0
+        assert p.init_ms > 0 and p.first_inference_ms > 0 and p.artifact_size_bytes > 0
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign"])
+def test_a_broken_pte_is_one_line_exit_2(pte_export, tmp_path, cli, damage):
+    folder = tmp_path / damage
+    shutil.copytree(pte_export, folder)
+    pte = folder / "model_fp32.pte"
+    data = pte.read_bytes()
+    pte.write_bytes(data[: len(data) // 3] if damage == "truncated" else b"PK\x03\x04 not a program" * 8)
+    for argv in (("-q", "profile", str(folder), "--runs", "1"), ("-q", "verify", str(folder), "--samples", "2")):
+        code, out, err = cli(*argv)
+        assert code == 2 and err.count("\n") == 1 and "model_fp32.pte" in err, (argv, err)
+        assert "Traceback" not in err
+
+
+def test_int8_without_calibration_data_is_one_line(cli, tmp_path):
+    code, _, err = cli("-q", "export", "mobilenet_v2", "--num-classes", "10", "--in-chans", "1", "--input-size", "28",
+                       "--model-arg", "width_mult=0.35", "--formats", "executorch", "--precisions", "int8",
+                       "--out", str(tmp_path / "out"))
+    assert code == 2 and err.count("\n") == 1 and "--calibration" in err and "executorch int8" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_torch_export_refuses_is_one_line_naming_it(cli, tmp_path):
+    (tmp_path / "branchy.py").write_text(
+        "import torch.nn as nn\n\n"
+        "class Branchy(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv = nn.Conv2d(3, 4, 3)\n"
+        "    def forward(self, x):\n"
+        "        y = self.conv(x).mean((2, 3))\n"
+        "        return y if y.sum() > 0 else -y      # data-dependent control flow\n\n"
+        "def build():\n"
+        "    return Branchy()\n")
+    code, _, err = cli("-q", "export", f"{tmp_path / 'branchy.py'}:build", "--input-size", "16", "--formats", "executorch",
+                       "--out", str(tmp_path / "out"))
+    assert code == 2 and err.count("\n") == 1 and "Branchy" in err and "torch.export" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_doctor_reports_both_converters(cli):
+    code, out, _ = cli("doctor", "--json")
+    checks = {c["name"]: c for c in json.loads(out)["checks"]}
+    assert code == 0
+    assert checks["python package ExecuTorch"]["detail"] == metadata.version("executorch")
+    lt = checks["python package litert-torch"]
+    try:
+        assert lt["detail"] == metadata.version("litert-torch")
+    except metadata.PackageNotFoundError:
+        assert lt["detail"] == "not installed" and lt["fix"]
