@@ -26,10 +26,9 @@ PACKAGES = (("torch", "torch"), ("onnx", "onnx"), ("onnxruntime", "onnxruntime")
             ("tensorflow", "tensorflow-cpu"), ("LiteRT", "ai-edge-litert"),
             ("coremltools", "coremltools"), ("onnx2tf", "onnx2tf"), ("onnxsim", "onnxsim"),
             ("ExecuTorch", "executorch"), ("torchao", "torchao"), ("litert-torch", "litert-torch"),
-            ("numpy", "numpy"))
+            ("ai-edge-quantizer", "ai-edge-quantizer"), ("numpy", "numpy"))
 # Converters that are not (yet) in the pinned set: their absence is said, with how to add them.
-NOT_PINNED = {"litert-torch": "not in the pinned set yet (issue 16, the direct PyTorch -> LiteRT route): "
-                              "pip install --no-deps litert-torch==0.10.0 and its converter packages"}
+NOT_PINNED: dict[str, str] = {}
 
 
 def package_versions() -> dict[str, str | None]:

@@ -1,7 +1,14 @@
-"""ONNX -> TFLite (LiteRT): fp32, fp16 weights, dynamic-range int8, full-integer int8
-(float I/O) and full-integer int8 with int8 input and output.
+"""TFLite (LiteRT): fp32, fp16 weights, dynamic-range int8, full-integer int8 (float I/O)
+and full-integer int8 with int8 input and output.
 
-Route: onnx2tf turns the ONNX graph into a TensorFlow SavedModel
+Two routes, chosen per precision and recorded per artifact (``extra["converter"]``: route
+and reason). ``--tflite-converter auto`` (the export default): the float kinds (fp32, fp16)
+by litert-torch straight from the PyTorch model (``exporters.litert_torch``: no layout
+guessing, seconds a model), falling back to the ONNX route with the reason when it fails;
+the integer kinds by the ONNX route below. ``litert-torch`` makes its failure an error;
+``onnx2tf`` is the ONNX route for everything (and the only one for an ONNX-only input).
+
+The ONNX route: onnx2tf turns the ONNX graph into a TensorFlow SavedModel
 with NHWC activations (its layout handling is the reason to use it); TensorFlow's
 own ``TFLiteConverter.from_saved_model`` then writes every precision, with our
 representative dataset for the integer kinds (onnx2tf's own quantized outputs were
@@ -29,6 +36,7 @@ import numpy as np
 
 from exporters.artifact import Artifact, ModelCard, Preprocessing, TensorSpec, layout_for_ndim, sha256_of, size_of
 from exporters.base import ExportContext, Exporter, ExporterOptions, option
+from exporters import litert_torch
 from exporters.fileio import atomic_write_bytes
 from exporters.layer_map import layer_map_from_onnx
 from exporters.native_output import captured_native_output
@@ -45,6 +53,8 @@ INTEGER_PRECISIONS = ("int8", "int8-io", "uint8-pixels")
 # An app feeds camera bytes as they are, as to TFLite Model Maker's quantized models.
 PIXEL_PRECISION = "uint8-pixels"
 LAYOUTS = ("NHWC", "NCHW")
+CONVERTERS = ("auto", "litert-torch", "onnx2tf")
+ONNX_ROUTE = "onnx2tf + tf.lite.TFLiteConverter"
 ONNX2TF_TIMEOUT_S = 1800
 # onnx2tf feeds this file (20 NHWC RGB images, downloaded if absent) through the ONNX
 # and TF graphs to settle layouts for 3-channel inputs; we write it from real inputs.
@@ -65,7 +75,8 @@ def export_tflite(onnx_path: str | Path, out_dir: str | Path, precisions: Iterab
                   preprocessing: Preprocessing, labels: list[str] | None = None,
                   card: ModelCard | None = None, calibration: np.ndarray | None = None,
                   layout: str = "NHWC", random_calibration: bool = False,
-                  root: str | Path | None = None) -> list[Artifact]:
+                  root: str | Path | None = None, module: Any = None,
+                  converter: str = "onnx2tf") -> list[Artifact]:
     """Convert ``onnx_path`` into one ``.tflite`` per precision in ``out_dir``.
 
     ``calibration`` is float32 NCHW model inputs, already preprocessed (see
@@ -73,11 +84,14 @@ def export_tflite(onnx_path: str | Path, out_dir: str | Path, precisions: Iterab
     without it unless ``random_calibration`` is set (then uniform random pixels,
     normalised, are used and the artifact says so). ``layout`` is the input layout of
     the ``.tflite`` (apps want NHWC). Artifact paths are relative to ``root``
-    (default: ``out_dir``).
+    (default: ``out_dir``). ``module`` is the PyTorch model the ONNX file came from, for
+    ``converter`` ``auto`` / ``litert-torch`` (see the module docstring).
     """
     precisions = _check_precisions(precisions)
     if layout not in LAYOUTS:
         raise InputError("layout", " or ".join(LAYOUTS), repr(layout))
+    if converter not in CONVERTERS:
+        raise InputError("--tflite-converter", " or ".join(CONVERTERS), repr(converter))
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
     root = Path(root) if root is not None else out_dir
     card = card or ModelCard(name=onnx_path.stem)
@@ -86,12 +100,24 @@ def export_tflite(onnx_path: str | Path, out_dir: str | Path, precisions: Iterab
     in_name, in_shape, out_names = _io_signature(model, onnx_path, preprocessing)
     calib, calib_source = _calibration(calibration, in_shape, preprocessing, precisions, random_calibration)
 
+    raw, routes = _direct_float(module, converter, in_shape, precisions, layout)
+    raw = {p: _rename_io(d, [in_name], out_names) for p, d in raw.items()}
+    # fp32 always (the layer map needs one); the pixel kind is converted from its own graph below
+    onnx_route = [p for p in dict.fromkeys(["fp32", *precisions]) if p not in raw and p != PIXEL_PRECISION]
     with tempfile.TemporaryDirectory(prefix="mdeploy-tflite-") as tmp:
         work = Path(tmp)
-        saved_model = _onnx2tf(model, work, input_name=in_name, input_shape=in_shape,
-                               keep_nchw=(layout == "NCHW"), sample=calib)
-        raw = {p: _rename_io(_convert(saved_model, p, calib, layout), [in_name], out_names)
-               for p in dict.fromkeys(["fp32", *precisions]) if p != PIXEL_PRECISION}   # fp32: the layer map needs it
+        onnx_fp32 = None
+        if onnx_route:
+            saved_model = _onnx2tf(model, work, input_name=in_name, input_shape=in_shape,
+                                   keep_nchw=(layout == "NCHW"), sample=calib)
+            if "fp32" in raw and any(p != "fp32" for p in onnx_route):
+                # the ONNX-route files share their tensor names with the ONNX-route fp32, not
+                # with litert-torch's: their layer map comes from that fp32
+                onnx_route.insert(0, "fp32")
+            converted = {p: _rename_io(_convert(saved_model, p, calib, layout), [in_name], out_names)
+                         for p in onnx_route}
+            onnx_fp32 = converted.pop("fp32", None) if "fp32" in raw else converted.get("fp32")
+            raw.update(converted)
         if PIXEL_PRECISION in precisions:
             assert calib is not None
             pix_calib = pixel_calibration(calib, preprocessing)
@@ -102,11 +128,16 @@ def export_tflite(onnx_path: str | Path, out_dir: str | Path, precisions: Iterab
                 _convert(pix_saved, PIXEL_PRECISION, pix_calib, layout), [in_name], out_names))
     sample = calib[:1] if calib is not None else _sample_input(in_shape, preprocessing)
     layer_map = _layer_map(model, raw["fp32"], sample, layout)
+    onnx_layer_map = _layer_map(model, onnx_fp32, sample, layout) if onnx_fp32 is not None and \
+        onnx_fp32 is not raw["fp32"] else layer_map
     tool_version = _tool_version()
     artifacts = []
     for precision in precisions:
         data = raw[precision]
-        ins, outs = _tensor_specs(data, layout)
+        route, reason = routes.get(precision, (ONNX_ROUTE, _onnx_reason(precision, converter, routes)))
+        direct = route != ONNX_ROUTE
+        # litert-torch moves only the input to channels-last; a 4-D output keeps NCHW
+        ins, outs = _tensor_specs(data, layout, output_layout="NCHW" if direct else "NHWC")
         md = image_classifier_metadata(card, preprocessing, input_name=in_name, output_name=out_names[0],
                                        input_dtype=ins[0].dtype, labels=labels,
                                        normalised_inside=(precision == PIXEL_PRECISION))
@@ -119,12 +150,13 @@ def export_tflite(onnx_path: str | Path, out_dir: str | Path, precisions: Iterab
         extra: dict[str, Any] = {
             "ops": op_counts(ops),
             "delegates": delegate_fallbacks(ops, int8_activations=precision in INTEGER_PRECISIONS),
-            "layer_map": {k: v for k, v in layer_map.items() if k in names},
+            "layer_map": {k: v for k, v in (layer_map if direct else onnx_layer_map).items() if k in names},
             "intermediate_layout": "NHWC",
             "metadata": {"schema": "TFLite Metadata (tflite-support metadata_schema.fbs)",
                          "associated_files": sorted(md.file_contents)},
             "weights": {"fp32": "float32", "fp16": "float16", "dynamic": "int8",
                         "int8": "int8", "int8-io": "int8", PIXEL_PRECISION: "int8"}[precision],
+            "converter": {"route": "litert-torch" if direct else "onnx2tf", "reason": reason},
         }
         if precision == PIXEL_PRECISION:
             # The runners' input edge turns normalised NCHW back into these pixels
@@ -138,8 +170,46 @@ def export_tflite(onnx_path: str | Path, out_dir: str | Path, precisions: Iterab
         artifacts.append(Artifact(
             path=str(path.resolve().relative_to(root.resolve())), format="tflite", precision=precision,
             inputs=ins, outputs=outs, sha256=sha256_of(path), size_bytes=size_of(path),
-            tool="onnx2tf + tf.lite.TFLiteConverter", tool_version=tool_version, extra=extra))
+            tool=route, tool_version=litert_torch.version() if direct else tool_version, extra=extra))
     return artifacts
+
+
+def _direct_float(module: Any, converter: str, in_shape: list[int], precisions: list[str],
+                  layout: str) -> tuple[dict[str, bytes], dict[str, tuple[str, str]]]:
+    """The float kinds by litert-torch where ``converter`` allows it: ``(bytes, routes)``
+    per precision, ``routes[p] = (tool, reason)``; ``routes["_fallback"]`` carries why the
+    ONNX route took them instead (``auto`` only; ``litert-torch`` raises)."""
+    floats = [p for p in precisions if p in litert_torch.FLOAT_PRECISIONS]
+    if converter == "onnx2tf" or not floats:
+        return {}, {}
+    why_not = ("no PyTorch model (an ONNX file was given)" if module is None else
+               "litert-torch is not installed" if not litert_torch.available() else "")
+    if why_not:
+        if converter == "litert-torch":
+            raise InputError("--tflite-converter", "litert-torch and the PyTorch model to convert", why_not)
+        return {}, {"_fallback": ("", why_not)}
+    try:
+        raw = litert_torch.convert_float(module, in_shape, floats, layout=layout)
+    except ConversionError as exc:
+        if converter == "litert-torch":
+            raise
+        return {}, {"_fallback": ("", f"litert-torch failed: {exc.found}")}
+    reason = ("asked for (--tflite-converter litert-torch)" if converter == "litert-torch" else
+              "float kinds convert straight from PyTorch (no ONNX layout guessing)")
+    routes = {p: ("litert-torch", reason + (", weights cast to float16 by ai-edge-quantizer" if p == "fp16" else ""))
+              for p in raw}
+    if "fp32" not in precisions:
+        routes.pop("fp32", None)
+    return raw, routes
+
+
+def _onnx_reason(precision: str, converter: str, routes: dict[str, tuple[str, str]]) -> str:
+    if converter == "onnx2tf":
+        return "asked for (--tflite-converter onnx2tf)"
+    if precision in litert_torch.FLOAT_PRECISIONS:
+        return f"fallback: {routes['_fallback'][1]}" if "_fallback" in routes else "fallback"
+    return ("integer kinds: calibrated by TFLiteConverter on the onnx2tf SavedModel, the route their "
+            "accuracy is measured on")
 
 
 # ---------------------------------------------------------------- arguments
@@ -426,7 +496,7 @@ def _rename_io(model: bytes, in_names: list[str], out_names: list[str]) -> bytes
 _DTYPES = {0: "float32", 1: "float16", 2: "int32", 3: "uint8", 4: "int64", 9: "int8", 7: "int16"}
 
 
-def _tensor_specs(model: bytes, layout: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
+def _tensor_specs(model: bytes, layout: str, output_layout: str = "NHWC") -> tuple[list[TensorSpec], list[TensorSpec]]:
     from ai_edge_litert import schema_py_generated as fb
     m = fb.Model.GetRootAs(model, 0)
     sg = m.Subgraphs(0)
@@ -438,7 +508,7 @@ def _tensor_specs(model: bytes, layout: str) -> tuple[list[TensorSpec], list[Ten
         scale = zp = None
         if q is not None and q.ScaleLength() == 1:
             scale, zp = float(q.Scale(0)), int(q.ZeroPoint(0))
-        lay = layout_for_ndim(len(shape), layout if is_input else "NHWC")
+        lay = layout_for_ndim(len(shape), layout if is_input else output_layout)
         return TensorSpec(t.Name().decode(), shape, _DTYPES.get(t.Type(), str(t.Type())), lay, scale, zp)
 
     ins = [spec(int(i), True) for i in sg.InputsAsNumpy()]
@@ -540,12 +610,16 @@ def _tflite_values(model: bytes, x: np.ndarray, layout: str) -> dict[str, np.nda
 @dataclass
 class TFLiteOptions(ExporterOptions):
     layout: str = option("NHWC", key="tflite_layout", flag="--tflite-layout")   # apps want NHWC
+    converter: str = option("auto", key="tflite_converter", flag="--tflite-converter")
 
     def checked(self) -> "TFLiteOptions":
         layout = str(self.layout or "NHWC").strip().upper()
         if layout not in LAYOUTS:
             raise InputError("--tflite-layout", " or ".join(t.lower() for t in LAYOUTS), repr(self.layout))
-        return TFLiteOptions(layout)
+        converter = str(self.converter or "auto").strip().lower()
+        if converter not in CONVERTERS:
+            raise InputError("--tflite-converter", " or ".join(CONVERTERS), repr(self.converter))
+        return TFLiteOptions(layout, converter)
 
 
 class TFLiteExporter(Exporter):
@@ -563,4 +637,5 @@ class TFLiteExporter(Exporter):
         assert isinstance(self.options, TFLiteOptions)
         calib = ctx.calibration() if any(p in INTEGER_PRECISIONS for p in precisions) else None
         return export_tflite(source, out_dir, precisions, preprocessing=ctx.preprocessing, labels=ctx.labels,
-                             card=ctx.card, calibration=calib, layout=self.options.layout, root=ctx.root)
+                             card=ctx.card, calibration=calib, layout=self.options.layout, root=ctx.root,
+                             module=ctx.model, converter=self.options.converter)

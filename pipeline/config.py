@@ -41,6 +41,9 @@ class ExportSection(_Section):
                                       description="Core ML minimum deployment target (iOS16, macOS13, ...; "
                                                   "checked at export); None: the exporter's default")
     tflite_layout: str = Field("NHWC", pattern="(?i)^(nhwc|nchw)$", description="input layout of the .tflite")
+    tflite_converter: Literal["auto", "litert-torch", "onnx2tf"] = Field(
+        "auto", description="TFLite route: auto (litert-torch for fp32/fp16, onnx2tf fallback and for the "
+                            "integer kinds), litert-torch, or onnx2tf")
     # preprocessing: part of the model's contract (the same fields as export's flags); None = the
     # checkpoint's / the model's own, and a default beyond that is printed as "assumed:"
     input_size: int | str | list[int] | None = Field(None, description="N, 'HxW' or [H, W]")
@@ -65,7 +68,8 @@ class ExportSection(_Section):
         formats, precisions and opset: ``ExportOptions(..., **cfg.export.app_options())``."""
         from pipeline.stages.export import PreprocessingChoice
         out: dict[str, Any] = {"coreml_input": self.coreml_input, "coreml_target": self.coreml_target,
-                               "tflite_layout": self.tflite_layout, "card": self.card.model_dump(exclude_none=True)}
+                               "tflite_layout": self.tflite_layout,
+                               "tflite_converter": self.tflite_converter, "card": self.card.model_dump(exclude_none=True)}
         pre = (self.input_size, self.mean, self.std, self.channel_order, self.resize, self.crop_pct)
         if any(v is not None for v in pre):       # only what the file sets; the model's own otherwise
             out["preprocessing"] = PreprocessingChoice(*pre)
@@ -81,7 +85,7 @@ class QuantizeSection(_Section):
 
     target: Literal["snapdragon", "generic"] = "snapdragon"
     method: Literal["minmax", "entropy", "percentile", "mse"] = "minmax"
-    samples: int = Field(200, ge=1, description="calibration images from the training split")
+    samples: int = Field(256, ge=1, description="calibration images from the training split")
     float_fixes: list[str] = Field(default_factory=list, description="bn, cle, hba, bias")
     weight_rounding: list[str] = Field(default_factory=lambda: ["mse", "gptq", "bias"],
                                        description="rtn (plain), or any of mse, gptq, sequential, bias")

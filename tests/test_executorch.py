@@ -147,8 +147,5 @@ def test_doctor_reports_both_converters(cli):
     checks = {c["name"]: c for c in json.loads(out)["checks"]}
     assert code == 0
     assert checks["python package ExecuTorch"]["detail"] == metadata.version("executorch")
-    lt = checks["python package litert-torch"]
-    try:
-        assert lt["detail"] == metadata.version("litert-torch")
-    except metadata.PackageNotFoundError:
-        assert lt["detail"] == "not installed" and lt["fix"]
+    assert checks["python package litert-torch"]["detail"] == metadata.version("litert-torch")   # pinned
+    assert checks["python package ai-edge-quantizer"]["detail"] == metadata.version("ai-edge-quantizer")

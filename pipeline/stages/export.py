@@ -73,6 +73,7 @@ class ExportOptions:
     coreml_input: str = "image"                   # exporters.coreml.CoreMLOptions.input
     coreml_target: str | None = None              # exporters.coreml.CoreMLOptions.target
     tflite_layout: str = "NHWC"                   # exporters.tflite.TFLiteOptions.layout
+    tflite_converter: str = "auto"                # exporters.tflite.TFLiteOptions.converter
     exporter_options: dict[str, ExporterOptions] = field(default_factory=dict)  # exporter name -> typed options
 
 
