@@ -56,19 +56,12 @@ KNOWN_FAILURES: dict[str, str] = {
 }
 
 # name -> the measured miss (make test-zoo): the file converts, the numbers are off beyond the rule.
-# RepVGG-B fp32: LiteRT's XNNPACK kernels round these wide plain 3x3 convs (up to 11,520 products
-# per output) more than PyTorch: repvgg_b0 is 9.6e-5 from float64 with XNNPACK, 5.6e-5 without it,
-# ONNX Runtime 2.8e-5, PyTorch fp32 2.5e-5; the 2x float64 rule calls it a divergence. Open question:
-# a bound that knows the accumulation length, or a comparison with XNNPACK off.
-_XNNPACK = "fp32 on XNNPACK beyond 2x PyTorch's own float64 distance"
+# (RepVGG-B fp32 on XNNPACK was here: 9.6e-5 from float64 where PyTorch is 2.5e-5. XNNPACK sums each
+# output's products in order, PyTorch in blocks; summed in order, PyTorch itself is 1.1e-4 from float64
+# (repvgg_b0), and the float64 rule now takes the worse of the two orders: device_tests.accumulation.)
 KNOWN_MISSES: dict[str, str] = {
-    "repvgg_b0": f"{_XNNPACK}: 9.61e-05 vs PyTorch 2.49e-05",
-    "repvgg_b1": f"{_XNNPACK}: 1.43e-04 vs PyTorch 2.93e-05",
-    "repvgg_b1g2": f"{_XNNPACK}: 1.34e-04 vs PyTorch 2.11e-05",
-    "repvgg_b2": f"{_XNNPACK}: 1.32e-04 vs PyTorch 2.00e-05",
-    "repvgg_b2g4": f"{_XNNPACK}: 7.78e-05 vs PyTorch 2.21e-05",
     "densenet_cifar": "fp16 file 31.9 dB where PyTorch's own fp16 forward is 39.6 dB and Core ML fp16 35.9 dB "
-                      "(not investigated)",
+                      "(not investigated; the litert-torch route's fp16 file passes)",
 }
 # repvgg_tiny (like qarepvgg_tiny before it) converts at 32x32 since the zoo weights carry a real
 # signal: onnx2tf checks its layout guesses on a sample forward, so what it picks depends on them.
@@ -76,18 +69,9 @@ SIZE_SPECIFIC = ("asnet_base", "qarepvgg_tiny", "repvgg_tiny", "shiftnet_a")
 
 
 # The same for the litert-torch route (litert-torch 0.10.0, ai-edge-quantizer 0.10.0), from `make test-zoo`:
-# every model converts, the six onnx2tf failures included (mixer_b16_224 at 224). The RepVGG-B misses
-# are the onnx2tf route's to the digit (repvgg_b0: 9.61e-05 from float64 by either file): the same
-# XNNPACK fp32 kernels on the same plain 3x3 convs, not the converter.
+# every model converts, the six onnx2tf failures included (mixer_b16_224 at 224).
 LITERT_TORCH_FAILURES: dict[str, str] = {}
-LITERT_TORCH_MISSES: dict[str, str] = {
-    "repvgg_b0": f"{_XNNPACK}: 9.61e-05 vs PyTorch 2.49e-05 (as by onnx2tf)",
-    "repvgg_b1": f"{_XNNPACK}: 1.43e-04 vs PyTorch 2.93e-05 (as by onnx2tf)",
-    "repvgg_b1g2": f"{_XNNPACK}: 1.34e-04 vs PyTorch 2.11e-05 (as by onnx2tf)",
-    "repvgg_b2": f"{_XNNPACK}: 1.32e-04 vs PyTorch 2.00e-05 (as by onnx2tf)",
-    "repvgg_b2g4": f"{_XNNPACK}: 7.78e-05 vs PyTorch 2.21e-05 (as by onnx2tf)",
-    "repvgg_b3": f"{_XNNPACK}: 1.83e-04 vs PyTorch 2.65e-05 (onnx2tf cannot convert it at 32x32)",
-}
+LITERT_TORCH_MISSES: dict[str, str] = {}
 ROUTES = {"onnx2tf": (KNOWN_FAILURES, KNOWN_MISSES), "litert-torch": (LITERT_TORCH_FAILURES, LITERT_TORCH_MISSES)}
 
 

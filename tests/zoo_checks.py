@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from device_tests.accumulation import sequential_fp32
 from device_tests.compare import FP64_MARGIN, error_metrics, fp64_distances, tolerance_for
 from models import create_model, model_entry
 from models.complexity import Complexity, count_complexity
@@ -193,17 +194,20 @@ def fp32_parity_failure(model: nn.Module, x: np.ndarray, out: np.ndarray, what: 
     than that in fp32 on *either* side; then, by verify's float64 rule
     (``device_tests.compare.fp64_distances``), the runtime passes only if it is within
     ``FP64_MARGIN`` of PyTorch's own fp32 distance from a float64 forward, i.e. no worse
-    than PyTorch itself. Both distances go in the message.
+    than PyTorch itself, with its sums either blocked (its own kernels) or in order
+    (``device_tests.accumulation``, XNNPACK's order). Both distances go in the message.
     """
     ref, bound = _fp32_reference(model, x)
     err = float(np.abs(out.astype(np.float64) - ref).max())
     if err <= bound:
         return None
-    own, tgt, rounding = fp64_distances(ref, out, _float64_forward(model, x))
+    with torch.no_grad(), sequential_fp32(model):
+        in_order = model(torch.from_numpy(x)).numpy()
+    own, tgt, rounding = fp64_distances(ref, out, _float64_forward(model, x), in_order)
     if rounding:
         return None
     return (f"{what} fp32: max abs {err:.3g} > {bound:.3g} (logits up to {np.abs(ref).max():.3g}), and {tgt:.3g} "
-            f"from float64 where PyTorch fp32 is {own:.3g}: beyond fp32 rounding")
+            f"from float64 where PyTorch fp32 (blocked or in-order sums) is {own:.3g}: beyond fp32 rounding")
 
 
 def fp16_parity_failure(model: nn.Module, x: np.ndarray, out: np.ndarray, what: str) -> str | None:

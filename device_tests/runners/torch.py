@@ -11,6 +11,7 @@ for the k-th later call. Hooks clone what they capture: an in-place activation
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,10 @@ from exporters.layer_map import call_key
 class TorchRunner(Runner):
     """Options: ``dtype`` ``"float32"`` (default) or ``"float64"``. The float64 run is not
     a deployment target: it is exact arithmetic's stand-in, to tell how far fp32 rounding
-    alone moves this model's outputs (its outputs are returned as float64). ``model``: the
+    alone moves this model's outputs (its outputs are returned as float64).
+    ``accumulation``: ``"blocked"`` (default, PyTorch's own kernels) or ``"in-order"``
+    (every conv/linear summed one product at a time, as XNNPACK does:
+    ``device_tests.accumulation``; slow, for the float64 rule on a few inputs). ``model``: the
     ``file.py:factory`` the user named (``--model``) for an architecture that only code
     defines; the checkpoint's own record of it is never imported."""
 
@@ -39,6 +43,10 @@ class TorchRunner(Runner):
             from models.errors import InputError
             raise InputError("torch.dtype", "float32 or float64", repr(dtype))
         self.dtype = torch.float64 if dtype == "float64" else torch.float32
+        self.accumulation = str(options.get("accumulation", "blocked"))
+        if self.accumulation not in ("blocked", "in-order"):
+            from models.errors import InputError
+            raise InputError("torch.accumulation", "blocked or in-order", repr(self.accumulation))
         self.output_dtype = np.float64 if dtype == "float64" else np.float32
         self.model: torch.nn.Module | None = None
         self.meta: dict[str, Any] = {}
@@ -67,7 +75,8 @@ class TorchRunner(Runner):
 
     @property
     def label(self) -> str:
-        tail = ", float64" if self.dtype == torch.float64 else ""
+        tail = (", float64" if self.dtype == torch.float64 else "") + \
+            (", sums in order" if self.accumulation == "in-order" else "")
         return f"torch {torch.__version__} (eager, CPU{tail})"
 
     def _tensor(self, feed: dict[str, np.ndarray]) -> torch.Tensor:
@@ -84,8 +93,10 @@ class TorchRunner(Runner):
 
     def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         assert self.model is not None, "load() first"
+        from device_tests.accumulation import sequential_fp32
         from exporters.onnx import flatten_outputs
-        with torch.inference_mode():
+        order = sequential_fp32(self.model) if self.accumulation == "in-order" else contextlib.nullcontext()
+        with torch.inference_mode(), order:
             outs = flatten_outputs(self.model(self._tensor(feed)))
         return {n: self._out(o) for n, o in zip(self._names_out(len(outs)), outs)}
 

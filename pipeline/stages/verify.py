@@ -27,6 +27,7 @@ from models.errors import InputError
 from models.images import load_images, match_class_folders, preprocess
 
 DEFAULT_SAMPLES = 100          # 1% resolution on top-1 agreement, seconds on CPU for small models
+IN_ORDER_SAMPLES = 16          # inputs of the in-order fp32 forward (one tensor op per product index: slow)
 DIVERGENCE_SAMPLES = 4         # the worst-differing inputs are enough to localise a fault
 
 
@@ -146,22 +147,29 @@ def _fp64_check(report: ParityReport, results: Any, ref_art: Artifact, root: Pat
     with runner:
         runner.load(ref_art, root)
         exact = next(iter(run_batched(runner, feeds, batch_size=opts.batch_size).values()))
+    # the other honest fp32 order (XNNPACK's): each product summed in turn, on a few inputs
+    few = {k: v[:IN_ORDER_SAMPLES] for k, v in feeds.items()}
+    with runner_for(ref_art)(**{**opts.runner_options.get("torch", {}), "accumulation": "in-order"}) as seq:
+        seq.load(ref_art, root)
+        in_order = next(iter(run_batched(seq, few, batch_size=opts.batch_size).values()))
     _, ref32 = results.output(report.pairs[0].reference)
     for pair in failing:
         _, t = results.output(pair.target)
-        own, tgt, rounding = fp64_distances(ref32, t, exact)
+        own, tgt, rounding = fp64_distances(ref32, t, exact, in_order)
         pair.fp64_check = {"reference_vs_fp64": own, "target_vs_fp64": tgt}
         where = _where(pair, (divergences or {}).get(pair.target))
         if rounding:
             closer = " (closer to exact than the reference)" if tgt < own else ""
             look = (f"look at {where[1]}" if where and where[0] != "built up over" else
                     "look for BatchNorm layers with near-zero running variance")
-            pair.diagnosis = (f"fp32 rounding, not a fault: PyTorch fp32 itself is {own:.3g} from float64 "
+            pair.diagnosis = (f"fp32 rounding, not a fault: PyTorch fp32 itself (its own sums, or each "
+                              f"product summed in turn as XNNPACK does) is {own:.3g} from float64 "
                               f"and {pair.target} {tgt:.3g}{closer}; this model amplifies rounding ({look}). "
                               f"To accept it: --tolerance fp32:max_abs={FP64_MARGIN * own:.2g}")
         else:
             at = f", {where[0]} {where[1]}" if where else ""
-            pair.diagnosis = (f"{pair.target} is {tgt:.3g} from float64 where PyTorch fp32 is {own:.3g}: "
+            pair.diagnosis = (f"{pair.target} is {tgt:.3g} from float64 where PyTorch fp32 (either sum order) "
+                              f"is {own:.3g}: "
                               f"beyond fp32 rounding, a real divergence{at}")
 
 
