@@ -145,11 +145,12 @@ def recover_output(out_dir: str | Path) -> None:
 _ANY_STAGING_RE = re.compile(r"\..+\.(\d+)\.[^.]*\.staging")
 
 
-def remove_dead_staging(parent: str | Path) -> None:
+def remove_dead_staging(parent: str | Path, keep: str | Path | None = None) -> None:
     """Delete the staging folders of dead processes in ``parent``, whatever output they were
     for. ``recover_output`` only sweeps those of one name; a folder of runs needs this
     too, since every ``mdeploy run`` picks a new name (a killed run's staging folder would
-    otherwise stay for ever). A live process's folder is its work in progress: left alone."""
+    otherwise stay for ever). A live process's folder is its work in progress: left alone,
+    and so is ``keep`` (the killed run ``mdeploy run --resume`` is about to reuse)."""
     folder = Path(parent)
     try:
         entries = list(folder.iterdir()) if folder.is_dir() else []
@@ -157,6 +158,8 @@ def remove_dead_staging(parent: str | Path) -> None:
         return
     for entry in entries:
         match = _ANY_STAGING_RE.fullmatch(entry.name)
+        if keep is not None and entry == Path(keep):
+            continue
         if match and entry.is_dir() and not entry.is_symlink() and not _pid_alive(int(match.group(1))):
             shutil.rmtree(entry, ignore_errors=True)
 

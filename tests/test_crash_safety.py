@@ -153,8 +153,8 @@ def test_quantize_killed_at_each_stage_of_its_force_swap_keeps_a_complete_result
 
 @needs_strace
 def test_run_killed_midway_then_rerun_completes_and_latest_moves_only_then(tmp_path):
-    """``mdeploy run`` killed after its train stage (at the first rename of the export
-    stage): no run folder appears, ``latest`` still names the previous run; the same command
+    """``mdeploy run`` killed after its train stage (at the next rename: the train stage's
+    resume marker): no run folder appears, ``latest`` still names the previous run; the same command
     rerun completes, ``latest`` moves to it, and the killed run's staging folder is gone."""
     cfg = tmp_path / "tiny.toml"
     cfg.write_text('name = "tiny"\nstages = ["train", "export"]\n[train]\nmodel = "mobilenet_v2"\n'
@@ -349,3 +349,57 @@ def test_export_with_enospc_at_each_write_fails_cleanly_then_reruns(tmp_path, tr
     proc = _mdeploy(tmp_path, *args, "--force")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == names
+
+
+# -------------------------------------------------------------------------- resumable runs
+
+
+def test_run_killed_in_export_resumes_without_training_again_and_reruns_what_changed(tmp_path):
+    """``mdeploy run`` killed in its export stage (at the export's first rename, so after
+    train was complete); ``run --resume`` copies the train stage of the killed run (the
+    same checkpoint, byte for byte, and says so), runs export, and ends as a complete run
+    with ``latest`` on it and no hidden debris. A second ``--resume`` reuses both stages;
+    a changed export section reruns only export; a changed training section reruns both."""
+    cfg = tmp_path / "tiny.toml"
+    base = ('name = "tiny"\nstages = ["train", "export"]\n[train]\nmodel = "mobilenet_v2"\n'
+            'model_kwargs = { width_mult = 0.35 }\ndata = "digits"\ninput_size = 16\nepochs = 1\n'
+            'train_samples = 256\n[export]\nformats = ["onnx"]\n')
+    cfg.write_text(base)
+    runs = tmp_path / "runs"
+    args = ("run", "--config", str(cfg), "--out", str(runs))
+    train_renames = _renames(tmp_path, *TINY_TRAIN, "--out", str(tmp_path / "alone"))
+    # + 1: the train stage's marker (run_cache.mark_done); + 2: the export stage's first rename
+    proc = _mdeploy(tmp_path, *args, "-q", kill_at_rename=train_renames + 2)
+    assert _killed(proc), (proc.returncode, proc.stderr[-2000:])
+    (killed,) = [p for p in runs.iterdir() if p.name.endswith(".staging")]
+    trained = (killed / "train" / "model.safetensors").read_bytes()
+    assert not (killed / "export").exists()
+
+    proc = _mdeploy(tmp_path, *args, "--resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"resuming from {killed.name}" in proc.stdout + proc.stderr and "train: reused" in proc.stdout
+    assert "export: reused" not in proc.stdout
+    run_dir = runs / os.readlink(runs / "latest")
+    assert (run_dir / "train" / "model.safetensors").read_bytes() == trained
+    assert (run_dir / "export" / "model.onnx").is_file() and _hidden(runs) == []
+    assert str(killed) not in (run_dir / "export" / "manifest.json").read_text()
+
+    proc = _mdeploy(tmp_path, *args, "--resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "train: reused" in proc.stdout and "export: reused" in proc.stdout
+
+    cfg.write_text(base.replace('formats = ["onnx"]', 'formats = ["onnx"]\ncoreml_input = "tensor"'))
+    proc = _mdeploy(tmp_path, *args, "--resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "train: reused" in proc.stdout and "export: reused" not in proc.stdout
+
+    cfg.write_text(base.replace("epochs = 1", "epochs = 2"))
+    proc = _mdeploy(tmp_path, *args, "--resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "reused" not in proc.stdout
+
+
+def test_resume_of_a_run_that_is_not_there_is_one_line(cli, tmp_path):
+    (tmp_path / "runs").mkdir()
+    code, _, err = cli("run", "--out", str(tmp_path / "runs"), "--resume", "../elsewhere")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--resume" in err

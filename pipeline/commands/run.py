@@ -41,6 +41,10 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="run name (default: the config's name)")
     p.add_argument("--stages", help=f"comma list, a subset of {','.join(STAGES)} (default: the config's)")
     p.add_argument("--epochs", type=int, help="override the config's training epochs")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN",
+                   help="reuse the train and export stages of the newest run of this name (finished, or killed "
+                        "midway), or of the run folder RUN under --out, where their config is unchanged; the "
+                        "later stages run again")
     p.set_defaults(func=run)
 
 
@@ -146,16 +150,21 @@ def run(args: argparse.Namespace, ui) -> int:
         # the value came from the user's file: name the file and the section, not a flag
         raise InputError(args.config, f"{getattr(exc, 'section', '')}{exc.expected}", exc.found) from None
     from exporters.fileio import remove_dead_staging, staged_output_dir
-    remove_dead_staging(out_parent)                     # what killed runs left (each run has a new name)
+    from pipeline.commands.run_cache import find_previous
+    previous = find_previous(out_parent, name, args.resume or None) if args.resume is not None else None
+    remove_dead_staging(out_parent, keep=previous)      # what killed runs left (each run has a new name)
     run_dir = _new_run_dir(out_parent, name)
     ui.info(Markup(f"[bold]mdeploy run[/bold] -> {esc(run_dir)}"))
+    if args.resume is not None:
+        ui.info(f"resuming from {previous.name}" if previous is not None else
+                f"--resume: no earlier run named {name} in {out_parent}: running every stage")
     from pipeline.report import RunRecord
     record = RunRecord(name=name, run_dir=str(run_dir), config=cfg.model_dump())
     # the run is built in a staging sibling and renamed to its name only when every stage
     # has finished: a failed or killed run leaves no half-run folder, and 'latest' moves
     # only to a complete run
     with staged_output_dir(run_dir) as stage:
-        code = _stages(args, ui, cfg, stages, stage, record, user_factory, shown=run_dir)
+        code = _stages(args, ui, cfg, stages, stage, record, user_factory, shown=run_dir, previous=previous)
         for old, new in ((stage.resolve(), run_dir.resolve()), (stage, run_dir)):   # absolute and as given
             _relocate(record, str(old), str(new))
             _relocate_files(stage, old, new)
@@ -165,18 +174,28 @@ def run(args: argparse.Namespace, ui) -> int:
             paths = write_report(stage, record)
             ui.result(f"report: {run_dir / paths['html'].name}  (also {paths['md'].name}, {paths['json'].name})")
     _point_latest(run_dir)
+    if previous is not None:
+        remove_dead_staging(out_parent)                 # the killed run resumed from, once reused
     if args.json:
         ui.emit_json(record.to_dict())
     return code
 
 
 def _stages(args: argparse.Namespace, ui, cfg, stages: list[str], run_dir: Path, record: "RunRecord",
-            user_factory: str | None, shown: Path) -> int:
+            user_factory: str | None, shown: Path, previous: Path | None = None) -> int:
     """Every stage of the run, in order, into ``run_dir`` (the staging folder); the exit code.
-    Messages name ``shown``, the folder the run will have once renamed into place."""
+    Messages name ``shown``, the folder the run will have once renamed into place. With
+    ``previous`` (``--resume``), train and export are copied from it where their keys
+    match (``pipeline.commands.run_cache``)."""
+    from exporters.artifact import sha256_of
+    from pipeline.commands.run_cache import adopt, mark_done, reusable, stage_key
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else None
     export_dir = run_dir / "export"
     code = 0
+    # what the export depends on upstream: the training config, or the given checkpoint's bytes
+    upstream = stage_key("train", cfg.train.model_dump(), user_factory) if "train" in stages else \
+        (sha256_of(checkpoint) if checkpoint is not None and checkpoint.is_file() else None)
+    upstream_reused = "train" not in stages
 
     def timed(stage: str):
         ui.info(Markup(f"\n[bold cyan]== {esc(stage)}[/bold cyan]"))
@@ -187,13 +206,25 @@ def _stages(args: argparse.Namespace, ui, cfg, stages: list[str], run_dir: Path,
         from pipeline.report import TrainRecord
         from pipeline.stages.train import train
         t0 = timed("train")
-        with ui.progress() as prog:
-            result = train(cfg.train, run_dir / "train", progress=progress_printer(ui, prog, cfg.train.model))
-        checkpoint = result.checkpoint
-        record.add(TrainRecord.from_result(cfg.train.model, cfg.train.data, result))
+        done = reusable(previous, "train", upstream)
+        if done is not None:
+            assert previous is not None
+            adopt(previous, "train", run_dir)
+            rec = TrainRecord(**{**done["record"], "checkpoint": str(run_dir / "train" /
+                                                                     Path(done["record"]["checkpoint"]).name)})
+            checkpoint, upstream_reused = Path(rec.checkpoint), True
+            record.add(rec)
+            ui.result(f"train: reused from {previous.name} (same training config): held-out accuracy "
+                      f"{100 * rec.test_acc:.2f}%")
+        else:
+            with ui.progress() as prog:
+                result = train(cfg.train, run_dir / "train", progress=progress_printer(ui, prog, cfg.train.model))
+            checkpoint = result.checkpoint
+            rec = record.add(TrainRecord.from_result(cfg.train.model, cfg.train.data, result))
+            mark_done(run_dir / "train", "train", upstream, rec.to_dict(), time.perf_counter() - t0)
+            ui.result(f"trained {cfg.train.model}: held-out accuracy {100 * result.test_acc:.2f}% "
+                      f"(best epoch {result.best_epoch}) -> {shown / checkpoint.relative_to(run_dir)}")
         record.stages["train"] = time.perf_counter() - t0
-        ui.result(f"trained {cfg.train.model}: held-out accuracy {100 * result.test_acc:.2f}% "
-                  f"(best epoch {result.best_epoch}) -> {shown / checkpoint.relative_to(run_dir)}")
 
     if "export" in stages:
         from pipeline.commands.export import artifacts_table
@@ -201,16 +232,27 @@ def _stages(args: argparse.Namespace, ui, cfg, stages: list[str], run_dir: Path,
         from pipeline.stages.export import ExportOptions, export_model
         t0 = timed("export")
         precisions = tuple(dict.fromkeys([*cfg.export.tflite_precisions, *cfg.export.coreml_precisions]))
-        with ui.status("exporting"):
-            exp = export_model(user_factory, export_dir, checkpoint=checkpoint, progress=ui.info,
-                               options=ExportOptions(formats=tuple(cfg.export.formats),
-                                                     precisions=precisions, opset=cfg.export.opset,
-                                                     **cfg.export.app_options()))
-        record.add(ExportRecord(str(export_dir), list(exp.manifest.artifacts), exp.seconds,
-                                exp.manifest.preprocessing, list(exp.assumed)))
+        key = stage_key("export", cfg.export.model_dump(), upstream, user_factory)
+        done = reusable(previous, "export", key) if upstream_reused else None
+        if done is not None:
+            from exporters.artifact import Manifest
+            assert previous is not None
+            adopt(previous, "export", run_dir)
+            manifest, seconds = Manifest.load(export_dir), dict(done["record"].get("seconds", {}))
+            assumed = list(manifest.assumed)
+            ui.result(f"export: reused from {previous.name} (same export config and checkpoint)")
+        else:
+            with ui.status("exporting"):
+                exp = export_model(user_factory, export_dir, checkpoint=checkpoint, progress=ui.info,
+                                   options=ExportOptions(formats=tuple(cfg.export.formats),
+                                                         precisions=precisions, opset=cfg.export.opset,
+                                                         **cfg.export.app_options()))
+            manifest, seconds, assumed = exp.manifest, exp.seconds, list(exp.assumed)
+            mark_done(export_dir, "export", key, {"seconds": seconds}, time.perf_counter() - t0)
+        record.add(ExportRecord(str(export_dir), list(manifest.artifacts), seconds, manifest.preprocessing, assumed))
         record.stages["export"] = time.perf_counter() - t0
-        ui.table(artifacts_table(exp.manifest, export_dir))
-        for line in exp.assumed:
+        ui.table(artifacts_table(manifest, export_dir))
+        for line in assumed:
             ui.assumed(line)
 
     if "verify" in stages:
