@@ -47,6 +47,7 @@ from exporters.fileio import atomic_write_bytes
 from exporters.native_output import NativeOutput, captured_native_output
 from exporters.onnx import INPUT_NAME, OUTPUT_NAME, _one_line, _output_names, flatten_outputs
 from models.errors import InputError
+from models.sparse_shift import no_negative_pads
 
 PRECISIONS = ("fp32", "int8")
 DEFAULT_PRECISIONS = ("fp32",)          # int8 needs calibration images: asked for explicitly
@@ -214,7 +215,8 @@ def export_executorch(model: nn.Module, out_dir: str | Path, precisions: Sequenc
     for precision in precisions:
         t0 = time.perf_counter()
         try:
-            with quiet_executorch(), torch.no_grad():
+            # ExecuTorch's portable constant_pad_nd refuses negative pads: sparse shifts as Pad + Slice
+            with quiet_executorch(), torch.no_grad(), no_negative_pads():
                 source = _quantized(model, example, calib) if precision == "int8" else model
                 edge = _lower(torch.export.export(source, (example,)))
                 split = delegation_split(edge.exported_program().graph_module)

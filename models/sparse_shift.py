@@ -33,7 +33,8 @@ displacement (dy, dx) gives ``out[..., i, j] = x[..., i - dy, j - dx]``.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -48,6 +49,21 @@ _PAPER = ("Chen et al. 2019, All You Need is a Few Shifts: Designing Efficient "
 
 
 # -- the integer per-channel shift and its straight-through autograd Function ----------------
+_NO_NEGATIVE_PADS = False
+
+
+@contextlib.contextmanager
+def no_negative_pads() -> Iterator[None]:
+    """Within the block, deploy-form sparse shifts trace to non-negative Pads and Slices
+    (for a converter or runtime whose pad cannot crop, as ExecuTorch's portable kernel)."""
+    global _NO_NEGATIVE_PADS
+    previous, _NO_NEGATIVE_PADS = _NO_NEGATIVE_PADS, True
+    try:
+        yield
+    finally:
+        _NO_NEGATIVE_PADS = previous
+
+
 def shift_per_channel(x: torch.Tensor, dy: Sequence[int], dx: Sequence[int]) -> torch.Tensor:
     """Move channel c of an NCHW tensor by the integers (dy[c], dx[c]), zero fill.
 
@@ -213,11 +229,12 @@ class SparseShift(nn.Module):
         """Channels split into runs of one displacement; a run moves by one Pad whose
         padding is negative on the side it leaves (a crop), a still run passes through;
         one Concat. Under ``torch.jit.trace`` (Core ML's route: its ``pad`` takes no
-        negative padding) a moving segment is shifted by ``shift_channel_groups`` (one
-        Pad, Slices) instead. Both are exact: data movement only."""
+        negative padding) or inside ``no_negative_pads()`` (ExecuTorch's portable
+        ``constant_pad_nd`` refuses them too) a moving segment is shifted by
+        ``shift_channel_groups`` (one Pad, Slices) instead. Both are exact: data movement only."""
         if not any(moving for moving, _ in self._segments):
             return x
-        if torch.jit.is_tracing():
+        if torch.jit.is_tracing() or _NO_NEGATIVE_PADS:
             sizes = [sum(n for _, n in runs) for _, runs in self._segments]
             parts = torch.split(x, sizes, dim=-3) if len(sizes) > 1 else (x,)
             out = [shift_channel_groups(part, [k for k, _ in runs], [n for _, n in runs])

@@ -149,3 +149,26 @@ def test_doctor_reports_both_converters(cli):
     assert checks["python package ExecuTorch"]["detail"] == metadata.version("executorch")
     assert checks["python package litert-torch"]["detail"] == metadata.version("litert-torch")   # pinned
     assert checks["python package ai-edge-quantizer"]["detail"] == metadata.version("ai-edge-quantizer")
+
+
+def test_sparse_shifts_lower_without_negative_pads(tmp_path):
+    """FE-Net's deploy-form shifts crop with negative Pads, which ExecuTorch's portable
+    ``constant_pad_nd`` refuses at run time ("Padding values must be non-negative"); the
+    exporter traces them as Pad + Slice (``models.sparse_shift.no_negative_pads``), and the
+    program runs with fp32 parity."""
+    import numpy as np
+    import torch
+
+    from device_tests.runners.executorch import ExecuTorchRunner
+    from exporters.executorch import export_executorch
+    from models import create_model
+    from models.reparam import reparameterize_model
+    from tests.zoo_checks import fp32_parity_failure, trained_like
+    torch.manual_seed(0)
+    model = reparameterize_model(trained_like(create_model("fe_net_tiny", num_classes=10, in_chans=3), 32))
+    (art,) = export_executorch(model, tmp_path, ["fp32"], input_shape=(1, 3, 32, 32))
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    with ExecuTorchRunner() as r:
+        r.load(art, tmp_path)
+        out = r.infer({"input": x})["logits"]
+    assert fp32_parity_failure(model, x, out, "fe_net_tiny") is None
