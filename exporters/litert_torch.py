@@ -147,10 +147,4 @@ def inline_buffers(data: bytes) -> bytes:
     return pack_model(m) if moved else data
 
 
-def input_is_float(data: bytes) -> bool:
-    """The converted file takes float32 (litert-torch keeps the model's own input dtype)."""
-    from ai_edge_litert.interpreter import Interpreter
-    return np.dtype(Interpreter(model_content=data).get_input_details()[0]["dtype"]) == np.float32
-
-
 __all__ = ["FLOAT_PRECISIONS", "available", "convert_float", "float16_weights", "inline_buffers", "version"]

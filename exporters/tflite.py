@@ -100,7 +100,7 @@ def export_tflite(onnx_path: str | Path, out_dir: str | Path, precisions: Iterab
     in_name, in_shape, out_names = _io_signature(model, onnx_path, preprocessing)
     calib, calib_source = _calibration(calibration, in_shape, preprocessing, precisions, random_calibration)
 
-    raw, routes = _direct_float(module, converter, in_shape, precisions, layout)
+    raw, reasons, fallback = _direct_float(module, converter, in_shape, precisions, layout)
     raw = {p: _rename_io(d, [in_name], out_names) for p, d in raw.items()}
     # fp32 always (the layer map needs one); the pixel kind is converted from its own graph below
     onnx_route = [p for p in dict.fromkeys(["fp32", *precisions]) if p not in raw and p != PIXEL_PRECISION]
@@ -134,8 +134,9 @@ def export_tflite(onnx_path: str | Path, out_dir: str | Path, precisions: Iterab
     artifacts = []
     for precision in precisions:
         data = raw[precision]
-        route, reason = routes.get(precision, (ONNX_ROUTE, _onnx_reason(precision, converter, routes)))
-        direct = route != ONNX_ROUTE
+        direct = precision in reasons
+        route = "litert-torch" if direct else ONNX_ROUTE
+        reason = reasons[precision] if direct else _onnx_reason(precision, converter, fallback)
         # litert-torch moves only the input to channels-last; a 4-D output keeps NCHW
         ins, outs = _tensor_specs(data, layout, output_layout="NCHW" if direct else "NHWC")
         md = image_classifier_metadata(card, preprocessing, input_name=in_name, output_name=out_names[0],
@@ -175,39 +176,38 @@ def export_tflite(onnx_path: str | Path, out_dir: str | Path, precisions: Iterab
 
 
 def _direct_float(module: Any, converter: str, in_shape: list[int], precisions: list[str],
-                  layout: str) -> tuple[dict[str, bytes], dict[str, tuple[str, str]]]:
-    """The float kinds by litert-torch where ``converter`` allows it: ``(bytes, routes)``
-    per precision, ``routes[p] = (tool, reason)``; ``routes["_fallback"]`` carries why the
-    ONNX route took them instead (``auto`` only; ``litert-torch`` raises)."""
+                  layout: str) -> tuple[dict[str, bytes], dict[str, str], str]:
+    """The float kinds by litert-torch where ``converter`` allows it: ``(bytes, reasons,
+    fallback)``, bytes per precision converted (fp32 always, the layer map needs it),
+    the reason per precision asked, and why the ONNX route took the float kinds instead
+    (``auto`` only, else empty; ``litert-torch`` raises)."""
     floats = [p for p in precisions if p in litert_torch.FLOAT_PRECISIONS]
     if converter == "onnx2tf" or not floats:
-        return {}, {}
+        return {}, {}, ""
     why_not = ("no PyTorch model (an ONNX file was given)" if module is None else
                "litert-torch is not installed" if not litert_torch.available() else "")
     if why_not:
         if converter == "litert-torch":
             raise InputError("--tflite-converter", "litert-torch and the PyTorch model to convert", why_not)
-        return {}, {"_fallback": ("", why_not)}
+        return {}, {}, why_not
     try:
         raw = litert_torch.convert_float(module, in_shape, floats, layout=layout)
     except ConversionError as exc:
         if converter == "litert-torch":
             raise
-        return {}, {"_fallback": ("", f"litert-torch failed: {exc.found}")}
+        return {}, {}, f"litert-torch failed: {exc.found}"
     reason = ("asked for (--tflite-converter litert-torch)" if converter == "litert-torch" else
               "float kinds convert straight from PyTorch (no ONNX layout guessing)")
-    routes = {p: ("litert-torch", reason + (", weights cast to float16 by ai-edge-quantizer" if p == "fp16" else ""))
-              for p in raw}
-    if "fp32" not in precisions:
-        routes.pop("fp32", None)
-    return raw, routes
+    reasons = {p: reason + (", weights cast to float16 by ai-edge-quantizer" if p == "fp16" else "")
+               for p in floats}
+    return raw, reasons, ""
 
 
-def _onnx_reason(precision: str, converter: str, routes: dict[str, tuple[str, str]]) -> str:
+def _onnx_reason(precision: str, converter: str, fallback: str) -> str:
     if converter == "onnx2tf":
         return "asked for (--tflite-converter onnx2tf)"
     if precision in litert_torch.FLOAT_PRECISIONS:
-        return f"fallback: {routes['_fallback'][1]}" if "_fallback" in routes else "fallback"
+        return f"fallback: {fallback}" if fallback else "fallback"
     return ("integer kinds: calibrated by TFLiteConverter on the onnx2tf SavedModel, the route their "
             "accuracy is measured on")
 
