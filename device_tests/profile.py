@@ -474,10 +474,11 @@ def profile_executorch(path: str, *, runs: int, warmup: int, threads: int | None
     fixed random input in the program's own dtype and shape."""
     import torch
 
-    from exporters.executorch import METHOD, executorch_version, quiet_executorch, runtime_call
+    from exporters.executorch import METHOD, executorch_version, runtime_call
+    from exporters.native_output import quiet
     from models.errors import InputError
     mark = marker or (lambda code: None)
-    with quiet_executorch():
+    with quiet():
         from executorch.runtime import Runtime
         runtime = Runtime.get()
         used = executorch_threads(threads)

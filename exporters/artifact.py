@@ -14,7 +14,7 @@ import os
 import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from models.errors import InputError
 from models.images import Preprocessing  # noqa: F401  (defined with the one function applying it)
@@ -61,6 +61,20 @@ def nhwc_to_nchw(x: Any) -> Any:
 def nchw_to_nhwc(x: Any) -> Any:
     import numpy as np
     return np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if x.ndim == 4 else x
+
+
+def check_calibration(x: Any, shape: Sequence[int | str]) -> Any:
+    """Calibration inputs checked against a model input of ``shape`` (N, C, H, W): a
+    non-empty 4-D array of finite floats, ``shape`` but for N; returned as contiguous
+    float32. Anything else is an ``InputError`` saying the shape or dtype found."""
+    import numpy as np
+    x = np.asarray(x)
+    if x.ndim != 4 or list(x.shape[1:]) != list(shape[1:]) or len(x) == 0:
+        raise InputError("calibration", f"float32 model inputs of shape (N, {', '.join(map(str, shape[1:]))})",
+                         f"shape {tuple(x.shape)}")
+    if not np.issubdtype(x.dtype, np.floating) or not np.isfinite(x).all():
+        raise InputError("calibration", "finite floating-point model inputs", f"dtype {x.dtype}")
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 @dataclass

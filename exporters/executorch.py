@@ -30,24 +30,23 @@ left outside the delegate is where a phone spends time XNNPACK would not.
 """
 from __future__ import annotations
 
-import contextlib
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from exporters.artifact import Artifact, TensorSpec, layout_for_ndim, sha256_of, size_of
+from exporters.artifact import Artifact, TensorSpec, check_calibration, layout_for_ndim, sha256_of, size_of
 from exporters.base import ExportContext, Exporter, ExporterOptions
 from exporters.fileio import atomic_write_bytes
-from exporters.native_output import NativeOutput, captured_native_output
-from exporters.onnx import INPUT_NAME, OUTPUT_NAME, _one_line, _output_names, flatten_outputs
+from exporters.native_output import quiet
+from exporters.onnx import INPUT_NAME, OUTPUT_NAME, flatten_outputs, output_names
 from models.errors import InputError
 from models.sparse_shift import no_negative_pads
+from models.util import error_line_with_cause
 
 PRECISIONS = ("fp32", "int8")
 DEFAULT_PRECISIONS = ("fp32",)          # int8 needs calibration images: asked for explicitly
@@ -69,43 +68,23 @@ CALIBRATION_SOURCE = "the export's calibration images (--calibration, else the t
 _NOT_OPS = ("getitem",)
 
 
-@contextlib.contextmanager
-def quiet_executorch(python_stderr: bool = True) -> Iterator[NativeOutput]:
-    """ExecuTorch and torchao log FutureWarnings, torch.export logs graph breaks, and the
-    runtime prints cpuinfo lines and its load errors from C++; below ``pipeline/`` nothing
-    prints. Yields what was printed, filled in on exit (its tail goes into error messages).
-
-    The runtime's C++ log goes through Python's ``sys.stderr`` (pybind11 stream
-    redirection), so that is captured too (``python_stderr``), besides fds 1 and 2. Not
-    around ``execute``: a Python object there hung or aborted it when XNNPACK ran on more
-    than one thread (its workers write without the GIL); the descriptors still catch it."""
-    import io
-    import warnings
-    captured = NativeOutput()
-    py = io.StringIO()
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        with captured_native_output() as native, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with contextlib.redirect_stderr(py) if python_stderr else contextlib.nullcontext():
-                yield captured
-    finally:
-        logging.disable(previous)
-        captured.text = py.getvalue() + native.text
-
-
 def runtime_call(fn: Callable[[], Any], where: str | Path, expected: str, *, running: bool = False) -> Any:
     """``fn()`` (a runtime load, or with ``running`` an ``execute``) with its output
     captured; a failure is one ``InputError`` quoting the runtime's own reason, which it
-    prints while its exception says only ``Failed to load program, error: 0x:23``."""
+    prints while its exception says only ``Failed to load program, error: 0x:23``.
+
+    ExecuTorch and torchao log FutureWarnings, torch.export logs graph breaks, and the
+    runtime prints cpuinfo lines and its load errors from C++ (through Python's
+    ``sys.stderr``, by pybind11 stream redirection): ``quiet`` catches all of it, except
+    ``sys.stderr`` around ``execute`` (a Python object there hung or aborted it when
+    XNNPACK ran on more than one thread); the descriptors still catch that."""
     error: Exception | None = None
-    with quiet_executorch(python_stderr=not running) as native:
+    with quiet(python_stderr=not running) as native:
         try:
             return fn()
         except Exception as exc:  # RuntimeError from the C++ runtime
             error = exc
-    raise InputError(where, expected, native.tail(2) or _one_line(error)) from None
+    raise InputError(where, expected, native.tail(2) or error_line_with_cause(error)) from None
 
 
 def executorch_version() -> str:
@@ -119,7 +98,7 @@ def executorch_version() -> str:
 def _import_executorch() -> None:
     """ExecuTorch is a pinned dependency, but an install without it must say so in one line."""
     try:
-        with quiet_executorch():
+        with quiet():
             import executorch.exir  # noqa: F401
     except ImportError as exc:
         raise InputError("--formats executorch", "the executorch package (make venv installs it)",
@@ -168,7 +147,7 @@ def delegation_split(graph_module: Any) -> dict[str, Any]:
 def _check_program(buffer: bytes, shape: Sequence[int], where: str) -> None:
     """Load the program with the runtime (XNNPACK initialises its delegate at method load)
     and check its one input is the shape it was exported for, before the file is kept."""
-    with quiet_executorch():
+    with quiet():
         from executorch.runtime import Runtime
     method = runtime_call(lambda: Runtime.get().load_program(buffer).load_method(METHOD), where,
                           "a program the ExecuTorch runtime loads")
@@ -209,14 +188,14 @@ def export_executorch(model: nn.Module, out_dir: str | Path, precisions: Sequenc
     if not outputs:
         raise InputError(where, "a model returning tensors", "no tensor output")
     out_specs = [TensorSpec(name, list(t.shape), "float32", layout_for_ndim(t.ndim))
-                 for name, t in zip(_output_names(len(outputs), OUTPUT_NAME), outputs)]
+                 for name, t in zip(output_names(len(outputs), OUTPUT_NAME), outputs)]
     version = executorch_version()
     artifacts = []
     for precision in precisions:
         t0 = time.perf_counter()
         try:
             # ExecuTorch's portable constant_pad_nd refuses negative pads: sparse shifts as Pad + Slice
-            with quiet_executorch(), torch.no_grad(), no_negative_pads():
+            with quiet(), torch.no_grad(), no_negative_pads():
                 source = _quantized(model, example, calib) if precision == "int8" else model
                 edge = _lower(torch.export.export(source, (example,)))
                 split = delegation_split(edge.exported_program().graph_module)
@@ -226,7 +205,7 @@ def export_executorch(model: nn.Module, out_dir: str | Path, precisions: Sequenc
         except Exception as exc:  # torch.export, PT2E and the lowering raise many types
             what = "PT2E int8 quantization (XNNPACKQuantizer) and " if precision == "int8" else ""
             raise InputError(where, f"a model torch.export, {what}ExecuTorch's XNNPACK lowering can take",
-                             _one_line(exc)) from exc
+                             error_line_with_cause(exc)) from exc
         seconds = time.perf_counter() - t0
         _check_program(buffer, input_shape, f"{where} ({precision} .pte)")
         path = atomic_write_bytes(out_dir / f"{stem}_{precision}{FILE_SUFFIX}", buffer)
@@ -254,13 +233,7 @@ def _check_calibration(calibration: np.ndarray | None, shape: Sequence[int]) -> 
     if calibration is None:
         raise InputError("--calibration", "calibration images for executorch int8 (a data set, an image "
                          "folder or .npy; the checkpoint's data set by default)", "none")
-    x = np.asarray(calibration)
-    if x.ndim != 4 or list(x.shape[1:]) != list(shape[1:]) or len(x) == 0:
-        raise InputError("calibration", f"float32 model inputs of shape (N, {', '.join(map(str, shape[1:]))})",
-                         f"shape {tuple(x.shape)}")
-    if not np.issubdtype(x.dtype, np.floating) or not np.isfinite(x).all():
-        raise InputError("calibration", "finite floating-point model inputs", f"dtype {x.dtype}")
-    return np.ascontiguousarray(x, dtype=np.float32)
+    return check_calibration(calibration, shape)
 
 
 # -- the registered exporter -------------------------------------------------------------

@@ -21,18 +21,15 @@ captured; a failure is one ``ConversionError`` line naming the converter.
 from __future__ import annotations
 
 import contextlib
-import io
-import logging
 import os
 import tempfile
-import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from exporters.native_output import captured_native_output
+from exporters.native_output import quiet
 from models.errors import InputError
 from models.util import one_line
 
@@ -59,17 +56,12 @@ def version() -> str:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
+    """``quiet`` with Python's stdout captured too, litert-torch's progress lines off and
+    TensorFlow's C++ log down (what was printed is not used)."""
     os.environ["LITERT_TORCH_SHOW_PROGRESS"] = "n"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()), captured_native_output():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logging.disable(previous)
+    with quiet(python_stdout=True):
+        yield
 
 
 def convert_float(model, input_shape: Sequence[int], precisions: Sequence[str], *,

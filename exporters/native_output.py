@@ -6,13 +6,19 @@ delegate``, absl's "log messages before InitializeLog") regardless of Python's
 ``sys.stdout`` and of ``TF_CPP_MIN_LOG_LEVEL``. Below ``pipeline/`` nothing may print, so
 those writes are sent to a temporary file for the duration of the call; the text is kept
 so that an error message can quote it.
+
+``quiet`` is the one way the exporters silence a converter: logging and warnings muted,
+Python's streams and the native descriptors captured, what was printed kept for errors.
 """
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import os
 import sys
 import tempfile
+import warnings
 from typing import Iterator
 
 
@@ -58,3 +64,33 @@ def captured_native_output(fds: tuple[int, ...] = (1, 2)) -> Iterator[NativeOutp
                 os.close(copy)
             sink.seek(0)
             captured.text = sink.read().decode(errors="replace")
+
+
+@contextlib.contextmanager
+def quiet(*, native: bool = True, python_stdout: bool = False,
+          python_stderr: bool = True) -> Iterator[NativeOutput]:
+    """Below ``pipeline/`` nothing prints: for the duration, logging is disabled at WARNING
+    and below (process-wide: an export is not concurrent with other work here), warnings
+    are ignored, and what is written is captured: Python's ``sys.stderr`` (and with
+    ``python_stdout`` its ``sys.stdout``), and with ``native`` the descriptors 1 and 2 that
+    C++ libraries write to. Yields what was written, filled in on exit (Python's stdout,
+    then its stderr, then the native text): its tail can go into an error message.
+
+    ``python_stderr=False`` leaves ``sys.stderr`` alone; the descriptors still catch what
+    reaches them (ExecuTorch's ``execute``: a Python object there hung or aborted it when
+    XNNPACK's workers wrote to it without the GIL)."""
+    captured = NativeOutput()
+    out, err = io.StringIO(), io.StringIO()
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    fds = NativeOutput()                      # stays empty unless ``native``
+    try:
+        with captured_native_output() if native else contextlib.nullcontext(fds) as fds, \
+                warnings.catch_warnings(), \
+                contextlib.redirect_stdout(out) if python_stdout else contextlib.nullcontext(), \
+                contextlib.redirect_stderr(err) if python_stderr else contextlib.nullcontext():
+            warnings.simplefilter("ignore")
+            yield captured
+    finally:
+        logging.disable(previous)
+        captured.text = out.getvalue() + err.getvalue() + fds.text

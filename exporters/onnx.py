@@ -18,16 +18,13 @@ Weights are embedded; only a model over protobuf's 2 GB limit gets an external d
 """
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 import shutil
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -37,31 +34,15 @@ from exporters.artifact import Artifact, TensorSpec, layout_for_ndim, sha256_of,
 from exporters.base import ExportContext, Exporter, ExporterOptions, option
 from exporters.fileio import atomic_write_bytes
 from exporters.layer_map import NAME_SCOPES_KEY, layer_map_from_onnx
+from exporters.native_output import quiet
 from models.errors import InputError
-from models.util import error_line, first_line
+from models.util import error_line, error_line_with_cause, first_line
 
 DEFAULT_OPSET = 18
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 BATCH_DIM = "batch"
 _PROTOBUF_LIMIT = 2_000_000_000 - 64_000_000   # headroom for the graph itself
-
-
-@contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
-    """The exporter logs warnings (torchvision ops it skips, FutureWarnings) and, when
-    tracing fails, dumps whole FX graphs to stderr; below ``pipeline/`` nothing prints,
-    and the failure itself becomes one ``InputError`` line. Logging is muted for the
-    duration (process-wide: an export is not concurrent with other work here)."""
-    import io
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logging.disable(previous)
 
 
 def _example_input(input_shape: Sequence[int], dynamic_batch: bool) -> torch.Tensor:
@@ -73,7 +54,8 @@ def _example_input(input_shape: Sequence[int], dynamic_batch: bool) -> torch.Ten
     return torch.randn(*shape, generator=gen)
 
 
-def _output_names(n: int, output_name: str) -> list[str]:
+def output_names(n: int, output_name: str) -> list[str]:
+    """The graph output names of a model with ``n`` outputs: ``output_name``, ``output_1``, ..."""
     return [output_name] + [f"output_{i}" for i in range(1, n)]
 
 
@@ -110,18 +92,20 @@ def export_onnx(model: nn.Module, out_path: str | Path, input_shape: Sequence[in
         outputs = flatten_outputs(model(x))
     if not outputs:
         raise InputError(type(model).__name__, "a model returning tensors", "no tensor output")
-    out_names = _output_names(len(outputs), output_name)
+    out_names = output_names(len(outputs), output_name)
     dyn = ({0: torch.export.Dim(BATCH_DIM, min=1, max=4096)},) if dynamic_batch else None
 
     t0 = time.perf_counter()
     try:
-        with _quiet_exporter(), torch.no_grad():
+        # the exporter logs warnings (torchvision ops it skips, FutureWarnings) and, when
+        # tracing fails, dumps whole FX graphs to stderr: the failure becomes one line
+        with quiet(native=False), torch.no_grad():
             program = torch.onnx.export(model, (x,), dynamo=True, opset_version=max(opset, DEFAULT_OPSET),
                                         input_names=[input_name], output_names=out_names,
                                         dynamic_shapes=dyn, optimize=True, verbose=False)
     except Exception as exc:  # torch.export / onnxscript raise many types
         raise InputError(type(model).__name__, "a model torch.onnx.export(dynamo=True) can export",
-                         _one_line(exc)) from exc
+                         error_line_with_cause(exc)) from exc
     proto = program.model_proto
     layer_map = layer_map_from_onnx(proto)
     _strip_node_metadata(proto)
@@ -161,12 +145,6 @@ def export_onnx(model: nn.Module, out_path: str | Path, input_shape: Sequence[in
     )
 
 
-def _one_line(exc: BaseException) -> str:
-    """``Type: first line`` of an exporter error and of its cause (the cause says why)."""
-    cause = exc.__cause__ or exc.__context__
-    return error_line(exc) + (f" (cause: {error_line(cause)})" if cause is not None else "")
-
-
 def _downgrade(proto: Any, opset: int) -> Any:
     """Opsets below 18: the dynamo exporter only writes 18+, so convert with ONNX's version
     converter (tensor names survive, so the layer map does). Some ops have no adapter
@@ -186,10 +164,8 @@ def _downgrade(proto: Any, opset: int) -> Any:
 def _simplify(proto: Any) -> Any:
     """onnxsim: constant folding and redundant-node removal, checked by onnxsim itself on
     random inputs; a failed check keeps the unsimplified graph out of the folder."""
-    import io
-
     import onnxsim
-    with _quiet_exporter(), contextlib.redirect_stdout(io.StringIO()):   # it prints progress
+    with quiet(native=False, python_stdout=True):   # it prints progress
         simplified, ok = onnxsim.simplify(proto, check_n=1)
     if not ok:
         raise RuntimeError("onnxsim produced a graph whose outputs differ from the original")

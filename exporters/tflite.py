@@ -34,7 +34,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from exporters.artifact import Artifact, ModelCard, Preprocessing, TensorSpec, layout_for_ndim, sha256_of, size_of
+from exporters.artifact import (Artifact, ModelCard, Preprocessing, TensorSpec, check_calibration, layout_for_ndim,
+                               sha256_of, size_of)
 from exporters.base import ExportContext, Exporter, ExporterOptions, option
 from exporters import litert_torch
 from exporters.fileio import atomic_write_bytes
@@ -259,13 +260,7 @@ def _calibration(calibration: np.ndarray | None, shape: list[int], pre: Preproce
             s = np.asarray(pre.std, np.float32).reshape(1, -1, 1, 1)
             return (pixels - m) / s, "random uniform pixels (explicitly requested)"
         return None, ""
-    x = np.asarray(calibration)
-    if x.ndim != 4 or list(x.shape[1:]) != shape[1:] or len(x) == 0:
-        raise InputError("calibration", f"float32 model inputs of shape (N, {', '.join(map(str, shape[1:]))})",
-                         f"shape {tuple(x.shape)}")
-    if not np.issubdtype(x.dtype, np.floating) or not np.isfinite(x).all():
-        raise InputError("calibration", "finite floating-point model inputs", f"dtype {x.dtype}")
-    return np.ascontiguousarray(x, dtype=np.float32), "caller"
+    return check_calibration(calibration, shape), "caller"
 
 
 def pixel_calibration(calib: np.ndarray, pre: Preprocessing) -> np.ndarray:

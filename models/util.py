@@ -1,8 +1,8 @@
 """Small pure helpers every layer may import (numpy and the standard library only, so
 the device runner bundle carries this module too).
 
-* error text: ``first_line`` / ``one_line`` / ``error_line`` turn an exception into the
-  one line that goes into an ``InputError`` or a report;
+* error text: ``first_line`` / ``one_line`` / ``error_line`` / ``error_line_with_cause``
+  turn an exception into the one line that goes into an ``InputError`` or a report;
 * tensor layout from rank: ``layout_for_ndim``;
 * metrics: ``snr_db`` (and ``db`` for any power ratio);
 * formatting: ``pct``.
@@ -41,6 +41,13 @@ def error_line(exc: BaseException, limit: int = 200) -> str:
     """``Type: first line`` of an exception, or ``Type`` when its message is empty."""
     text = _ANSI.sub("", str(exc)).strip()
     return f"{type(exc).__name__}: {first_line(text, limit)}" if text else type(exc).__name__
+
+
+def error_line_with_cause(exc: BaseException) -> str:
+    """``Type: first line`` of an exception and of its cause (a converter's own error is
+    often a wrapper; the cause says why)."""
+    cause = exc.__cause__ or exc.__context__
+    return error_line(exc) + (f" (cause: {error_line(cause)})" if cause is not None else "")
 
 
 # -- names that become paths -------------------------------------------------

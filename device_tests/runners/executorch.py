@@ -34,8 +34,8 @@ EXPECTED = "an ExecuTorch program (.pte) the runtime can load"
 
 
 def _runtime() -> Any:
-    from exporters.executorch import quiet_executorch
-    with quiet_executorch():
+    from exporters.native_output import quiet
+    with quiet():
         from executorch.runtime import Runtime
         return Runtime.get()
 

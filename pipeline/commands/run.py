@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from models.util import pct
+from pipeline.commands.run_cache import relocate_files
 from pipeline.config import STAGES
 from pipeline.ui import Markup, esc
 
@@ -102,19 +103,6 @@ def _relocate(obj: Any, old: str, new: str, seen: set[int] | None = None) -> Any
     return obj
 
 
-def _relocate_files(stage: Path, old_dir: Path, new_dir: Path) -> None:
-    """The JSON files the stages wrote in ``stage`` (manifests, summaries) name the staging
-    folder ``old_dir``; rewrite them (atomically) to name the run folder ``new_dir``."""
-    from exporters.fileio import atomic_write_text
-    old, new = str(old_dir), str(new_dir)
-    for path in stage.rglob("*.json"):
-        if path.is_symlink() or not path.is_file() or path.stat().st_size > 50_000_000:
-            continue
-        text = path.read_text(encoding="utf-8", errors="surrogateescape")
-        if old in text:
-            atomic_write_text(path, text.replace(old + os.sep, new + os.sep).replace(f'"{old}"', f'"{new}"'))
-
-
 def run(args: argparse.Namespace, ui) -> int:
     from models.errors import InputError
     from pipeline.config import load_config
@@ -167,7 +155,7 @@ def run(args: argparse.Namespace, ui) -> int:
         code = _stages(args, ui, cfg, stages, stage, record, user_factory, shown=run_dir, previous=previous)
         for old, new in ((stage.resolve(), run_dir.resolve()), (stage, run_dir)):   # absolute and as given
             _relocate(record, str(old), str(new))
-            _relocate_files(stage, old, new)
+            relocate_files(stage, old, new)
         record.run_dir = str(run_dir)
         if "report" in stages:
             from pipeline.report import write_report
@@ -272,7 +260,8 @@ def _stages(args: argparse.Namespace, ui, cfg, stages: list[str], run_dir: Path,
         opts = QuantizeOptions(target=q.target, method=q.method, samples=q.samples,
                                float_fixes=tuple(q.float_fixes), weight_rounding=tuple(q.weight_rounding),
                                keep_float=q.keep_float,
-                               w8a16_layers=q.w8a16_layers, target_sqnr=q.target_sqnr, sensitivity=q.sensitivity,
+                               w8a16_layers=q.w8a16_layers, target_sqnr=q.target_sqnr,
+                               target_profile=q.target_profile, sensitivity=q.sensitivity,
                                tflite_inputs=tuple(q.tflite_inputs), coreml=q.coreml,
                                plain_baseline=q.plain_baseline, eval_samples=q.eval_samples,
                                model=user_factory)
@@ -352,7 +341,8 @@ def _check_config(cfg, stages: list[str], source: str) -> None:
         section("quantize", lambda: _check_options(QuantizeOptions(target=q.target, method=q.method, samples=q.samples,
                                        float_fixes=tuple(q.float_fixes), weight_rounding=tuple(q.weight_rounding),
                                        keep_float=q.keep_float, w8a16_layers=q.w8a16_layers,
-                                       target_sqnr=q.target_sqnr, eval_samples=q.eval_samples)))
+                                       target_sqnr=q.target_sqnr, target_profile=q.target_profile,
+                                       eval_samples=q.eval_samples)))
     if "repvgg" in stages:
         from models import model_entry
         from models.util import path_component

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -80,15 +81,28 @@ def reusable(previous: Path | None, stage: str, key: str) -> dict[str, Any] | No
     return data if ok else None
 
 
+def relocate_files(stage: Path, old_dir: Path, new_dir: Path) -> None:
+    """The JSON files the stages wrote in ``stage`` (manifests, summaries) name the folder
+    they were written in, ``old_dir`` (a run's staging folder, or the run a stage is adopted
+    from); rewrite them (atomically) to name the run folder ``new_dir``."""
+    from exporters.fileio import atomic_write_text
+    old, new = str(old_dir), str(new_dir)
+    for path in stage.rglob("*.json"):
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > 50_000_000:
+            continue
+        text = path.read_text(encoding="utf-8", errors="surrogateescape")
+        if old in text:
+            atomic_write_text(path, text.replace(old + os.sep, new + os.sep).replace(f'"{old}"', f'"{new}"'))
+
+
 def adopt(previous: Path, stage: str, run_dir: Path) -> Path:
     """Copy ``previous/stage`` into ``run_dir`` (symlinks kept as links, never followed) and
     rewrite the JSON files in it that name the previous folder."""
-    from pipeline.commands.run import _relocate_files
     dest = run_dir / stage
     shutil.copytree(previous / stage, dest, symlinks=True)
     for old, new in ((previous.resolve(), run_dir.resolve()), (previous, run_dir)):
-        _relocate_files(dest, old, new)
+        relocate_files(dest, old, new)
     return dest
 
 
-__all__ = ["MARKER", "REUSABLE", "adopt", "find_previous", "mark_done", "reusable", "stage_key"]
+__all__ = ["MARKER", "REUSABLE", "adopt", "find_previous", "mark_done", "relocate_files", "reusable", "stage_key"]
