@@ -92,7 +92,8 @@ class QuantizeSection(_Section):
     keep_float: int | None = Field(None, ge=0, description="keep the N most sensitive layers float")
     w8a16_layers: int | None = Field(None, ge=0, description="N most sensitive layers at 16-bit activations")
     target_sqnr: float | None = Field(None, description="dB: mixed precision until the 8-bit model's logit SQNR "
-                                                     "reaches it (16-bit activations, then float)")
+                                                     "reaches it (16-bit activations, 16-bit weights, then float)")
+    target_profile: str | None = Field(None, description="the model target_sqnr applies to: w8a8 (default) or w8a16")
     sensitivity: bool = True
     tflite_inputs: list[Literal["int8-io", "uint8-pixels"]] = Field(
         default_factory=lambda: ["int8-io", "uint8-pixels"], min_length=1,

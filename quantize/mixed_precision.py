@@ -28,10 +28,24 @@ model (``PtqSession.write``) is re-measured on ONNX Runtime after each small bat
 1. 16-bit activations (``w16_layers``: QNN's mixed precision; ORT adds the converts), in
    order of activation-only sensitivity, until the target is met or the activation error
    left is too small to matter (under 5% of the measured error, by the split probes);
-2. then float (``keep_float``), in order of weight-only sensitivity, for the layers whose
-   weights are the problem: those that carry ``FLOAT_SHARE`` of the summed weight-only
-   error. The fallback never turns the whole model back into float; what it leaves is
-   named in the note when the target is out of reach.
+2. then 16-bit weights (``w16_weights``: symmetric per-channel int16, with 16-bit
+   activations, HTP's w16a16) for the Conv/Gemm layers whose weights are the problem:
+   those that carry ``FLOAT_SHARE`` of the summed weight-only error, the most error per
+   weight first (a 16-bit weight costs its size twice, so a small early layer that carries
+   a tenth of the error is raised before a large late one that carries as much). A layer
+   whose int32 bias would force ONNX Runtime to coarsen a row of its int16 weights below
+   int8's 127 levels is left out (``w16a16_ineligible``);
+3. then float (``keep_float``), in order of weight-only sensitivity, for the weight-problem
+   layers: first those still at 8-bit weights (not a Conv/Gemm), then, if the target is
+   still out of reach, those at 16-bit weights. The
+   fallback never turns the whole model back into float; what it leaves is named in the
+   note when the target is out of reach.
+
+When the session's float model carries weights already rounded onto the int8 grid
+(``quantize.weight_rounding``), the session also holds the weights from before that
+rounding (``PtqSession(original_onnx=...)``): the weight-only probe measures each layer's
+rounded weights against them, and a layer raised to 16-bit weights or float takes them
+back, so the raise removes the int8 error instead of re-encoding it.
 
 Candidates are the layers whose probe errors (as noise powers, which add) are not
 negligible next to the target's noise budget. When a batch crosses the target, the
@@ -50,7 +64,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from models.errors import InputError
-from quantize.onnx_ptq import Layer, PtqSession, QuantProfile, read_encodings
+from quantize.onnx_ptq import Layer, PtqSession, QuantProfile, read_encodings, weight_input
 from quantize.report import snr_db
 
 Progress = Callable[[int, int, str], None]
@@ -154,9 +168,12 @@ def _insert_qdq(model: Any, tensor: str, qp: tuple[float, int], dtype: str) -> N
     from onnx import helper, numpy_helper
     g = model.graph
     pre, post = f"{tensor}__mdeploy_float", f"{tensor}__mdeploy_dq"
-    zp_dtype = np.uint8 if dtype == "uint8" else np.int8
     g.initializer.extend([numpy_helper.from_array(np.array(qp[0], np.float32), f"{pre}_scale"),
-                          numpy_helper.from_array(np.array(qp[1], zp_dtype), f"{pre}_zp")])
+                          numpy_helper.from_array(np.array(qp[1], np.dtype(dtype)), f"{pre}_zp")])
+    # 16-bit Q/DQ before opset 21: ONNX Runtime's contrib ops, as its quantizer writes them
+    domain = "com.microsoft" if np.dtype(dtype).itemsize == 2 else ""
+    if domain and not any(o.domain == domain for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(domain, 1))
     if tensor in {o.name for o in g.output}:
         # a graph output keeps its name: the producer writes ``pre`` and the DQ writes ``tensor``
         producer = next(n for n in g.node if tensor in n.output)
@@ -169,9 +186,9 @@ def _insert_qdq(model: Any, tensor: str, qp: tuple[float, int], dtype: str) -> N
                     n.input[i] = post
         src, dst = tensor, post
     g.node.extend([helper.make_node("QuantizeLinear", [src, f"{pre}_scale", f"{pre}_zp"], [f"{pre}_q"],
-                                    name=f"{pre}_Q"),
+                                    name=f"{pre}_Q", domain=domain),
                    helper.make_node("DequantizeLinear", [f"{pre}_q", f"{pre}_scale", f"{pre}_zp"], [dst],
-                                    name=f"{pre}_DQ")])
+                                    name=f"{pre}_DQ", domain=domain)])
 
 
 def split_sensitivity(session: PtqSession, profile: QuantProfile, x: np.ndarray, *, method: str = "minmax",
@@ -189,11 +206,16 @@ def split_sensitivity(session: PtqSession, profile: QuantProfile, x: np.ndarray,
     full_snr = snr_db(ref, base.full)
     weights = _dequantized_weights(qdq)
     enc = read_encodings(qdq)
-    act_dtype = profile.activations if profile.activation_bits == 8 else "uint8"
+    act_dtype = profile.activations           # the dtype the profile's model gives its activations
     model = onnx.load(str(session.model_path))
     g = model.graph
-    inits = {t.name: t for t in g.initializer}
     nodes = {n.name: n for n in g.node}
+    # weight-only probes edit the model with the weights from before any rounding (the
+    # session's own model when it has none), against that model's own logits
+    wmodel = onnx.load(str(session.original_model())) if session.original_weights else model
+    wref = run_onnx(session.original_model(), session.input_name, x) if session.original_weights else ref
+    inits = {t.name: t for t in wmodel.graph.initializer}
+    rounded = {t.name: t for t in g.initializer}
     layer_outputs = {l.output for l in session.layers}
     report = SplitReport(profile.name, ranges.method, int(len(x)), full_snr)
     probe = work / "probe.onnx"
@@ -206,12 +228,18 @@ def split_sensitivity(session: PtqSession, profile: QuantProfile, x: np.ndarray,
         wname = anchor.input[1] if len(anchor.input) > 1 else ""
         if layer.name in weights and wname in inits and tuple(inits[wname].dims) == weights[layer.name].shape:
             has_w = True
-            saved = onnx.TensorProto()
-            saved.CopyFrom(inits[wname])
+            # the bias goes with its weight: bias correction compensates that weight's rounding
+            bname = anchor.input[2] if len(anchor.input) > 2 and anchor.input[2] in inits else ""
+            saved = {n: onnx.TensorProto() for n in (wname, bname) if n}
+            for n, t in saved.items():
+                t.CopyFrom(inits[n])
             inits[wname].CopyFrom(numpy_helper.from_array(weights[layer.name], wname))
-            onnx.save(model, str(probe))
-            inits[wname].CopyFrom(saved)
-            w_snr = snr_db(ref, run_onnx(probe, session.input_name, x, as_written=True))
+            if bname and bname in rounded:
+                inits[bname].CopyFrom(rounded[bname])
+            onnx.save(wmodel, str(probe))
+            for n, t in saved.items():
+                inits[n].CopyFrom(t)
+            w_snr = snr_db(wref, run_onnx(probe, session.input_name, x, as_written=True))
         # activation-only: Q -> DQ on the layer's activations with the model's own encodings
         a_snr = None
         tensors = [layer.output] + [t for t in layer.inputs if t not in layer_outputs]
@@ -251,14 +279,15 @@ def merge_into_sensitivity(sensitivity: dict[str, Any] | None, split: SplitRepor
 @dataclass
 class ParetoPoint:
     step: int
-    action: str                 # start | w16 | float
+    action: str                 # start | w16 | w16w | float
     added: list[str]            # layers raised at this step
-    w16: int                    # layers at 16-bit activations (not in float)
+    w16: int                    # layers at 16-bit activations (not in float, not at 16-bit weights)
     float: int                  # layers kept in float
     size_bytes: int             # the QDQ file
     sqnr_db: float | None       # None: identical to float
     weight_bytes: int = 0       # its initializers' payload (ORT serialises some of them as varints: the file
                                 # size moves with that encoding, this does not)
+    w16w: int = 0               # layers at 16-bit weights and activations (not in float)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -276,6 +305,8 @@ class MixedPrecisionResult:
     size_bytes: int
     w16_layers: list[Layer] = field(default_factory=list)   # as written: a float layer may be here too
     keep_float: list[Layer] = field(default_factory=list)   # (16-bit activations around it)
+    w16_weights: list[Layer] = field(default_factory=list)  # 16-bit weights and activations
+    w16_ineligible: list[str] = field(default_factory=list)  # weight-problem layers 16-bit weights would not help
     path: list[ParetoPoint] = field(default_factory=list)
     chosen_step: int = 0
     unfixed: list[str] = field(default_factory=list)
@@ -289,6 +320,8 @@ class MixedPrecisionResult:
                 "float_sqnr_db": self.float_sqnr_db, "samples": self.samples, "reached": self.reached,
                 "start_sqnr_db": self.start_sqnr_db, "sqnr_db": self.sqnr_db, "size_bytes": self.size_bytes,
                 "w8a16_layers": [_key(l) for l in self.w16_layers], "keep_float": [_key(l) for l in self.keep_float],
+                "w16a16_layers": [_key(l) for l in self.w16_weights if l not in self.keep_float],
+                "w16a16_ineligible": self.w16_ineligible,
                 "path": [p.to_dict() for p in self.path], "chosen_step": self.chosen_step,
                 "unfixed": self.unfixed, "note": self.note,
                 "split": self.split.to_dict() if self.split is not None else None, "seconds": self.seconds}
@@ -326,8 +359,9 @@ def search_mixed_precision(session: PtqSession, profile: QuantProfile, x: np.nda
                            keep_float: Sequence[Layer] = (), w16_layers: Sequence[Layer] = (),
                            reference: np.ndarray | None = None,
                            progress: Progress | None = None) -> MixedPrecisionResult:
-    """The fewest layers to raise (16-bit activations, then float) for a logit SQNR of
-    ``target_db`` on ``x``, re-measuring the real QDQ model of ``profile`` at each step.
+    """The fewest layers to raise (16-bit activations, then 16-bit weights, then float) for a
+    logit SQNR of ``target_db`` on ``x``, re-measuring the real QDQ model of ``profile`` at
+    each step.
 
     The SQNR is against ``reference`` (the logits of the model the user trained, when the
     session's float model is a fixed or weight-rounded variant of it), by default against
@@ -353,17 +387,20 @@ def search_mixed_precision(session: PtqSession, profile: QuantProfile, x: np.nda
     work = session.work_dir / "mixed"
     work.mkdir(exist_ok=True)
     w16: list[Layer] = list(w16_layers)
+    w16w: list[Layer] = []
     keep: list[Layer] = list(keep_float)
     path: list[ParetoPoint] = []
-    configs: list[tuple[list[Layer], list[Layer]]] = []
+    configs: list[tuple[list[Layer], list[Layer], list[Layer]]] = []
 
     def measure(action: str, added: list[Layer]) -> float | None:
         out = work / f"step{len(path)}.onnx"
-        session.write(profile, out, method=method, keep_float=keep, w16_layers=w16)
+        session.write(profile, out, method=method, keep_float=keep, w16_layers=w16, w16_weights=w16w)
         snr = snr_db(ref, run_onnx(out, session.input_name, x))
-        path.append(ParetoPoint(len(path), action, [_key(l) for l in added], len([l for l in w16 if l not in keep]),
-                                len(keep), int(out.stat().st_size), snr, _payload(out)))
-        configs.append((list(w16), list(keep)))
+        path.append(ParetoPoint(len(path), action, [_key(l) for l in added],
+                                len([l for l in w16 if l not in keep and l not in w16w]),
+                                len(keep), int(out.stat().st_size), snr, _payload(out),
+                                len([l for l in w16w if l not in keep])))
+        configs.append((list(w16), list(keep), list(w16w)))
         out.unlink(missing_ok=True)
         if progress:
             progress(len(path), len(path) + 1, f"{action} {', '.join(_key(l) for l in added)[:60]}".strip())
@@ -409,29 +446,40 @@ def search_mixed_precision(session: PtqSession, profile: QuantProfile, x: np.nda
             """The activation error of the candidates not tried yet is too small to matter."""
             return sum(act_noise[l.name] for l in cands[i:]) < ACT_LEFT * _noise(current)
         phase("w16", cands, w16, acts_spent)
-    fallback = [l for l in _weight_problem([l for l in layers if l.name in w_noise], w_noise, budget)
-                if l not in keep]
+    problem = _weight_problem([l for l in layers if l.name in w_noise], w_noise, budget)
+    ineligible: list[Layer] = []
+    if session.qnn:             # HTP's w16a16; the CPU EP profiles have no 16-bit weight kernels to target
+        size = _weight_sizes(session)
+        wide_w = sorted((l for l in problem if l not in keep and l.name in size),
+                        key=lambda l: -w_noise[l.name] / max(size[l.name], 1))
+        weak = _weak_at_16_bits(session, profile, wide_w, method, work)
+        ineligible = [l for l in wide_w if l.name in weak]
+        wide_w = [l for l in wide_w if l.name not in weak]
+        phase("w16w", wide_w, w16w, lambda current, i: False)
+    # float last: the layers 16-bit weights did not reach (not Conv/Gemm), then those they did
+    fallback = sorted((l for l in problem if l not in keep), key=lambda l: l in w16w)
     phase("float", fallback, keep, lambda current, i: False)
 
     ok = [i for i, p in enumerate(path) if reached(p.sqnr_db)]
     if ok:
         # the fewest raised layers (float first: it costs size and leaves the accelerator), then size
-        best = min(ok, key=lambda i: (path[i].float, path[i].w16, path[i].weight_bytes, i))
+        best = min(ok, key=lambda i: (path[i].float, path[i].w16w, path[i].w16, path[i].weight_bytes, i))
     else:
         best = max(range(len(path)), key=lambda i: (path[i].sqnr_db, -path[i].weight_bytes))
-    w16_final, keep_final = configs[best]
+    w16_final, keep_final, w16w_final = configs[best]
     point = path[best]
     result = MixedPrecisionResult(
         target_db=float(target_db), profile=profile.name, method=split.method, samples=int(len(x)),
         reached=reached(point.sqnr_db), start_sqnr_db=start, sqnr_db=point.sqnr_db, size_bytes=point.size_bytes,
-        w16_layers=w16_final, keep_float=keep_final, path=path,
-        chosen_step=best, split=split, float_sqnr_db=floor)
+        w16_layers=w16_final, keep_float=keep_final, w16_weights=w16w_final, path=path,
+        chosen_step=best, split=split, float_sqnr_db=floor,
+        w16_ineligible=[_key(l) for l in (ineligible if session.qnn else [])])
     if not result.reached:
         # what is still quantized and alone below the target: the layers it could not fix
         unfixed = []
         for layer in layers:
             s = by_node.get(layer.name)
-            if layer in keep_final or s is None:
+            if layer in keep_final or layer in w16w_final or s is None:
                 continue
             wide = layer in w16_final           # its activations are 16-bit: its weights are what is left
             probes = (s.weight_only_snr_db,) if wide else (s.weight_only_snr_db, s.activation_only_snr_db)
@@ -442,14 +490,43 @@ def search_mixed_precision(session: PtqSession, profile: QuantProfile, x: np.nda
         shown = ", ".join(result.unfixed[:NAMES_SHOWN]) + (
             f" (+{len(result.unfixed) - NAMES_SHOWN} more)" if len(result.unfixed) > NAMES_SHOWN else "")
         result.note = (f"target SQNR {target_db:g} dB not reached: best {_fmt(point.sqnr_db)} dB "
-                       f"(w8a8 {_fmt(start)} dB) with {point.w16} layer(s) at 16-bit activations and "
-                       f"{len(keep_final)} in float; "
+                       f"({profile.name} {_fmt(start)} dB) with {point.w16} layer(s) at 16-bit activations, "
+                       f"{point.w16w} at 16-bit weights and {len(keep_final)} in float; "
                        + (f"the float model it quantizes (float fixes, weight rounding) is itself at {_fmt(floor)} "
-                          "dB; " if floor is not None and floor < target_db else "")
+                          "dB; " if floor is not None and floor < target_db and not session.original_weights
+                          else "")
                        + "could not fix: "
                        + (shown or "the quantized tensors between layers (model input, pooling, reshapes)"))
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _weak_at_16_bits(session: PtqSession, profile: QuantProfile, layers: list[Layer], method: str,
+                     work: Path) -> set[str]:
+    """Layers whose int16 weights would lose precision to the int32 bias rule: under 16-bit
+    activations *and* weights, ``s_in * s_w`` is ~65,000x finer than at w8a8, a large bias
+    no longer fits in int32, and ONNX Runtime raises those rows' weight scales until it does
+    (the QNN rule); a layer where that leaves a row that matters with fewer levels than int8's
+    127 is better left at int8 weights. Measured on one QDQ model with all of them at 16 bits."""
+    if not layers:
+        return set()
+    from quantize.qnn_encodings import int32_bias_checks
+    out = work / "w16w_probe.onnx"
+    session.write(profile, out, method=method, w16_weights=layers)
+    weak = {c.layer for c in int32_bias_checks(out) if c.weight_bits == 16 and c.weight_rows_weak}
+    out.unlink(missing_ok=True)
+    return weak
+
+
+def _weight_sizes(session: PtqSession) -> dict[str, int]:
+    """Elements of each Conv/Gemm layer's weight (what a 16-bit weight costs twice)."""
+    dims = {t.name: int(np.prod(t.dims)) for t in session.model.graph.initializer}
+    out = {}
+    for layer in session.layers:
+        name, _ = weight_input(session.model, layer)
+        if name is not None:
+            out[layer.name] = dims[name]
+    return out
 
 
 def _payload(path: Path) -> int:

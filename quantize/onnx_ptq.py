@@ -254,7 +254,12 @@ class PtqSession:
     """
 
     def __init__(self, float_onnx: str | Path, calibration: np.ndarray, *, qnn: bool,
-                 calibration_source: str = "caller", layer_map: dict[str, str] | None = None) -> None:
+                 calibration_source: str = "caller", layer_map: dict[str, str] | None = None,
+                 original_onnx: str | Path | None = None) -> None:
+        """``original_onnx``: the same network before its weights were rounded onto the int8
+        grid (``quantize.weight_rounding``). A layer raised to 16-bit weights or kept in float
+        takes its weights and bias from there: int16 or float of an int8-rounded weight would
+        keep the int8 error the raise is meant to remove."""
         import onnx
         self.float_onnx = Path(float_onnx)
         self.qnn = qnn
@@ -269,6 +274,7 @@ class PtqSession:
             self.calibration = _check_calibration(calibration, self.input_shape)
             self.layer_map = dict(layer_map or {})
             self.layers = graph_layers(self.model, self.layer_map)
+            self.original_weights = _original_weights(self.model, original_onnx) if original_onnx else {}
         except BaseException:
             self.close()
             raise
@@ -363,42 +369,77 @@ class PtqSession:
     # -- quantization -------------------------------------------------------
     def quantize(self, profile: QuantProfile, out_path: str | Path, *, method: str = "minmax",
                  keep_float: Sequence[Layer] = (), w16_layers: Sequence[Layer] = (),
+                 w16_weights: Sequence[Layer] = (),
                  only: Sequence[Layer] | None = None, root: str | Path | None = None) -> Artifact:
         """Write the QDQ model of ``profile`` to ``out_path`` and describe it.
 
         ``keep_float`` layers stay in float (under the QNN EP they fall back to the CPU);
         ``w16_layers`` get 16-bit activations (QNN's mixed precision, with the type converts
-        ORT adds around them); ``only`` quantizes those layers and nothing else (the
-        per-layer sensitivity probe).
+        ORT adds around them); ``w16_weights`` get symmetric per-channel int16 weights and
+        16-bit activations (HTP runs 16-bit weights only with 16-bit activations); ``only``
+        quantizes those layers and nothing else (the per-layer sensitivity probe).
         """
         out_path = Path(out_path)
         ranges = self.write(profile, out_path, method=method, keep_float=keep_float, w16_layers=w16_layers,
-                            only=only)
-        return self._artifact(profile, out_path, ranges, keep_float, w16_layers, root)
+                            w16_weights=w16_weights, only=only)
+        return self._artifact(profile, out_path, ranges, keep_float, w16_layers, root, w16_weights)
 
     def write(self, profile: QuantProfile, out_path: str | Path, *, method: str = "minmax",
               keep_float: Sequence[Layer] = (), w16_layers: Sequence[Layer] = (),
-              only: Sequence[Layer] | None = None) -> Ranges:
+              w16_weights: Sequence[Layer] = (), only: Sequence[Layer] | None = None) -> Ranges:
         """``quantize`` without the artifact record: the QDQ file only (sensitivity probes)."""
         if profile.qnn != self.qnn:
             raise ValueError(f"profile {profile.name} needs a PtqSession with qnn={profile.qnn}")
         ranges = self.ranges(check_method(profile.range_method or method))
         exclude = [n for layer in keep_float for n in layer.nodes]
-        overrides = {}
+        overrides: dict[str, Any] = {}
+        wide16 = "uint16" if profile.activations.startswith("u") else "int16"
         if profile.activation_bits == 8:
             # A layer in w8a16 reads and writes 16-bit activations: its inputs are 16-bit at
             # their producers (a convert up from 8 bits would not restore what 8 bits lost);
             # under QNN, ORT adds the converts its 8-bit neighbours need.
-            wide = "uint16" if profile.activations.startswith("u") else "int16"
-            overrides = {t: [{"quant_type": _qtype(wide)}] for layer in w16_layers
+            overrides = {t: [{"quant_type": _qtype(wide16)}] for layer in (*w16_layers, *w16_weights)
                          for t in (*layer.inputs, layer.output)}
+        floated = list(keep_float)
+        for layer in w16_weights:
+            if layer in floated:
+                continue
+            weight, axis = weight_input(self.model, layer)
+            if weight is None:
+                raise InputError("layer", "a Conv or Gemm layer with an initializer weight (for 16-bit weights)",
+                                 f"{layer.module or layer.name} ({layer.op_type})")
+            overrides[weight] = [{"quant_type": _qtype("int16"), "symmetric": True, "axis": axis}]
         if only is not None:
             nodes = {n for layer in only for n in layer.nodes}
             exclude = [n.name for n in self.model.graph.node if n.name and n.name not in nodes]
         # a probe of one layer (``only``) keeps its output Q/DQ in the path on purpose
         rewire = set() if only is not None else {n for layer in keep_float for n in layer.nodes}
-        self._run_quantizer(profile, Path(out_path), ranges, exclude, overrides, rewire)
+        source = self._with_original_weights([*floated, *w16_weights])
+        self._run_quantizer(profile, Path(out_path), ranges, exclude, overrides, rewire, source=source)
         return ranges
+
+    def _with_original_weights(self, layers: Sequence[Layer]) -> Path:
+        """The prepared model with ``layers``' weights and biases from ``original_onnx``
+        (the prepared model itself when there is nothing to swap)."""
+        names = {i for layer in layers for i in _node(self.model, layer.name).input[1:3]}
+        swap = {n: a for n, a in self.original_weights.items() if n in names}
+        if not swap:
+            return self.model_path
+        import onnx
+        from onnx import numpy_helper
+        edited = onnx.ModelProto()
+        edited.CopyFrom(self.model)
+        for t in edited.graph.initializer:
+            if t.name in swap:
+                t.CopyFrom(numpy_helper.from_array(swap[t.name], t.name))
+        path = self._work / "with_original_weights.onnx"
+        onnx.save(edited, str(path))
+        return path
+
+    def original_model(self) -> Path:
+        """The prepared model with every weight ``original_onnx`` has (the weight-only
+        probes' base when the session's weights were rounded)."""
+        return self._with_original_weights(self.layers)
 
     def _config(self, profile: QuantProfile, exclude: list[str], overrides: dict[str, Any]) -> Any:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, StaticQuantConfig
@@ -422,7 +463,8 @@ class PtqSession:
                                  extra_options=extra)
 
     def _run_quantizer(self, profile: QuantProfile, out_path: Path, ranges: Ranges, exclude: list[str],
-                       overrides: dict[str, Any], float_layers: set[str] = frozenset()) -> None:
+                       overrides: dict[str, Any], float_layers: set[str] = frozenset(),
+                       source: Path | None = None) -> None:
         import onnx
         from onnxruntime.quantization import quantize_static
 
@@ -433,7 +475,7 @@ class PtqSession:
         tmp = self._work / "quantized.onnx"
         try:
             with quiet_ort():
-                quantize_static(str(self.model_path), str(tmp), None, quant_format=cfg.quant_format,
+                quantize_static(str(source or self.model_path), str(tmp), None, quant_format=cfg.quant_format,
                                 op_types_to_quantize=cfg.op_types_to_quantize,
                                 per_channel=cfg.per_channel, reduce_range=False,
                                 activation_type=cfg.activation_type, weight_type=cfg.weight_type,
@@ -456,7 +498,7 @@ class PtqSession:
             onnx.save(proto, str(staged))
 
     def _artifact(self, profile: QuantProfile, path: Path, ranges: Ranges, keep_float: Sequence[Layer],
-                  w16: Sequence[Layer], root: str | Path | None) -> Artifact:
+                  w16: Sequence[Layer], root: str | Path | None, w16_weights: Sequence[Layer] = ()) -> Artifact:
         import onnx
         import onnxruntime
         proto = onnx.load(str(path))
@@ -470,7 +512,8 @@ class PtqSession:
             "calibration": {"method": ranges.method, "samples": ranges.samples,
                             "source": self.calibration_source},
             "mixed_precision": {"float": [l.module or l.name for l in keep_float],
-                                "w8a16": [l.module or l.name for l in w16] if profile.activation_bits == 8 else []},
+                                "w8a16": [l.module or l.name for l in w16] if profile.activation_bits == 8 else [],
+                                "w16a16": [l.module or l.name for l in w16_weights if l not in keep_float]},
             "layer_map": qdq_layer_map(proto, self.layer_map),
             "opset": next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None),
         }
@@ -485,6 +528,40 @@ class PtqSession:
                         size_bytes=size_of(path), tool="onnxruntime.quantization (QDQ)"
                         + (" + execution_providers.qnn" if profile.qnn else ""),
                         tool_version=onnxruntime.__version__, variant=profile.variant, extra=extra)
+
+
+def _node(model: Any, name: str) -> Any:
+    return next(n for n in model.graph.node if n.name == name)
+
+
+def weight_input(model: Any, layer: Layer) -> tuple[str | None, int]:
+    """The weight initializer of a Conv/Gemm layer and its output-channel axis (the axis
+    per-channel scales run along); ``(None, 0)`` for any other layer."""
+    node = _node(model, layer.name)
+    inits = {t.name for t in model.graph.initializer}
+    if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2 or node.input[1] not in inits:
+        return None, 0
+    if node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return node.input[1], 0 if trans_b else 1
+    return node.input[1], 0
+
+
+def _original_weights(model: Any, original_onnx: str | Path) -> dict[str, np.ndarray]:
+    """Initializers of ``original_onnx`` that the prepared model has under the same name and
+    shape but with other values (the rounded weights and corrected biases)."""
+    import onnx
+    from onnx import numpy_helper
+    mine = {t.name: t for t in model.graph.initializer}
+    out: dict[str, np.ndarray] = {}
+    for t in onnx.load(str(original_onnx)).graph.initializer:
+        own = mine.get(t.name)
+        if own is None or tuple(own.dims) != tuple(t.dims) or own.data_type != t.data_type:
+            continue
+        a = numpy_helper.to_array(t)
+        if a.dtype.kind == "f" and not np.array_equal(a, numpy_helper.to_array(own)):
+            out[t.name] = a
+    return out
 
 
 def _float_layers_read_float(proto: Any, float_nodes: set[str]) -> None:
@@ -964,7 +1041,7 @@ def _weight_grid(float_onnx: str | Path, qdq_onnx: str | Path) -> dict[str, tupl
         if n.op_type != "DequantizeLinear" or n.input[0] not in inits:
             continue
         q = numpy_helper.to_array(inits[n.input[0]])
-        if q.dtype not in (np.int8, np.int16):
+        if q.dtype != np.int8:          # 16-bit weights (mixed precision) come from the unrounded model
             continue
         name = n.input[0].removesuffix("_quantized")
         w = floats.get(name)
@@ -1006,4 +1083,4 @@ def _count(items: Iterable[str]) -> dict[str, int]:
 __all__ = ["CALIBRATION_METHODS", "GENERIC_INT8", "GENERIC_INT8_PER_TENSOR", "GENERIC_INT8_S8", "Layer",
            "PROFILES", "PtqSession", "QNN_W8A16", "QNN_W8A8", "QuantProfile", "Ranges", "TARGETS",
            "check_method", "graph_layers", "read_encodings", "resolve_layers", "target_profiles",
-           "weight_grid_mismatch", "weight_rows_rescaled"]
+           "weight_grid_mismatch", "weight_input", "weight_rows_rescaled"]

@@ -66,6 +66,8 @@ ENCODING_VERSION = "0.6.1"
 SUFFIX = ".encodings.json"
 INT32_LIMIT = 2**31 - 1
 WEIGHT_LEVELS = 127                   # ORT's symmetric int8 grid: -127..127
+_WEIGHT_LEVELS = {"int8": WEIGHT_LEVELS, "int16": 32767}     # and int16 (mixed precision's 16-bit weights)
+NEGLIGIBLE_ROW = 1e-3                 # an int16 row this far below its layer's largest weight carries nothing
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 BIAS_OPS = ("Conv", "ConvTranspose", "Gemm")
 _BITS = {"uint8": (8, False), "int8": (8, True), "uint16": (16, False), "int16": (16, True),
@@ -297,6 +299,11 @@ class BiasCheck:
     weight_scale_raised: list[int] = field(default_factory=list)   # ORT raised s_w[c] to fit the bias
     weight_levels: dict[int, int] = field(default_factory=dict)    # those channels' max |w_q|
     scale_mismatch: float = 0.0   # max relative gap between the bias scale and s_in * s_w * beta
+    weight_bits: int = 8
+    # the raised channels that lost precision that matters: every one for int8 weights; for int16,
+    # those left with fewer than int8's 127 levels whose weights are not negligible next to the
+    # layer's largest (a row at under NEGLIGIBLE_ROW of it outputs its bias whatever its weights)
+    weight_rows_weak: list[int] = field(default_factory=list)
 
     @property
     def headroom(self) -> float:
@@ -353,9 +360,19 @@ def int32_bias_checks(model: Any) -> list[BiasCheck]:
                 axis = int(_attr(wdq, "axis", 1))
                 wmax = np.abs(np.moveaxis(w.astype(np.int64), axis, 0).reshape(q.size, -1)).max(axis=1)
                 near = absq >= INT32_LIMIT / 1.001
-                raised = np.flatnonzero(near & (wmax < WEIGHT_LEVELS) & (absq < INT32_LIMIT))
+                full = _WEIGHT_LEVELS.get(str(w.dtype), WEIGHT_LEVELS)
+                raised = np.flatnonzero(near & (wmax < full) & (absq < INT32_LIMIT))
                 check.weight_scale_raised = [int(c) for c in raised]
                 check.weight_levels = {int(c): int(wmax[c]) for c in raised}
+                check.weight_bits = 16 if full > WEIGHT_LEVELS else 8
+                if check.weight_bits == 8:
+                    check.weight_rows_weak = list(check.weight_scale_raised)
+                else:
+                    # a row's largest weight: levels * scale, under half a step when it rounds to 0
+                    magnitude = np.maximum(wmax, 0.5) * w_scale
+                    largest = float((wmax * w_scale).max())
+                    check.weight_rows_weak = [int(c) for c in raised
+                                              if wmax[c] < WEIGHT_LEVELS and magnitude[c] >= NEGLIGIBLE_ROW * largest]
         out.append(check)
     return out
 
@@ -394,16 +411,24 @@ def check_qnn_rules(model: Any, activations: str | Iterable[str] = "uint8") -> l
         where = f"{node.name} ({node.op_type}) weight {wname}"
         w = g.value(dq.input[0])
         scale, zp, dtype = g.qparams(dq)
-        if dtype != "int8":
-            found.append(Violation("weight-dtype", where, f"{dtype}, QNN HTP wants symmetric int8"))
+        if dtype not in ("int8", "int16"):
+            found.append(Violation("weight-dtype", where, f"{dtype}, QNN HTP wants symmetric int8 (or int16)"))
             continue
+        if dtype == "int16":
+            # HTP runs 16-bit weights only as w16a16: the layer's input must be 16-bit too
+            idq = g.producer.get(node.input[0])
+            in_dtype = g.qparams(idq)[2] if idq is not None and idq.op_type == "DequantizeLinear" else None
+            if in_dtype not in ("uint16", "int16"):
+                found.append(Violation("weight-16-needs-16-bit-activations", where,
+                                       f"int16 weights read a {in_dtype or 'float'} input; HTP wants w16a16"))
         if np.any(zp != 0):
             found.append(Violation("weight-zero-point", where,
                                    f"zero points {sorted({int(z) for z in zp.reshape(-1)})[:4]}, not 0"))
+        levels = _WEIGHT_LEVELS[dtype]
         lo, hi = int(w.min()), int(w.max())
-        if lo < -WEIGHT_LEVELS or hi > WEIGHT_LEVELS:
+        if lo < -levels or hi > levels:
             found.append(Violation("weight-levels", where,
-                                   f"levels [{lo}, {hi}] outside the symmetric [-127, 127] ORT writes"))
+                                   f"levels [{lo}, {hi}] outside the symmetric [-{levels}, {levels}] ORT writes"))
         if node.op_type != "MatMul":                          # QNN's config keeps MatMul weights per-tensor
             if node.op_type == "Conv":
                 out_ch = w.shape[0]
@@ -435,12 +460,12 @@ def check_qnn_rules(model: Any, activations: str | Iterable[str] = "uint8") -> l
             found.append(Violation("int32-bias-overflow", where,
                                    f"channel(s) {c.saturated[:8]} clipped at +-(2^31-1): b / (s_in * s_w[c]) "
                                    f"overflows int32 (tiny weight scale under a large bias)"))
-        if c.weight_scale_raised:
-            levels = ", ".join(f"{k}: {v}" for k, v in list(c.weight_levels.items())[:8])
+        if c.weight_rows_weak:
+            levels = ", ".join(f"{k}: {c.weight_levels[k]}" for k in c.weight_rows_weak[:8])
             found.append(Violation("int32-bias-weight-scale-raised", where,
                                    f"the bias would overflow int32 at s_in * s_w; ORT raised the weight scale "
-                                   f"of channel(s) {c.weight_scale_raised[:8]}, whose weights now use at most "
-                                   f"{{{levels}}} of 127 levels"))
+                                   f"of channel(s) {c.weight_rows_weak[:8]}, whose weights now use at most "
+                                   f"{{{levels}}} of their 127 (int8) or 32767 (int16) levels"))
         if c.scale_mismatch > 1e-5:
             found.append(Violation("bias-scale", where,
                                    f"bias scale differs from s_in * s_w by {c.scale_mismatch:.2g} (relative)"))

@@ -97,6 +97,144 @@ def test_sqnr_against_the_users_model_names_the_float_floor(planted):  # noqa: F
     assert not res.reached and "is itself at 50." in res.note, res.note
 
 
+# ------------------------------------------------- 16-bit weights from the unrounded model
+
+
+def _rounded_copy(src: Path, dst: Path) -> dict[str, np.ndarray]:
+    """``src`` with every Conv/Gemm weight moved onto its symmetric per-channel int8 grid
+    (what ``quantize.weight_rounding`` leaves in the float model); returns the originals."""
+    import onnx
+    from onnx import numpy_helper
+    model = onnx.load(str(src))
+    originals = {}
+    for t in model.graph.initializer:
+        w = numpy_helper.to_array(t)
+        if w.ndim < 2:
+            continue
+        rows = w.reshape(w.shape[0], -1)
+        scale = np.abs(rows).max(1, keepdims=True) / 127
+        t.CopyFrom(numpy_helper.from_array((np.round(rows / scale) * scale).reshape(w.shape).astype(w.dtype), t.name))
+        originals[t.name] = w
+    onnx.save(model, str(dst))
+    return originals
+
+
+def test_16_bit_weights_come_from_the_unrounded_model_and_follow_the_qnn_rules(planted, tmp_path):  # noqa: F811
+    """A layer raised to 16-bit weights takes its weights from ``original_onnx`` (int16 of
+    an int8-rounded weight would keep the int8 error), written as symmetric per-channel
+    int16 with 16-bit activations around it (HTP's w16a16), which the QNN rules accept;
+    int16 weights behind an 8-bit input are flagged."""
+    import onnx
+    from onnx import numpy_helper
+
+    from quantize.mixed_precision import _dequantized_weights
+    from quantize.qnn_encodings import check_qnn_rules
+    from quantize.onnx_ptq import QNN_W8A16
+    rounded = tmp_path / "rounded.onnx"
+    originals = _rounded_copy(planted["onnx"], rounded)
+    with PtqSession(rounded, planted["calib"], qnn=True, layer_map=planted["layer_map"],
+                    original_onnx=planted["onnx"]) as s:
+        assert set(s.original_weights) == set(originals)         # every rounded weight, nothing else
+        layer = next(l for l in s.layers if l.module == "4")
+        wname = s.model.graph.node[[n.name for n in s.model.graph.node].index(layer.name)].input[1]
+        plain = s.quantize(QNN_W8A16, tmp_path / "w8a16.onnx")
+        art = s.quantize(QNN_W8A16, tmp_path / "w16.onnx", w16_weights=[layer])
+        s.quantize(QNN_W8A8, tmp_path / "w8a8_w16.onnx", w16_weights=[layer])
+    assert plain.extra["mixed_precision"]["w16a16"] == [] and art.extra["mixed_precision"]["w16a16"] == ["4"]
+    proto = onnx.load(str(tmp_path / "w16.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    assert inits[wname + "_quantized"].dtype == np.int16
+    assert inits[wname + "_scale"].size == inits[wname + "_quantized"].shape[0] > 1        # per output channel
+    assert not inits[wname + "_zero_point"].any()
+    dq = _dequantized_weights(proto)[layer.name]
+    orig, on_grid = originals[wname], numpy_helper.to_array(
+        next(t for t in onnx.load(str(rounded)).graph.initializer if t.name == wname))
+    step = inits[wname + "_scale"].reshape(-1, 1, 1, 1)
+    assert np.all(np.abs(dq - orig) <= step / 2 * 1.001)          # int16 of the original weight...
+    assert np.abs(dq - orig).max() < np.abs(on_grid - orig).max() / 50   # ...not of the int8-rounded one
+    # the other layers keep the rounded int8 weights
+    assert all(v.dtype != np.int16 for k, v in inits.items() if k.endswith("_quantized") and not k.startswith(wname))
+    assert check_qnn_rules(proto, "uint16") == []
+    mixed8 = onnx.load(str(tmp_path / "w8a8_w16.onnx"))
+    assert check_qnn_rules(mixed8, ("uint8", "uint16")) == []
+    # int16 weights behind an 8-bit input: HTP has no w16a8, the rule says so
+    consumers = [n for n in mixed8.graph.node if n.name == layer.name]
+    producer = {o: n for n in mixed8.graph.node for o in n.output}[consumers[0].input[0]]
+    for t in mixed8.graph.initializer:
+        if t.name == producer.input[2]:
+            t.CopyFrom(numpy_helper.from_array(np.array(128, np.uint8), t.name))
+    rules = [v.rule for v in check_qnn_rules(mixed8, ("uint8", "uint16"))]
+    assert "weight-16-needs-16-bit-activations" in rules, rules
+
+
+def test_w8a16_target_is_reached_with_16_bit_weights_of_the_unrounded_model(planted, tmp_path):  # noqa: F811
+    """On rounded weights (the session's float model on the int8 grid), the weight-only
+    probe still measures each layer's rounding against the original weights, and a w8a16
+    target beyond what int8 weights give is reached by raising weights to 16 bits, with no
+    float layer; the written model holds it against the user's logits."""
+    from quantize.onnx_ptq import QNN_W8A16
+    rounded = tmp_path / "rounded.onnx"
+    _rounded_copy(planted["onnx"], rounded)
+    x = planted["calib"]
+    ref = run_onnx(planted["onnx"], "input", x)
+    with PtqSession(rounded, x, qnn=True, layer_map=planted["layer_map"], original_onnx=planted["onnx"]) as s:
+        split = split_sensitivity(s, QNN_W8A16, x)
+        assert all(l.weight_only_snr_db is not None and math.isfinite(l.weight_only_snr_db) for l in split.layers)
+        s.write(QNN_W8A16, tmp_path / "start.onnx")
+        start = snr_db(ref, run_onnx(tmp_path / "start.onnx", "input", x))
+        target = start + 8
+        res = search_mixed_precision(s, QNN_W8A16, x, target, split=split, reference=ref)
+        s.quantize(QNN_W8A16, tmp_path / "mixed.onnx", keep_float=res.keep_float, w16_layers=res.w16_layers,
+                   w16_weights=res.w16_weights)
+    assert res.reached and not res.keep_float and res.w16_weights, res.to_dict()["path"]
+    assert [p.action for p in res.path][:2] == ["start", "w16w"]     # w8a16: no activation phase
+    assert res.path[res.chosen_step].w16w == len(res.w16_weights)
+    assert snr_db(ref, run_onnx(tmp_path / "mixed.onnx", "input", x)) >= target
+    assert res.to_dict()["w16a16_layers"] == [l.module for l in res.w16_weights]
+
+
+def test_16_bit_weights_the_int32_bias_would_coarsen_are_left_out(planted, tmp_path):  # noqa: F811
+    """A w8a8 layer raised to w16a16 computes its int32 bias at ``s_in * s_w`` ~65,000x finer:
+    a bias that fits at w8a8 with 1% of int32's range overflows, and ONNX Runtime raises
+    that row's weight scale until it fits, leaving it fewer levels than int8's 127. Such a
+    layer gains nothing from 16-bit weights: the QNN rules flag it, and the search leaves
+    it out (the bound does not depend on the weights' bits, so at w8a16, where the input
+    is 16-bit either way, int16 weights lose no more to it than int8 ones)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from quantize.mixed_precision import _weak_at_16_bits
+    from quantize.qnn_encodings import check_qnn_rules
+    x = planted["calib"]
+    with PtqSession(planted["onnx"], x, qnn=True, layer_map=planted["layer_map"]) as s:
+        layer = next(l for l in s.layers if l.module == "4")
+        _, weight, bias = next(n for n in s.model.graph.node if n.name == layer.name).input[:3]
+        s.write(QNN_W8A8, tmp_path / "plain.onnx")
+    bias_scale = next(numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "plain.onnx")).graph.initializer
+                      if t.name == bias + "_quantized_scale").reshape(-1)
+    model = onnx.load(str(planted["onnx"]))
+    inits = {t.name: t for t in model.graph.initializer}
+    w = numpy_helper.to_array(inits[weight])
+    row = int(np.abs(w.reshape(len(w), -1)).max(1).argmax())     # the row with the largest weights
+    b = numpy_helper.to_array(inits[bias]).copy()
+    b[row] = 0.01 * 2 ** 31 * float(bias_scale[row])             # 1% of int32 at w8a8's s_in * s_w
+    inits[bias].CopyFrom(numpy_helper.from_array(b, bias))
+    big = tmp_path / "big_bias.onnx"
+    onnx.save(model, str(big))
+    with PtqSession(big, x, qnn=True, layer_map=planted["layer_map"]) as s:
+        assert _weak_at_16_bits(s, QNN_W8A8, list(s.layers), "minmax", tmp_path) == {layer.name}
+        s.write(QNN_W8A8, tmp_path / "w8a8.onnx")
+        s.write(QNN_W8A8, tmp_path / "w16.onnx", w16_weights=[layer])
+        res = search_mixed_precision(s, QNN_W8A8, x, 200.0)
+    assert check_qnn_rules(onnx.load(str(tmp_path / "w8a8.onnx")), "uint8") == []
+    rules = check_qnn_rules(onnx.load(str(tmp_path / "w16.onnx")), ("uint8", "uint16"))
+    assert [v.rule for v in rules] == ["int32-bias-weight-scale-raised"] and layer.name in rules[0].where, rules
+    # the search never raises it (it is left out when it is a candidate at all)
+    assert layer not in res.w16_weights and set(res.w16_ineligible) <= {"4"}, res.to_dict()["path"]
+    assert not any(v.rule.startswith("int32") for v in check_qnn_rules(onnx.load(str(tmp_path / "w8a8.onnx")),
+                                                                        "uint8"))
+
+
 # ---------------------------------------------------------------- the command
 
 
@@ -136,8 +274,9 @@ def test_cli_target_sqnr_writes_a_w8a8_model_that_reaches_it(cli, export_dir, tm
     manifest = Manifest.load(out)
     w8a8 = next(a for a in manifest.artifacts if a.key == "onnx/w8a8-qnn")
     w8a16 = next(a for a in manifest.artifacts if a.key == "onnx/w8a16-qnn")
-    assert w8a8.extra["mixed_precision"] == {"float": mixed["keep_float"], "w8a16": mixed["w8a16_layers"]}
-    assert w8a16.extra["mixed_precision"] == {"float": [], "w8a16": []}
+    assert w8a8.extra["mixed_precision"] == {"float": mixed["keep_float"], "w8a16": mixed["w8a16_layers"],
+                                             "w16a16": mixed["w16a16_layers"]}
+    assert w8a16.extra["mixed_precision"] == {"float": [], "w8a16": [], "w16a16": []}
     assert manifest.source["quantization"]["target_sqnr"]["reached"] is True
     assert any("target SQNR 40 dB reached" in n for n in report["notes"])
     # the written file, run again on the same calibration inputs: the target holds

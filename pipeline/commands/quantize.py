@@ -61,9 +61,12 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
                    help="16-bit activations for the N most sensitive layers (or these layers) in the 8-bit models")
     p.add_argument("--target-sqnr", type=float, metavar="DB",
                    help="mixed precision to a target: starting from the 8-bit model (w8a8 / int8), raise the most "
-                        "sensitive layers to 16-bit activations, then to float for the layers whose weights are the "
-                        "problem, until the logit SQNR on the sensitivity inputs reaches DB (re-measured on the "
-                        "quantized model at each step); a note says when it cannot")
+                        "sensitive layers to 16-bit activations, then (QNN) to 16-bit weights, then to float for "
+                        "the layers whose weights are the problem, until the logit SQNR on the sensitivity inputs "
+                        "reaches DB (re-measured on the quantized model at each step); a note says when it cannot")
+    p.add_argument("--target-profile", metavar="PROFILE",
+                   help="the model --target-sqnr raises layers of: w8a8 (default, the first) or w8a16 for "
+                        "--target snapdragon (w8a16 then gains 16-bit weights where its int8 weights fall short)")
     p.add_argument("--no-tflite", action="store_true", help="skip the full-integer TFLite")
     p.add_argument("--tflite-input", choices=("both", "pixels", "int8"), default="both",
                    help="which full-integer TFLite: pixels = uint8-pixels (uint8 camera bytes 0..255 in, the "
@@ -100,6 +103,7 @@ def run(args: argparse.Namespace, ui) -> int:
         float_fixes=tuple(args.float_fixes), keep_float=args.keep_float,
         weight_rounding=tuple(args.weight_rounding) if args.weight_rounding is not None else None,
         rounding_samples=args.rounding_samples, w8a16_layers=args.w8a16_layers, target_sqnr=args.target_sqnr,
+        target_profile=args.target_profile,
         tflite=not args.no_tflite, coreml=args.coreml,
         tflite_inputs={"both": ("int8-io", "uint8-pixels"), "pixels": ("uint8-pixels",),
                        "int8": ("int8-io",)}[args.tflite_input], plain_baseline=not args.no_plain_baseline,
@@ -272,13 +276,14 @@ def show_report(ui, report, top: int = TOP_LAYERS) -> None:
     if mixed.get("path"):
         m = Table(title=f"mixed precision to {mixed['target_sqnr_db']:g} dB logit SQNR ({mixed['profile']}, "
                         f"{mixed['samples']} calibration inputs; * = chosen)")
-        for col in ("step", "raised", "16-bit", "float", "weights", "file", "SQNR dB"):
+        for col in ("step", "raised", "a16", "w16a16", "float", "weights", "file", "SQNR dB"):
             m.add_column(col, justify="left" if col == "raised" else "right")
         for p in mixed["path"]:
             names = ", ".join(p["added"][:3]) + (f" (+{len(p['added']) - 3})" if len(p["added"]) > 3 else "")
             raised = f"{p['action']}: {names}" if p["added"] else p["action"]
             m.add_row(f"{p['step']}{'*' if p['step'] == mixed['chosen_step'] else ''}", raised, str(p["w16"]),
-                      str(p["float"]), _size(p.get("weight_bytes") or 0), _size(p["size_bytes"]),
+                      str(p.get("w16w", 0)), str(p["float"]), _size(p.get("weight_bytes") or 0),
+                      _size(p["size_bytes"]),
                                       _db(p["sqnr_db"]))
         ui.table(m)
 

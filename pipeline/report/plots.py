@@ -132,7 +132,7 @@ def plot_sensitivity(sens: dict[str, Any], top: int = 15) -> bytes:
 
 def plot_mixed_precision(mixed: dict[str, Any]) -> bytes:
     """Model size against logit SQNR along the ``--target-sqnr`` search: every measured step
-    (16-bit activations, then float), the target, and the configuration chosen."""
+    (16-bit activations, 16-bit weights, then float), the target, and the configuration chosen."""
     plt = _plt()
     path = mixed["path"]
     target = mixed["target_sqnr_db"]
@@ -148,8 +148,9 @@ def plot_mixed_precision(mixed: dict[str, Any]) -> bytes:
     pareto = [pt for i, pt in enumerate(front) if all(q[1] < pt[1] for q in front[:i])]
     if len(pareto) > 1:
         ax.step(*zip(*pareto), where="post", color="tab:red", ls=":", lw=1.2, zorder=1, label="Pareto front")
-    style = {"start": ("tab:blue", "o", "w8a8 (start)"), "w16": ("tab:orange", "s", "+ 16-bit activations"),
-             "float": ("tab:green", "D", "+ float")}
+    style = {"start": ("tab:blue", "o", f"{mixed.get('profile', 'w8a8')} (start)"),
+             "w16": ("tab:orange", "s", "+ 16-bit activations"),
+             "w16w": ("tab:purple", "^", "+ 16-bit weights"), "float": ("tab:green", "D", "+ float")}
     for action, (color, marker, label) in style.items():
         pts = [(x, y) for x, y, p in zip(xs, ys, path) if p["action"] == action]
         if pts:

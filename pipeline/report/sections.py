@@ -269,9 +269,10 @@ class QuantizeRecord:
         if mixed.get("path"):
             lines += [f"Mixed precision to {mixed['target_sqnr_db']:g} dB logit SQNR ({mixed['profile']}, "
                       f"{mixed['samples']} calibration inputs): "
-                      + (mixed.get("note") or f"reached, {_db(mixed.get('sqnr_db'))} dB (w8a8 "
+                      + (mixed.get("note") or f"reached, {_db(mixed.get('sqnr_db'))} dB ({mixed['profile']} "
                          f"{_db(mixed.get('start_sqnr_db'))} dB)") + ". 16-bit activations: "
-                      + (", ".join(f"`{x}`" for x in mixed["w8a16_layers"]) or "none") + "; float: "
+                      + (", ".join(f"`{x}`" for x in mixed["w8a16_layers"]) or "none") + "; 16-bit weights: "
+                      + (", ".join(f"`{x}`" for x in mixed.get("w16a16_layers", [])) or "none") + "; float: "
                       + (", ".join(f"`{x}`" for x in mixed["keep_float"]) or "none") + ".", ""]
             lines += figure("mixed_precision_pareto")
         return lines

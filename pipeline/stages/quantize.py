@@ -22,8 +22,10 @@ Data: calibration from ``--calib`` (default: the data set the checkpoint was tra
 on, its train split); accuracy on the held-out split (the verify stage's loader, the
 same preprocessing); per-layer sensitivity on calibration inputs, so the held-out split
 never influences a choice that is then measured on it. ``target_sqnr`` (``--target-sqnr``)
-raises layers of the first profile's model until its logit SQNR on those inputs gets
-there (``quantize.mixed_precision``); the chosen layers apply to that model only.
+raises layers of one profile's model (the first, or ``target_profile``) until its logit SQNR
+on those inputs gets there (``quantize.mixed_precision``: 16-bit activations, 16-bit
+weights, float); the chosen layers apply to that model only. A layer raised to 16-bit
+weights or float takes its weights from before the int8 weight rounding.
 
 With weight rounding other than ``rtn``, every written model's int8 weights are read back
 and compared with the optimised float weights' own grid (``weight_grid_mismatch`` for the
@@ -72,7 +74,8 @@ class QuantizeOptions:
     rounding_samples: int = DEFAULT_ROUNDING_SAMPLES
     keep_float: str | int | None = None        # N most sensitive layers, or names
     w8a16_layers: str | int | None = None      # N most sensitive layers, or names
-    target_sqnr: float | None = None           # dB: raise layers of the first profile until its logit SQNR gets there
+    target_sqnr: float | None = None           # dB: raise layers of one profile until its logit SQNR gets there
+    target_profile: str | None = None          # the profile --target-sqnr applies to (w8a8, w8a16...); None: the first
     tflite: bool = True
     # which full-integer TFLite inputs: "int8-io" (normalised int8, for NPU/DSP pipelines) and
     # "uint8-pixels" (the camera's bytes, normalisation inside): both unless one is asked for
@@ -96,6 +99,18 @@ class QuantizeResult:
     manifest: Manifest
     report: Any                                # quantize.report.QuantReport
     seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _target_profile(profiles: list[Any], name: str | None) -> Any:
+    """The profile ``--target-sqnr`` applies to: named in full (``qnn-w8a16``) or by its
+    precision (``w8a16``); the first profile when not named."""
+    if name is None:
+        return profiles[0]
+    for p in profiles:
+        if name in (p.name, p.precision):
+            return p
+    raise InputError("--target-profile", "one of " + ", ".join(p.precision for p in profiles)
+                     + " (the target's profiles)", repr(name))
 
 
 def _count_or_names(value: str | int | None) -> str | int | None:
@@ -126,6 +141,8 @@ def _check_options(opts: QuantizeOptions) -> None:
         raise InputError("--sensitivity-mode", f"one of {', '.join(MODES)}", repr(opts.sensitivity_mode))
     if opts.target_sqnr is not None and not math.isfinite(opts.target_sqnr):
         raise InputError("--target-sqnr", "a finite number of dB", repr(opts.target_sqnr))
+    if opts.target_profile is not None:
+        _target_profile(target_profiles(opts.target), opts.target_profile)
     for flag, value in (("--keep-float", opts.keep_float), ("--w8a16-layers", opts.w8a16_layers)):
         if isinstance(value, int) and value < 0:
             raise InputError(flag, "a count or a comma list of layer names", str(value))
@@ -208,6 +225,7 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
         tmp = Path(tmp_name)
         fix_result = None
         rounding_result = None
+        original_onnx = None
         onnx_arts = [a for a in manifest.find("onnx", "fp32") if not a.variant]
         if fixes or optimized:
             # weight rounding works on the weights that get quantized: BatchNorm folded first
@@ -224,6 +242,11 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
                 t0 = time.perf_counter()
                 rounding_result = optimize_weights(fixed, calib[:n_round], rounding, progress=layer_progress,
                                                    seed=opts.seed)
+                if opts.target_sqnr is not None or opts.keep_float:
+                    # a layer raised to 16-bit weights or float takes its weights from before
+                    # the int8 rounding (PtqSession(original_onnx=...))
+                    export_onnx(fixed, tmp / "original.onnx", shape)
+                    original_onnx = tmp / "original.onnx"
                 fixed = rounding_result.model
                 seconds["weight_rounding"] = time.perf_counter() - t0
             float_art = export_onnx(fixed, tmp / "model.onnx", shape)
@@ -248,7 +271,7 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
             say("preparing and calibrating" + (" (ONNX Runtime QNN tooling)" if profiles[0].qnn else ""))
             t0 = time.perf_counter()
             with PtqSession(float_onnx, calib, qnn=profiles[0].qnn, calibration_source=str(calib_source),
-                            layer_map=layer_map) as session:
+                            layer_map=layer_map, original_onnx=original_onnx) as session:
                 session.ranges(method)
                 seconds["calibration"] = time.perf_counter() - t0
                 needs_rank = isinstance(opts.keep_float, int) and opts.keep_float > 0 or \
@@ -263,7 +286,8 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
                     seconds["sensitivity"] = time.perf_counter() - t0
                 keep = pick_layers(session, opts.keep_float, sensitivity)
                 wide = pick_layers(session, opts.w8a16_layers, sensitivity)
-                split, mixed = _mixed_precision(session, profiles[0], calib[:opts.sensitivity_samples], opts, method,
+                split, mixed = _mixed_precision(session, _target_profile(profiles, opts.target_profile),
+                                                calib[:opts.sensitivity_samples], opts, method,
                                                 keep, wide, say, layer_progress, seconds,
                                                 model if fix_result is not None else None)
                 kept = mixed.keep_float if mixed is not None else keep
@@ -273,13 +297,14 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
                 for profile in profiles:
                     say(f"quantizing {profile.name}")
                     t0 = time.perf_counter()
-                    chosen = mixed is not None and profile is profiles[0]      # the search's layers: first profile
+                    chosen = mixed is not None and profile.name == mixed.profile     # the search's profile
                     art = session.quantize(profile, stage / f"{profile.file_stem}.onnx", method=method,
                                            keep_float=mixed.keep_float if chosen else keep,
-                                           w16_layers=mixed.w16_layers if chosen else wide, root=stage)
+                                           w16_layers=mixed.w16_layers if chosen else wide,
+                                           w16_weights=mixed.w16_weights if chosen else (), root=stage)
                     if profile.qnn:     # <stem>.encodings.json for qnn-onnx-converter, and the QNN rules
                         from quantize.qnn_encodings import qnn_sidecar
-                        raised = mixed.w16_layers if chosen else wide
+                        raised = [*mixed.w16_layers, *mixed.w16_weights] if chosen else wide
                         acts = (profile.activations, "uint16") if raised else profile.activations
                         art.extra.update(qnn_sidecar(stage / art.path, acts, method=profile.range_method or method,
                                                      root=stage))
@@ -392,7 +417,8 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
             if mixed is not None:
                 source["quantization"]["target_sqnr"] = {
                     k: v for k, v in mixed.to_dict().items()
-                    if k in ("target_sqnr_db", "profile", "reached", "sqnr_db", "w8a16_layers", "keep_float", "note")}
+                    if k in ("target_sqnr_db", "profile", "reached", "sqnr_db", "w8a16_layers", "w16a16_layers",
+                             "keep_float", "note")}
             out_manifest = Manifest(model=manifest.model, preprocessing=pre, card=manifest.card,
                                     artifacts=artifacts, labels=manifest.labels, source=source,
                                     versions=library_versions(), assumed=list(manifest.assumed))
@@ -406,7 +432,7 @@ def _mixed_precision(session: Any, profile: Any, x: np.ndarray, opts: QuantizeOp
                      keep: list[Any], wide: list[Any], say: Progress, layer_progress: LayerProgress | None,
                      seconds: dict[str, float], original: Any = None) -> tuple[Any, Any]:
     """Weight-only / activation-only sensitivity (with the sensitivity pass or a target) and
-    the ``--target-sqnr`` search on the first profile (``quantize.mixed_precision``); its SQNR
+    the ``--target-sqnr`` search on ``profile`` (``quantize.mixed_precision``); its SQNR
     is against the user's model (``original``) when float fixes or weight rounding changed it."""
     if not (opts.sensitivity or opts.target_sqnr is not None):
         return None, None
@@ -435,7 +461,8 @@ def _reached_note(mixed: Any) -> str:
     sq = "inf" if mixed.sqnr_db is None else f"{mixed.sqnr_db:.1f}"
     start = "inf" if mixed.start_sqnr_db is None else f"{mixed.start_sqnr_db:.1f}"
     return (f"target SQNR {mixed.target_db:g} dB reached on {mixed.samples} calibration inputs: {sq} dB "
-            f"(w8a8 {start} dB) with {mixed.path[mixed.chosen_step].w16} layer(s) at 16-bit activations and "
+            f"({mixed.profile} {start} dB) with {mixed.path[mixed.chosen_step].w16} layer(s) at 16-bit "
+            f"activations, {mixed.path[mixed.chosen_step].w16w} at 16-bit weights and activations and "
             f"{len(mixed.keep_float)} in float, applied to {mixed.profile}")
 
 
