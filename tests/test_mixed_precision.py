@@ -155,6 +155,12 @@ def test_16_bit_weights_come_from_the_unrounded_model_and_follow_the_qnn_rules(p
     # the other layers keep the rounded int8 weights
     assert all(v.dtype != np.int16 for k, v in inits.items() if k.endswith("_quantized") and not k.startswith(wname))
     assert check_qnn_rules(proto, "uint16") == []
+    # the encodings Qualcomm's converter reads: 16-bit for this weight, 8-bit for the others
+    from quantize.qnn_encodings import qnn_encodings
+    enc = qnn_encodings(proto)
+    assert {e["bitwidth"] for e in enc["param_encodings"][wname]} == {16}
+    assert enc["quantizer_args"]["param_bitwidth"] == [8, 16]
+    assert all(e["is_symmetric"] == "True" and e["offset"] == -32768 for e in enc["param_encodings"][wname])
     mixed8 = onnx.load(str(tmp_path / "w8a8_w16.onnx"))
     assert check_qnn_rules(mixed8, ("uint8", "uint16")) == []
     # int16 weights behind an 8-bit input: HTP has no w16a8, the rule says so
@@ -321,3 +327,37 @@ def test_cli_unreachable_target_is_a_note_not_a_failure(cli, export_dir, tmp_pat
 def test_cli_rejects_a_non_finite_target(cli, export_dir, tmp_path):
     code, _, err = cli("quantize", str(export_dir), "--target-sqnr", "nan", "--out", str(tmp_path / "q"), *ARGS)
     assert code == 2 and "--target-sqnr" in err and "Traceback" not in err
+
+
+def test_cli_target_profile_w8a16_raises_weights_to_16_bits(cli, export_dir, tmp_path):
+    """``--target-profile w8a16``: the search runs on the w8a16 model (no activation phase:
+    it is 16-bit already), raising weight-limited layers to int16 weights taken from before
+    the default weight rounding; the manifest records them on that model only, and its QNN
+    rules accept them."""
+    out = tmp_path / "q"
+    code, stdout, err = cli("quantize", str(export_dir), "--target-sqnr", "200", "--target-profile", "w8a16",
+                            "--out", str(out), "--samples", "32", "--rounding-samples", "32",
+                            "--sensitivity-samples", "16", "--no-tflite", "--no-sensitivity",
+                            "--no-plain-baseline", "--eval-samples", "50", "--json", "-q")
+    assert code == 0, err
+    report = json.loads(stdout)["report"]
+    mixed = report["mixed_precision"]
+    assert mixed["profile"] == "qnn-w8a16" and not mixed["reached"]
+    actions = [p["action"] for p in mixed["path"]]
+    assert actions[0] == "start" and "w16" not in actions and "w16w" in actions, actions
+    best = mixed["path"][mixed["chosen_step"]]
+    assert best["sqnr_db"] > mixed["path"][0]["sqnr_db"] + 3, mixed["path"]     # 16-bit weights help here
+    manifest = Manifest.load(out)
+    w8a8 = next(a for a in manifest.artifacts if a.key == "onnx/w8a8-qnn")
+    w8a16 = next(a for a in manifest.artifacts if a.key == "onnx/w8a16-qnn")
+    assert w8a8.extra["mixed_precision"] == {"float": [], "w8a16": [], "w16a16": []}
+    assert w8a16.extra["mixed_precision"]["w16a16"] == mixed["w16a16_layers"] != []
+    assert not [v for v in w8a16.extra["qnn_rules"]["violations"] if "weight-dtype" in v]
+    assert manifest.source["quantization"]["target_sqnr"]["w16a16_layers"] == mixed["w16a16_layers"]
+
+
+def test_cli_rejects_an_unknown_target_profile(cli, export_dir, tmp_path):
+    code, _, err = cli("quantize", str(export_dir), "--target-sqnr", "40", "--target-profile", "w4a4",
+                       "--out", str(tmp_path / "q"), *ARGS)
+    assert code == 2 and "--target-profile" in err and "w8a16" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "q").exists()
