@@ -92,7 +92,7 @@ def check_output_location(out_dir: str | Path) -> None:
         raise InputError(out, "an output folder you can write", f"no write permission in {ancestor}")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` still runs (a staging folder of a live process is its work
     in progress, not debris)."""
     if pid == os.getpid():
@@ -131,7 +131,7 @@ def recover_output(out_dir: str | Path) -> None:
         rest = entry.name[len(out.name) + 1:]
         old, staging = _OLD_RE.fullmatch(rest), _STAGING_RE.fullmatch(rest)
         match = old or staging
-        if match is None or _pid_alive(int(match.group(1))):
+        if match is None or pid_alive(int(match.group(1))):
             continue
         if old and not os.path.lexists(out):
             os.replace(entry, out)
@@ -160,7 +160,7 @@ def remove_dead_staging(parent: str | Path, keep: str | Path | None = None) -> N
         match = _ANY_STAGING_RE.fullmatch(entry.name)
         if keep is not None and entry == Path(keep):
             continue
-        if match and entry.is_dir() and not entry.is_symlink() and not _pid_alive(int(match.group(1))):
+        if match and entry.is_dir() and not entry.is_symlink() and not pid_alive(int(match.group(1))):
             shutil.rmtree(entry, ignore_errors=True)
 
 
@@ -196,7 +196,7 @@ def scratch_tempdir() -> Iterator[Path]:
     with contextlib.suppress(OSError):
         for entry in base.iterdir():
             m = re.fullmatch(r"mdeploy-(\d+)-[^/]*", entry.name)
-            if m and entry.is_dir() and not entry.is_symlink() and not _pid_alive(int(m.group(1))):
+            if m and entry.is_dir() and not entry.is_symlink() and not pid_alive(int(m.group(1))):
                 shutil.rmtree(entry, ignore_errors=True)
     scratch = Path(tempfile.mkdtemp(prefix=f"mdeploy-{os.getpid()}-", dir=base))
     saved_dir, saved_env = tempfile.tempdir, os.environ.get("TMPDIR")

@@ -4,7 +4,9 @@ Training, calibration, verification and evaluation all read their inputs here, s
 folder is never preprocessed one way for calibration and another for parity:
 
 * ``read_image``: one image file -> ``uint8 (H, W, C)`` (C = 1 or 3), Pillow's
-  decompression-bomb limit enforced as an error (``Image.MAX_IMAGE_PIXELS``).
+  decompression-bomb limit enforced as an error (``Image.MAX_IMAGE_PIXELS``);
+  ``check_image_headers``/``check_image_source``: the same limit from the headers alone,
+  for every file before any is decoded.
 * ``read_images``: image files -> one ``uint8 (N, H, W, C)`` batch; every image takes
   the colour mode of the first (grey or RGB) and images of another size are resized
   to ``size`` (default: the first image's) by ``resize_pixels``.
@@ -35,10 +37,12 @@ the ``Preprocessing`` record travels in the device runner bundle.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
@@ -295,21 +299,59 @@ def read_image(path: str | Path, mode: str | None = None) -> np.ndarray:
     Refuses what Pillow cannot read and images beyond Pillow's decompression-bomb limit
     (``PIL.Image.MAX_IMAGE_PIXELS``), both as ``InputError``.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
     path = Path(path)
+    with _pillow_errors(path), Image.open(path) as im:
+        im.load()
+        mode = mode or ("L" if im.mode in GREY_MODES else "RGB")
+        arr = np.array(im.convert(mode), dtype=np.uint8)
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def check_image_headers(files: Sequence[str | Path]) -> None:
+    """Open every file's header and decode nothing: ``Image.open`` reads the size only, and
+    Pillow checks its decompression-bomb limit there. So a bomb (or a file Pillow cannot
+    identify) deep in a folder is refused, as ``read_image`` would refuse it, before the
+    images ahead of it are decoded or any other work starts."""
+    from PIL import Image
+    for f in files:
+        with _pillow_errors(Path(f)), Image.open(f):
+            pass
+
+
+def check_image_source(source: str | Path | None) -> None:
+    """``check_image_headers`` of every image file under ``source`` (a folder, in any layout
+    ``load_images`` reads: every non-hidden sub-folder is searched) or of ``source`` itself
+    (an image file); anything else (a bundled set's name, an array file, a path that does
+    not exist) is left to the loader. For inputs read late, such as ``export``'s
+    calibration images: checked before any work instead of after minutes of it."""
+    if source is None:
+        return
+    path = Path(source)
+    if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        check_image_headers([path])
+    elif path.is_dir():
+        files = []
+        for folder, subs, names in os.walk(path):
+            subs[:] = sorted(d for d in subs if not d.startswith("."))
+            files += [Path(folder) / n for n in sorted(names) if Path(n).suffix.lower() in IMAGE_SUFFIXES]
+        check_image_headers(files)
+
+
+@contextlib.contextmanager
+def _pillow_errors(path: Path) -> Iterator[None]:
+    """Pillow's refusals of ``path`` as one-line ``InputError``s: the decompression-bomb
+    warning (above ``MAX_IMAGE_PIXELS``) and error (above twice that), unreadable files."""
+    from PIL import Image, UnidentifiedImageError
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                im.load()
-                mode = mode or ("L" if im.mode in GREY_MODES else "RGB")
-                arr = np.array(im.convert(mode), dtype=np.uint8)
+            yield
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InputError(path, f"an image of at most {Image.MAX_IMAGE_PIXELS} pixels (Pillow's "
                                "decompression-bomb limit)", _bomb_size(exc)) from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise InputError(path, "a readable image", error_line(exc)) from None
-    return arr[..., None] if arr.ndim == 2 else arr
 
 
 def _bomb_size(exc: Exception) -> str:
@@ -328,6 +370,7 @@ def read_images(files: Sequence[Path], size: Sequence[int] | None = None, resize
     RGB); an image whose (H, W) differs from ``size`` (default: the first image's) is
     resized to it by ``resize_pixels``; with ``crop_pct`` every image is brought to
     ``size`` by the resize-then-centre-crop policy (images of any aspect)."""
+    check_image_headers(files)          # a bomb at the end: refused before decoding the rest
     images: list[np.ndarray] = []
     mode: str | None = None
     hw = tuple(size) if size is not None else None

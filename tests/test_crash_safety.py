@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -403,3 +404,429 @@ def test_resume_of_a_run_that_is_not_there_is_one_line(cli, tmp_path):
     (tmp_path / "runs").mkdir()
     code, _, err = cli("run", "--out", str(tmp_path / "runs"), "--resume", "../elsewhere")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--resume" in err
+
+
+
+# -------------------------------------------------------------------------- a kill at every rename
+#
+# ``_mdeploy(kill_at_rename=N)`` has strace stop the process at every system call (its
+# seccomp-bpf mode, which stops at the traced calls alone, cannot deliver an injected signal
+# with strace 6.1), which makes a killed run about 3x slower, and every fresh interpreter
+# pays about 3 s of imports. Sweeps over many renames therefore fork each run from a
+# "zygote": one interpreter that has imported the pipeline and its libraries (and run
+# nothing), reads one command per line and forks a child for it. The child is a real process
+# with its own pid; with ``kill_at`` N it sends itself SIGKILL just before its N-th
+# ``os.rename``/``os.replace``: the rename does not happen and no cleanup code runs, the state
+# strace's injection leaves. The zygote runs under strace in tracing mode (cheap with
+# --seccomp-bpf), and each test checks that the kernel saw exactly the renames the children
+# counted, so no rename escapes the sweep.
+
+_ZYGOTE = r"""
+import json, os, signal, sys, tempfile, traceback
+# imports write files in TMPDIR (onnxruntime: .ses), which a CLI run puts in its own scratch
+# folder: keep the zygote's apart from the TMPDIR its children get
+children_tmpdir = os.environ["TMPDIR"]
+os.environ["TMPDIR"] = sys.argv[1]
+import pipeline.cli, pipeline.commands.run, pipeline.commands.train, pipeline.commands.export
+import pipeline.commands.quantize, pipeline.stages.train, pipeline.stages.export, pipeline.stages.quantize
+import onnx, onnxruntime, onnxruntime.quantization, onnxscript, quantize.onnx_ptq, sklearn.datasets, torch.onnx
+from exporters.base import exporter_classes
+exporter_classes()
+os.environ["TMPDIR"], tempfile.tempdir = children_tmpdir, None
+print("ready", flush=True)
+for line in sys.stdin:
+    req = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        for fd, name in ((1, "out"), (2, "err")):
+            f = os.open(req["log"] + "." + name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(f, fd)
+            os.close(f)
+        seen = []
+
+        def hooked(call):
+            def rename(src, dst, *a, **k):
+                seen.append(1)
+                with open(req["log"] + ".renames", "a") as fh:
+                    fh.write(f"{os.fspath(src)} -> {os.fspath(dst)}\n")
+                if len(seen) == req["kill_at"]:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return call(src, dst, *a, **k)
+            return rename
+        os.rename, os.replace = hooked(os.rename), hooked(os.replace)
+        code = 1
+        try:
+            code = pipeline.cli.main(req["argv"])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(int(code or 0))
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps([pid, os.waitstatus_to_exitcode(status)]), flush=True)
+"""
+
+
+class _Forked:
+    """One child's result: ``returncode`` (-9 when killed), its output, its renames
+    (``src -> dst``, the one it was killed at last)."""
+
+    def __init__(self, pid: int, returncode: int, log: Path):
+        self.pid, self.returncode = pid, returncode
+        self.stdout = Path(f"{log}.out").read_text()
+        self.stderr = Path(f"{log}.err").read_text()
+        renames = Path(f"{log}.renames")
+        self.renames = renames.read_text().splitlines() if renames.exists() else []
+
+
+class _Zygote:
+    def __init__(self, tmp: Path):
+        self.logs = tmp / "logs"
+        self.logs.mkdir()
+        (tmp / "zygote-tmp").mkdir()
+        self.trace = tmp / "zygote-renames.txt"
+        self.runs: list[_Forked] = []
+        self.killed = 0
+        cmd = [sys.executable, "-B", "-c", _ZYGOTE, str(tmp / "zygote-tmp")]
+        if STRACE is not None:
+            cmd = [STRACE, "-f", "--seccomp-bpf", "-qq", "-o", str(self.trace), "-e", f"trace={RENAMES}", *cmd]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=_env(tmp), cwd=tmp)
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def __call__(self, *args: str, kill_at_rename: int = 0) -> _Forked:
+        log = self.logs / str(len(self.runs))
+        self.proc.stdin.write(json.dumps({"argv": list(args), "kill_at": kill_at_rename, "log": str(log)}) + "\n")
+        self.proc.stdin.flush()
+        pid, code = json.loads(self.proc.stdout.readline())
+        run = _Forked(pid, code, log)
+        self.runs.append(run)
+        self.killed += bool(kill_at_rename) and code == -signal.SIGKILL
+        return run
+
+    def close_and_check_renames(self) -> None:
+        """Every rename the kernel saw is one a child counted (a killed child's last one
+        never happened)."""
+        self.proc.stdin.close()
+        assert self.proc.wait(timeout=60) == 0
+        if STRACE is not None:
+            seen = len([line for line in self.trace.read_text().splitlines() if "rename" in line])
+            assert seen == sum(len(r.renames) for r in self.runs) - self.killed
+
+
+@pytest.fixture
+def zygote(tmp_path):
+    z = _Zygote(tmp_path)
+    yield z
+    if z.proc.poll() is None:                  # a failed test: end the zygote (EOF on its stdin)
+        z.proc.stdin.close()
+        try:
+            z.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            z.proc.kill()
+            z.proc.wait()
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _complete_export(folder: Path, names: list[str]) -> None:
+    """``folder`` holds exactly ``names``, every artifact matching its manifest's hash."""
+    from exporters.artifact import Manifest, sha256_of
+    assert sorted(p.name for p in folder.iterdir()) == names
+    manifest = Manifest.load(folder)
+    assert manifest.artifacts and all(a.sha256 for a in manifest.artifacts)
+    for art in manifest.artifacts:
+        assert sha256_of(art.resolve(folder)) == art.sha256, art.path
+
+
+def _targets(renames: list[str]) -> list[str]:
+    return [Path(r.split(" -> ")[1]).name for r in renames]
+
+
+def _kill_at_renames(zygote: _Zygote, tmp: Path, args: tuple[str, ...], out: Path, targets: list[str],
+                     complete, whens: tuple[int, ...] | None = None) -> None:
+    """``args`` (with ``--force``) first makes a result in ``out``, renaming to ``targets``
+    in turn; then, over that result (one more rename: the old result aside before the last),
+    is killed at each rename of ``whens`` (default: every one), each kill followed by the
+    same command. After a kill the previous result is intact: in place, or (killed between
+    the swap's two renames) aside as the dead process's ``.NAME.old<pid>``, whole. After each
+    rerun: success, a complete result, nothing hidden beside ``out``, TMPDIR scratch empty."""
+    scratch = tmp / "tmpdir"
+    first = zygote(*args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert _targets(first.renames) == targets, first.renames
+    complete(out)
+    renames = len(targets) + 1
+    previous = _files(out)
+    for n in whens or range(1, renames + 1):
+        proc = zygote(*args, kill_at_rename=n)
+        assert proc.returncode == -signal.SIGKILL, (n, proc.returncode, proc.stderr[-2000:])
+        died_at = proc.renames[-1]
+        if n < renames:
+            assert _files(out) == previous, (n, died_at)
+        else:                                               # at staging -> out: the old one aside
+            old = out.parent / f".{out.name}.old{proc.pid}"
+            assert not out.exists() and proc.renames[-2] == f"{out} -> {old}", (n, proc.renames[-2:])
+            assert _files(old) == previous, n
+        rerun = zygote(*args)                               # the same command, no cleanup
+        assert rerun.returncode == 0, (n, died_at, rerun.stderr[-2000:])
+        complete(out)
+        assert _hidden(out.parent) == [], (n, died_at, _hidden(out.parent))
+        assert list(scratch.iterdir()) == [], (n, died_at, list(scratch.iterdir()))
+        previous = _files(out)
+    zygote.close_and_check_renames()
+
+
+def test_train_killed_at_every_rename_of_a_force_run_then_reruns(zygote, tmp_path):
+    """``train --force`` over an earlier result, SIGKILLed at each of its 4 renames (the
+    checkpoint and the log into the staging folder, the old result aside, the new one in);
+    after each, the same command succeeds with no cleanup."""
+    out = tmp_path / "ckpts" / "tiny"
+
+    def complete(folder: Path) -> None:
+        assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors", "train_log.json"]
+        assert json.loads((folder / "train_log.json").read_text())
+
+    _kill_at_renames(zygote, tmp_path, (*TINY_TRAIN, "--out", str(out), "--force"), out,
+                     ["model.safetensors", "train_log.json", "tiny"], complete)
+
+
+def _tiny_export(zygote: _Zygote, tmp: Path) -> Path:
+    ckpt, export_dir = tmp / "ckpt", tmp / "export"
+    proc = zygote(*TINY_TRAIN, "--out", str(ckpt))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = zygote("export", "--checkpoint", str(ckpt / "model.safetensors"), "--formats", "onnx",
+                  "--out", str(export_dir), "-q")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return export_dir
+
+
+def test_export_killed_at_every_rename_of_a_force_run_then_reruns(zygote, tmp_path):
+    """``export --force`` over an earlier export, SIGKILLed at each of its 5 renames."""
+    ckpt = tmp_path / "ckpt"
+    assert zygote(*TINY_TRAIN, "--out", str(ckpt)).returncode == 0
+    out = tmp_path / "exports" / "app"
+    args = ("export", "--checkpoint", str(ckpt / "model.safetensors"), "--formats", "onnx",
+            "--out", str(out), "-q", "--force")
+    names = ["manifest.json", "model.onnx", "model.safetensors"]
+    _kill_at_renames(zygote, tmp_path, args, out, ["model.safetensors", "model.onnx", "manifest.json", "app"],
+                     lambda folder: _complete_export(folder, names))
+
+
+QUANTIZE_TINY = ("--samples", "16", "--rounding-samples", "16", "--eval-samples", "40", "--no-sensitivity",
+                 "--no-tflite", "--no-plain-baseline", "-q")
+
+
+def test_quantize_killed_at_a_spread_of_renames_of_a_force_run_then_reruns(zygote, tmp_path):
+    """``quantize --force`` over an earlier result makes 10 renames: (1) the float model and
+    (2) the calibration ranges in its TMPDIR scratch folder; into the staging folder (3) the
+    w8a8 QDQ model (``atomic_path``), (4) its encodings (``atomic_write_text``), (5, 6) the
+    same two for w8a16, (7) the report, (8) the manifest; (9) the old result aside, (10) the
+    new one in. A full sweep takes about 2 minutes here, so this one kills at a spread that
+    has each kind of rename once: 1 (into the scratch folder), 3 and 4 (each of the two
+    writers into the staging folder), 9 and 10 (both halves of the swap); 2 repeats 1, and
+    5 to 8 repeat 3 or 4. After each kill the same command succeeds with no cleanup."""
+    export_dir = _tiny_export(zygote, tmp_path)
+    out = tmp_path / "quantized" / "q"
+    targets = ["model.onnx", "ranges_minmax.json", "model_qnn_w8a8.onnx", "model_qnn_w8a8.encodings.json",
+               "model_qnn_w8a16.onnx", "model_qnn_w8a16.encodings.json", "quantization_report.json",
+               "manifest.json", "q"]
+    names = sorted(["model.safetensors", *targets[2:-1]])
+    _kill_at_renames(zygote, tmp_path, ("quantize", str(export_dir), "--out", str(out), *QUANTIZE_TINY, "--force"),
+                     out, targets, lambda folder: _complete_export(folder, names), whens=(1, 3, 4, 9, 10))
+
+
+TINY_RUN = ('name = "tiny"\nstages = ["train", "export"]\n[train]\nmodel = "mobilenet_v2"\n'
+            'model_kwargs = { width_mult = 0.35 }\ndata = "digits"\ninput_size = 16\nepochs = 1\n'
+            'train_samples = 256\n[export]\nformats = ["onnx"]\n')
+
+
+def _tiny_runs(tmp: Path) -> tuple[tuple[str, ...], Path]:
+    """The ``mdeploy run`` arguments of a tiny train + export run, and its ``--out`` holding
+    an earlier run ``previous`` that ``latest`` points at."""
+    cfg = tmp / "tiny.toml"
+    cfg.write_text(TINY_RUN)
+    runs = tmp / "runs"
+    runs.mkdir()
+    (runs / "previous").mkdir()
+    (runs / "previous" / "kept.txt").write_text("an earlier run\n")
+    (runs / "latest").symlink_to("previous")
+    return ("run", "--config", str(cfg), "--out", str(runs), "-q"), runs
+
+
+def _complete_runs(runs: Path, train_names: list[str], export_names: list[str]) -> None:
+    """Every run folder under ``runs`` is whole, ``latest`` names one, the earlier run is
+    untouched and nothing hidden is left."""
+    assert (runs / "previous" / "kept.txt").read_text() == "an earlier run\n"
+    assert (runs / os.readlink(runs / "latest")).is_dir()
+    for run_dir in runs.iterdir():
+        if run_dir.name not in ("latest", "previous"):
+            assert sorted(p.name for p in (run_dir / "train").iterdir()) == train_names, run_dir
+            _complete_export(run_dir / "export", export_names)
+    assert _hidden(runs) == []
+
+
+def test_run_killed_at_a_spread_of_renames_then_reruns(zygote, tmp_path):
+    """``mdeploy run`` (train, export) makes 13 renames: into the train stage's staging
+    folder (1) the checkpoint, (2) the log; (3) that folder into the run's staging folder;
+    (4) the stage's resume marker; (5-7) the export's three files, (8) its folder, (9) its
+    marker; (10, 11) the manifest and the train marker rewritten to name the final run folder
+    (in the order the file system lists them); (12) the run folder into place; (13) the new
+    ``latest`` link. A full sweep takes over 2 minutes here, so this one kills at a spread
+    with each kind of rename once: 1 (a file into a stage's staging folder; 2, 5, 6 and 7
+    are the same), 3 (a stage folder into the run's; 8 is the same), 4 (a marker; 9 is the
+    same), 10 (a rewrite; 11 is the same), 12 (the run into place), 13 (``latest``). After
+    each kill: the earlier runs are untouched and ``latest`` has not moved; the same command
+    then succeeds with no cleanup, ``latest`` names its run, every run folder is whole (a
+    run killed at 13 was complete: it stays, as a run ``latest`` does not name), nothing
+    hidden is left (a kill at 13 used to leave ``.latest.<pid>``) and TMPDIR scratch is
+    empty."""
+    args, runs = _tiny_runs(tmp_path)
+    counted = zygote(*args)
+    assert counted.returncode == 0, counted.stderr[-2000:]
+    first = runs / os.readlink(runs / "latest")
+    targets = _targets(counted.renames)
+    assert targets[:10] + targets[11:] == ["model.safetensors", "train_log.json", "train", ".stage.json",
+                                           "model.safetensors", "model.onnx", "manifest.json", "export",
+                                           ".stage.json", targets[9], first.name, "latest"], targets
+    assert sorted(targets[9:11]) == [".stage.json", "manifest.json"], targets
+    train_names = sorted(p.name for p in (first / "train").iterdir())
+    export_names = sorted(p.name for p in (first / "export").iterdir())
+    assert ".stage.json" in train_names and "model.onnx" in export_names
+    _complete_runs(runs, train_names, export_names)
+    for n in (1, 3, 4, 10, 12, 13):
+        before = {p.name: _files(p) for p in runs.iterdir() if not p.name.startswith(".") and p.name != "latest"}
+        latest = os.readlink(runs / "latest")
+        proc = zygote(*args, kill_at_rename=n)
+        assert proc.returncode == -signal.SIGKILL, (n, proc.returncode, proc.stderr[-2000:])
+        died_at = proc.renames[-1]
+        assert os.readlink(runs / "latest") == latest, (n, died_at)
+        assert {name: _files(runs / name) for name in before} == before, (n, died_at)
+        rerun = zygote(*args)
+        assert rerun.returncode == 0, (n, died_at, rerun.stderr[-2000:])
+        assert os.readlink(runs / "latest") not in before, (n, died_at)
+        _complete_runs(runs, train_names, export_names)
+        assert list((tmp_path / "tmpdir").iterdir()) == [], (n, died_at)
+    zygote.close_and_check_renames()
+
+
+# -------------------------------------------------------------------------- full disk at a chosen write
+
+
+def _cli_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-B", "-m", "pipeline.cli", *args]
+
+
+def _main_thread_writes(tmp: Path, *args: str) -> list[str]:
+    """Run ``args`` once (it must succeed); the file each write of its main thread went to,
+    in order. Only the main thread's: strace's ``when=N`` counts each thread's calls on their
+    own, so N is the main thread's N-th write. --seccomp-bpf: the process stops at the traced
+    calls only (error injection works so; signal injection does not)."""
+    trace = tmp / "writes.txt"
+    proc = subprocess.run([STRACE, "-f", "--seccomp-bpf", "-qq", "-y", "-o", str(trace),
+                           "-e", "trace=execve,write,pwrite64", *_cli_cmd(*args)],
+                          capture_output=True, text=True, env=_env(tmp), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = trace.read_text().splitlines()
+    main = lines[0].split()[0]                              # the pid of the first line: its execve
+    return [m.group(1) for m in (re.match(rf"{main}\s+p?write(?:64)?\(\d+<([^>]*)>", line) for line in lines) if m]
+
+
+def _with_enospc_at(tmp: Path, n: int, *args: str) -> subprocess.CompletedProcess:
+    """``args`` with the kernel answering ENOSPC to the N-th write of each thread: never a
+    traceback; exit 0, or exit 2 with one line on stderr."""
+    proc = subprocess.run([STRACE, "-f", "--seccomp-bpf", "-qq", "-o", os.devnull, "-e", "trace=write,pwrite64",
+                           "-e", f"inject=write,pwrite64:error=ENOSPC:when={n}", *_cli_cmd(*args)],
+                          capture_output=True, text=True, env=_env(tmp), timeout=300)
+    assert "Traceback" not in proc.stderr, (n, proc.stderr[-3000:])
+    assert proc.returncode in (0, 2), (n, proc.returncode, proc.stderr[-2000:])
+    if proc.returncode == 2:
+        assert len(proc.stderr.strip().splitlines()) == 1, (n, proc.stderr)
+    return proc
+
+
+def _enospc_spread(writes: list[str]) -> list[int]:
+    """The first, middle and last write, and the first and last into a staging folder (the
+    result's own files: the first, middle and last alone may all miss them)."""
+    staged = [i + 1 for i, path in enumerate(writes) if re.search(r"/\.[^/]+\.\d+\.[^/.]*\.staging/", path)]
+    assert len(writes) > 3 and staged, writes
+    return sorted({1, len(writes) // 2, len(writes), staged[0], staged[-1]})
+
+
+@needs_strace
+def test_train_with_enospc_at_a_write_fails_cleanly_then_reruns(tmp_path):
+    """``train --force`` over an earlier result with ENOSPC at the first, middle and last
+    write of its main thread and at the first and last into its staging folder (here that is
+    all five: a joblib probe, a semaphore, the checkpoint, the log, the line on stdout), as
+    ``test_export_with_enospc_at_each_write...``: never a traceback; exit 0, or exit 2 with
+    one line; ``--out`` holds the earlier result or a whole new one, never a mix; nothing
+    hidden beside it, TMPDIR scratch empty; a plain rerun works."""
+    from models.checkpoint import load_checkpoint
+    out = tmp_path / "ckpts" / "tiny"
+    args = (*TINY_TRAIN, "--out", str(out), "--force")
+    writes = _main_thread_writes(tmp_path, *args)
+    for n in _enospc_spread(writes):
+        before = _files(out)
+        _with_enospc_at(tmp_path, n, *args)
+        assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "train_log.json"], n
+        if _files(out) != before:                           # a new result: whole
+            log = json.loads((out / "train_log.json").read_text())
+            _, meta = load_checkpoint(out / "model.safetensors")
+            assert log and meta["model"] == "mobilenet_v2", n
+        assert _hidden(out.parent) == [] and list((tmp_path / "tmpdir").iterdir()) == [], n
+    proc = _mdeploy(tmp_path, *args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@needs_strace
+def test_quantize_with_enospc_at_a_write_fails_cleanly_then_reruns(tmp_path):
+    """``quantize --force`` over an earlier result with ENOSPC at the first, middle and last
+    write of its main thread and at the first and last into its staging folder: never a
+    traceback; exit 0, or exit 2 with one line; ``--out`` holds the earlier result or a new
+    one whose files all match its manifest, never a mix; nothing hidden beside it, TMPDIR
+    scratch empty; a plain rerun works."""
+    ckpt, export_dir = tmp_path / "ckpt", tmp_path / "export"
+    assert _mdeploy(tmp_path, *TINY_TRAIN, "--out", str(ckpt)).returncode == 0
+    proc = _mdeploy(tmp_path, "export", "--checkpoint", str(ckpt / "model.safetensors"), "--formats", "onnx",
+                    "--out", str(export_dir), "-q")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / "quantized" / "q"
+    args = ("quantize", str(export_dir), "--out", str(out), *QUANTIZE_TINY, "--force")
+    writes = _main_thread_writes(tmp_path, *args)
+    names = sorted(p.name for p in out.iterdir())
+    for n in _enospc_spread(writes):
+        before = _files(out)
+        _with_enospc_at(tmp_path, n, *args)
+        if _files(out) != before:
+            _complete_export(out, names)
+        assert sorted(p.name for p in out.iterdir()) == names, n
+        assert _hidden(out.parent) == [] and list((tmp_path / "tmpdir").iterdir()) == [], n
+    proc = _mdeploy(tmp_path, *args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _complete_export(out, names)
+
+
+@needs_strace
+def test_run_with_enospc_at_a_write_fails_cleanly_then_reruns(tmp_path):
+    """``mdeploy run`` (train, export) with ENOSPC at the first, middle and last write of
+    its main thread and at the first and last into its staging folder: never a traceback;
+    exit 0, or exit 2 with one line; every run folder under ``--out`` is whole (a failed run
+    leaves none), ``latest`` names one, the earlier run is untouched, nothing hidden is
+    left, TMPDIR scratch is empty; a plain rerun works."""
+    args, runs = _tiny_runs(tmp_path)
+    writes = _main_thread_writes(tmp_path, *args)
+    first = runs / os.readlink(runs / "latest")
+    train_names = sorted(p.name for p in (first / "train").iterdir())
+    export_names = sorted(p.name for p in (first / "export").iterdir())
+    for n in _enospc_spread(writes):
+        _with_enospc_at(tmp_path, n, *args)
+        _complete_runs(runs, train_names, export_names)
+        assert list((tmp_path / "tmpdir").iterdir()) == [], n
+    proc = _mdeploy(tmp_path, *args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _complete_runs(runs, train_names, export_names)

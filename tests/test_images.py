@@ -140,3 +140,65 @@ def test_a_folder_named_like_a_bundled_set_is_the_users(tmp_path, monkeypatch):
     assert not is_bundled("photos")
     got = load_images("photos", pre, "all", None)
     assert got.x.shape == (6, 3, 16, 16) and got.classes == ["cat", "dog"]
+
+
+def _png_claiming(path, width: int, height: int):
+    """A PNG whose header claims width x height pixels (one tiny IDAT): a decompression bomb
+    to Pillow's check at open, without 200 megapixels written to disk."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def _folder_with_a_bomb_last(root):
+    """Two class folders: good images, one truncated PNG (its header is fine, its pixels are
+    not: reading it fails only when it is decoded), and last, a 14000x14000 bomb."""
+    import io
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(np.full((16, 16), 40 * i, np.uint8)).save(root / "a" / f"{i}.png")
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8)).save(buf, "PNG")
+    (root / "b" / "0-truncated.png").write_bytes(buf.getvalue()[:200])
+    return _png_claiming(root / "b" / "9-bomb.png", 14000, 14000)
+
+
+def test_every_header_is_checked_before_any_image_is_decoded(tmp_path):
+    """A bomb at the end of a folder is found by the header scan before any image is
+    decoded: the error names the bomb, not the truncated file decoding would reach first
+    (training, calibration and verify read folders through ``read_images``)."""
+    from models.datasets import load_dataset
+    from models.images import check_image_source, read_images
+    root = tmp_path / "data"
+    bomb = _folder_with_a_bomb_last(root)
+    files = sorted(root.rglob("*.png"))
+    for load in (lambda: read_images(files), lambda: load_dataset(root, "train"),
+                 lambda: load_calibration(root / "b", GREY), lambda: check_image_source(root)):
+        with pytest.raises(InputError, match="decompression-bomb") as info:
+            load()
+        assert "\n" not in str(info.value) and str(bomb) in str(info.value)
+    with pytest.raises(InputError, match="readable image"):        # decoding alone finds this one
+        read_images(files[:-1])
+
+
+def test_export_refuses_a_bomb_in_its_calibration_folder_before_any_work(cli, tmp_path):
+    """``export --calibration FOLDER`` reads the images only when a quantized precision
+    needs them, after the model is built and the float formats are converted; a bomb deep in
+    the folder is refused before any of that: exit 2, the one line on stderr (no progress
+    before it) names the file, nothing is written."""
+    from tests.parity_helpers import mnist_checkpoint
+    ckpt = mnist_checkpoint(tmp_path / "ckpt" / "model.safetensors")
+    bomb = _folder_with_a_bomb_last(tmp_path / "calib")
+    out = tmp_path / "exports" / "app"
+    code, _, err = cli("export", "--checkpoint", str(ckpt), "--formats", "tflite", "--precisions", "int8",
+                       "--calibration", str(tmp_path / "calib"), "--out", str(out))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert str(bomb) in err and "decompression-bomb" in err, err
+    assert not (tmp_path / "exports").exists()

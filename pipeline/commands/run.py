@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -73,6 +74,22 @@ def _point_latest(run_dir: Path) -> None:
     except OSError:
         with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+def _remove_dead_latest_links(parent: Path) -> None:
+    """A process killed between making ``.latest.<pid>`` and renaming it over ``latest``
+    (``_point_latest``) leaves that symlink behind; remove those of dead processes (a live
+    one's is its swap in progress)."""
+    from exporters.fileio import pid_alive
+    try:
+        entries = list(parent.iterdir()) if parent.is_dir() else []
+    except OSError:
+        return
+    for entry in entries:
+        match = re.fullmatch(r"\.latest\.(\d+)", entry.name)
+        if match and entry.is_symlink() and not pid_alive(int(match.group(1))):
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
 
 
 def _relocate(obj: Any, old: str, new: str, seen: set[int] | None = None) -> Any:
@@ -141,6 +158,7 @@ def run(args: argparse.Namespace, ui) -> int:
     from pipeline.commands.run_cache import find_previous
     previous = find_previous(out_parent, name, args.resume or None) if args.resume is not None else None
     remove_dead_staging(out_parent, keep=previous)      # what killed runs left (each run has a new name)
+    _remove_dead_latest_links(out_parent)
     run_dir = _new_run_dir(out_parent, name)
     ui.info(Markup(f"[bold]mdeploy run[/bold] -> {esc(run_dir)}"))
     if args.resume is not None:

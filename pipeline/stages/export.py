@@ -38,7 +38,7 @@ from exporters.base import (MODULE, ExportContext, Exporter, ExporterOptions, ch
 from exporters.fileio import (atomic_write_bytes, check_distinct_from_inputs, check_writable_output,
                              staged_output_dir)
 from models.errors import InputError
-from models.images import RESIZE_FILTERS
+from models.images import RESIZE_FILTERS, check_image_source
 from models.util import error_line, is_utf8
 
 PT_NAME = "model.safetensors"
@@ -299,6 +299,9 @@ def export_model(model_spec: str | None, out_dir: str | Path, *, checkpoint: str
     spec_file = (model_spec.rpartition(":")[0] if is_factory_spec(model_spec) else
                  model_spec if is_program_spec(model_spec) else None) if model_spec else None
     check_distinct_from_inputs(out_dir, checkpoint, spec_file)
+    # the calibration images are read only when a quantized precision needs them, after the
+    # float exports: their headers (a decompression bomb deep in the folder) are checked now
+    check_image_source(opts.calibration)
 
     from models.checkpoint import build_model
     say("building the model")
