@@ -210,7 +210,21 @@ class ShiftConvBlock(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
-class ShiftResNetCifar(nn.Module):
+class _PooledHead(nn.Module):
+    """Global average pool -> dropout -> linear, as the three shift networks end. A mixin
+    rather than a ``ClassifierHead`` module so the state-dict keys stay ``pool``/``drop``/``fc``
+    (checkpoints trained before it still load)."""
+
+    def _init_head(self, in_chs: int, num_classes: int, drop_rate: float) -> None:
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
+        self.fc = nn.Linear(in_chs, num_classes)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(torch.flatten(self.pool(x), 1)))
+
+
+class ShiftResNetCifar(_PooledHead):
     """ResNet-(6n+2) for 32x32 inputs (He et al. 2016, sec. 4.2), CSC blocks for the 3x3 pairs."""
 
     def __init__(self, depth: int = 20, num_classes: int = 1000, in_chans: int = 3,
@@ -231,14 +245,12 @@ class ShiftResNetCifar(nn.Module):
                 in_chs = w
         self.layers = nn.Sequential(*layers)
         self.num_features = in_chs
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
-        self.fc = nn.Linear(in_chs, num_classes)
+        self._init_head(in_chs, num_classes, drop_rate)
         he_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layers(self.relu(self.bn1(self.conv1(x))))
-        return self.fc(self.drop(torch.flatten(self.pool(x), 1)))
+        return self.forward_head(x)
 
 
 # -- ShiftNet-A (ImageNet) -------------------------------------------------------------------
@@ -279,7 +291,7 @@ class PreActShiftBlock(nn.Module):
         return out + x
 
 
-class ShiftNet(nn.Module):
+class ShiftNet(_PooledHead):
     """7x7/2 stem conv, four stride-2 stages of pre-activation CSC blocks, BN-ReLU, pool, linear."""
 
     def __init__(self, depths: Sequence[int], widths: Sequence[int], kernels: Sequence[int],
@@ -298,14 +310,12 @@ class ShiftNet(nn.Module):
         self.norm = nn.BatchNorm2d(in_chs)
         self.relu = nn.ReLU(inplace=True)
         self.num_features = in_chs
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
-        self.fc = nn.Linear(in_chs, num_classes)
+        self._init_head(in_chs, num_classes, drop_rate)
         he_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.norm(self.stages(self.conv1(x))))
-        return self.fc(self.drop(torch.flatten(self.pool(x), 1)))
+        return self.forward_head(x)
 
 
 # -- ASNet (ImageNet, active shift) ----------------------------------------------------------
@@ -334,7 +344,7 @@ class ActiveShiftBlock(nn.Module):
         return out + (self.shortcut(pre) if self.project else x)
 
 
-class ASNet(nn.Module):
+class ASNet(_PooledHead):
     """3x3/2 stem, five stages of active-shift blocks (strides 1, 2, 2, 2, 2), BN-ReLU, pool, FC."""
 
     def __init__(self, depths: Sequence[int] = (1, 3, 4, 6, 3), width: int = 64,
@@ -356,14 +366,12 @@ class ASNet(nn.Module):
         self.norm = nn.BatchNorm2d(in_chs)
         self.relu = nn.ReLU(inplace=True)
         self.num_features = in_chs
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
-        self.fc = nn.Linear(in_chs, num_classes)
+        self._init_head(in_chs, num_classes, drop_rate)
         he_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.norm(self.stages(self.conv1(x))))
-        return self.fc(self.drop(torch.flatten(self.pool(x), 1)))
+        return self.forward_head(x)
 
 
 # -- registered networks ---------------------------------------------------------------------
