@@ -16,7 +16,10 @@ Rows, all in one run on the same data:
 * ``naive ORT``: one plain ``onnxruntime.quantization.quantize_static`` call (QDQ,
   per-channel symmetric int8 weights, uint8 MinMax activations) on the float ONNX;
 * ``rtn``: ``mdeploy quantize --target snapdragon --weight-rounding rtn`` (the plain route);
-* one row per weight-rounding technique set, the last being the default.
+* one row per weight-rounding technique set, the last being the default;
+* with ``--mixed w8a8:28,w8a16:38``, the default plus ``--target-sqnr`` on that profile
+  (16-bit activations, int16 weights, float, chosen on calibration inputs), its layer
+  counts in the row's name and its held-out cells in its profile's column.
 
 Columns: for the QNN w8a8 and w8a16 QDQ models (run on ONNX Runtime's CPU EP, which
 executes the same QDQ arithmetic) and the full-integer TFLite (LiteRT), top-1 / top-5
@@ -132,6 +135,27 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> list[Row]:
                 row.size_bytes = v.size_bytes
         rows.append(row)
         print(_line(row), flush=True)
+    for profile, target in args.mixed:
+        # the default rounding plus the --target-sqnr search on one profile; its cells are that
+        # profile's model (the other column is the plain one and left out)
+        opts = QuantizeOptions(target="snapdragon", calibration="photos", eval_data="photos", method=args.method,
+                               samples=args.calib_samples, eval_samples=args.eval_samples,
+                               rounding_samples=args.rounding_samples, sensitivity=False, tflite=False,
+                               plain_baseline=False, target_sqnr=target, target_profile=profile,
+                               sensitivity_samples=args.sensitivity_samples, force=True)
+        result = quantize_folder(export, tmp / f"{name}-mixed-{profile}-{target:g}", opts)
+        mixed = result.report.mixed_precision
+        chosen = mixed["path"][mixed["chosen_step"]]
+        row = Row(f"{profile} --target-sqnr {target:g}: {chosen['w16']}a16 {chosen.get('w16w', 0)}w16 "
+                  f"{chosen['float']}f")
+        row.seconds = sum(v for k, v in result.seconds.items() if k != "evaluation")
+        for v in result.report.variants:
+            short = v.key.split("/")[-1].replace("-qnn", "")
+            if short == profile:
+                row.cells[short] = Cell(v.top1_agreement, v.top5_agreement, next(iter(v.snr_db.values())))
+                row.size_bytes = v.size_bytes
+        rows.append(row)
+        print(_line(row), flush=True)
     return rows
 
 
@@ -177,6 +201,24 @@ def checks(rows: list[Row]) -> list[str]:
     if default.seconds is not None:
         out.append(f"time to quantize with the default: {default.seconds:.0f} s (bar 300 s) "
                    f"{'PASS' if default.seconds <= 300 else 'FAIL'}")
+    for r in rows:
+        if "--target-sqnr" not in r.name:
+            continue
+        for key, c in r.cells.items():
+            agree, snr = BARS[key]
+            ok = c.top1 >= agree and (c.snr or 0) >= snr
+            out.append(f"mixed {r.name}: top-1 {c.top1:.3f} (bar {agree}) SQNR {c.snr:.1f} dB (bar {snr}), "
+                       f"{r.size_bytes / 1e6:.2f} MB, {r.seconds:.0f} s {'PASS' if ok else 'FAIL'}")
+    return out
+
+
+def _mixed_spec(text: str) -> list[tuple[str, float]]:
+    out = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        profile, _, db = part.partition(":")
+        if profile not in ("w8a8", "w8a16") or not db:
+            raise argparse.ArgumentTypeError(f"expected PROFILE:DB with PROFILE w8a8 or w8a16, got {part!r}")
+        out.append((profile, float(db)))
     return out
 
 
@@ -190,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="only these rows (first word of the label, e.g. rtn,default)")
     p.add_argument("--no-tflite", action="store_true")
     p.add_argument("--method", default="minmax", help="activation calibration of the mdeploy rows (default minmax)")
+    p.add_argument("--mixed", type=_mixed_spec, default=[], metavar="PROFILE:DB,...",
+                   help="extra rows: the default rounding plus --target-sqnr DB on PROFILE (w8a8 or w8a16), "
+                        "e.g. w8a8:28,w8a16:38; the search's SQNR is on calibration inputs, the row's on held-out ones")
+    p.add_argument("--sensitivity-samples", type=int, default=32, help="inputs the --mixed search measures on")
     args = p.parse_args(argv)
     header = (f"| {'technique':<26} | {'w8a8 top1/top5/SQNR':>20} | {'w8a16 top1/top5/SQNR':>20} | "
               f"{'TFLite int8 top1/top5/SQNR':>20} | {'size':>8} | {'time':>6} |")
