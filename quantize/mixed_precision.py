@@ -34,7 +34,7 @@ model (``PtqSession.write``) is re-measured on ONNX Runtime after each small bat
    weight first (a 16-bit weight costs its size twice, so a small early layer that carries
    a tenth of the error is raised before a large late one that carries as much). A layer
    whose int32 bias would force ONNX Runtime to coarsen a row of its int16 weights below
-   int8's 127 levels is left out (``w16a16_ineligible``);
+   int8's 127 levels, where its int8 weights kept them, is left out (``w16a16_ineligible``);
 3. then float (``keep_float``), in order of weight-only sensitivity, for the weight-problem
    layers: first those still at 8-bit weights (not a Conv/Gemm), then, if the target is
    still out of reach, those at 16-bit weights. The
@@ -503,17 +503,26 @@ def search_mixed_precision(session: PtqSession, profile: QuantProfile, x: np.nda
 
 def _weak_at_16_bits(session: PtqSession, profile: QuantProfile, layers: list[Layer], method: str,
                      work: Path) -> set[str]:
-    """Layers whose int16 weights would lose precision to the int32 bias rule: under 16-bit
-    activations *and* weights, ``s_in * s_w`` is ~65,000x finer than at w8a8, a large bias
-    no longer fits in int32, and ONNX Runtime raises those rows' weight scales until it does
-    (the QNN rule); a layer where that leaves a row that matters with fewer levels than int8's
-    127 is better left at int8 weights. Measured on one QDQ model with all of them at 16 bits."""
+    """Layers whose int16 weights would lose precision to the int32 bias rule that their int8
+    weights in the profile's own model do not lose.
+
+    QNN computes a bias in int32 at ``s_in * s_w``; where ``|b| / (s_in * s_w)`` would overflow,
+    ONNX Runtime raises that row's weight scale until it fits, and the row keeps fewer levels.
+    The bound ``s_w >= |b| / (s_in (2^31 - 1))`` does not depend on the weights' bits, so at
+    w8a16 (a 16-bit input either way) int16 rows lose no more than int8 ones; raising a w8a8
+    layer to w16a16 makes ``s_in`` 257x finer, and a row that fitted at 8 bits can be left with
+    fewer than int8's 127 levels. A layer is left out when such a row (whose weights are not
+    negligible) appears at 16 bits and was not already raised in the profile's model. Measured
+    on two QDQ models: the profile's own, and one with all of ``layers`` at 16 bits."""
     if not layers:
         return set()
     from quantize.qnn_encodings import int32_bias_checks
     out = work / "w16w_probe.onnx"
+    session.write(profile, out, method=method)
+    before = {(c.layer, r) for c in int32_bias_checks(out) for r in c.weight_scale_raised}
     session.write(profile, out, method=method, w16_weights=layers)
-    weak = {c.layer for c in int32_bias_checks(out) if c.weight_bits == 16 and c.weight_rows_weak}
+    weak = {c.layer for c in int32_bias_checks(out) if c.weight_bits == 16
+            and any((c.layer, r) not in before for r in c.weight_rows_weak)}
     out.unlink(missing_ok=True)
     return weak
 
