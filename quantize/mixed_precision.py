@@ -29,9 +29,8 @@ model (``PtqSession.write``) is re-measured on ONNX Runtime after each small bat
    order of activation-only sensitivity, until the target is met or the activation error
    left is too small to matter (under 5% of the measured error, by the split probes);
 2. then 16-bit weights (``w16_weights``: symmetric per-channel int16, with 16-bit
-   activations, HTP's w16a16) for the Conv/Gemm layers whose weights are the problem:
-   those that carry ``FLOAT_SHARE`` of the summed weight-only error, the most error per
-   weight first (a 16-bit weight costs its size twice, so a small early layer that carries
+   activations, HTP's w16a16) for the Conv/Gemm layers whose weight-only error is not
+   negligible next to the target's noise budget, the most error per weight first (a 16-bit weight costs its size twice, so a small early layer that carries
    a tenth of the error is raised before a large late one that carries as much). A layer
    whose int32 bias would force ONNX Runtime to coarsen a row of its int16 weights below
    int8's 127 levels, where its int8 weights kept them, is left out (``w16a16_ineligible``);
@@ -446,11 +445,14 @@ def search_mixed_precision(session: PtqSession, profile: QuantProfile, x: np.nda
             """The activation error of the candidates not tried yet is too small to matter."""
             return sum(act_noise[l.name] for l in cands[i:]) < ACT_LEFT * _noise(current)
         phase("w16", cands, w16, acts_spent)
-    problem = _weight_problem([l for l in layers if l.name in w_noise], w_noise, budget)
+    weighted = [l for l in layers if l.name in w_noise]
+    problem = _weight_problem(weighted, w_noise, budget)
     ineligible: list[Layer] = []
     if session.qnn:             # HTP's w16a16; the CPU EP profiles have no 16-bit weight kernels to target
+        # every layer whose weight error matters next to the target (16-bit weights stay on the
+        # accelerator, so unlike float they are not held to the layers carrying FLOAT_SHARE of it)
         size = _weight_sizes(session)
-        wide_w = sorted((l for l in problem if l not in keep and l.name in size),
+        wide_w = sorted((l for l in _candidates(weighted, w_noise, budget) if l not in keep and l.name in size),
                         key=lambda l: -w_noise[l.name] / max(size[l.name], 1))
         weak = _weak_at_16_bits(session, profile, wide_w, method, work)
         ineligible = [l for l in wide_w if l.name in weak]
@@ -479,14 +481,19 @@ def search_mixed_precision(session: PtqSession, profile: QuantProfile, x: np.nda
         unfixed = []
         for layer in layers:
             s = by_node.get(layer.name)
-            if layer in keep_final or layer in w16w_final or s is None:
+            if layer in keep_final or s is None:
+                continue
+            if layer in w16w_final:
+                # at 16 bits throughout, its error is no longer measured by the 8-bit probes: it is
+                # named after the others, as what only float could still remove
+                unfixed.append((math.inf, _key(layer) + " (16-bit weights)"))
                 continue
             wide = layer in w16_final           # its activations are 16-bit: its weights are what is left
             probes = (s.weight_only_snr_db,) if wide else (s.weight_only_snr_db, s.activation_only_snr_db)
             worst = min((v for v in probes if v is not None), default=None)
             if worst is not None and worst < target_db:
                 unfixed.append((worst, _key(layer) + (" (weights)" if wide else "")))
-        result.unfixed = [name for _, name in sorted(unfixed)]
+        result.unfixed = [name for _, name in sorted(unfixed, key=lambda u: u[0])]
         shown = ", ".join(result.unfixed[:NAMES_SHOWN]) + (
             f" (+{len(result.unfixed) - NAMES_SHOWN} more)" if len(result.unfixed) > NAMES_SHOWN else "")
         result.note = (f"target SQNR {target_db:g} dB not reached: best {_fmt(point.sqnr_db)} dB "
