@@ -445,6 +445,7 @@ def profile_litert(path: str, *, runs: int, warmup: int, threads: int | None,
 EXECUTORCH_DTYPES = {0: np.uint8, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.int64, 5: np.float16,
                      6: np.float32, 7: np.float64, 11: np.bool_}
 _executorch_default_threads: list[int] = []
+_executorch_pool_resets = [0]      # see executorch_pool_generation
 
 
 def executorch_threads(threads: int | None) -> int:
@@ -453,18 +454,28 @@ def executorch_threads(threads: int | None) -> int:
     The pool is process-wide and its Python binding can only *reset* it
     (``_unsafe_reset_threadpool``, marked experimental); ``None`` restores the size it had
     when first seen here (the runtime's default: one thread per core), so one runner's
-    ``--threads`` does not leak into the next profile. Resetting prints from C++; captured.
+    ``--threads`` does not leak into the next profile. Resetting prints (from C++, through
+    pybind11's redirection to Python's ``sys.stderr``); captured.
     """
     import executorch.extension.pybindings.portable_lib as pl
 
-    from exporters.native_output import captured_native_output
+    from exporters.native_output import quiet
     if not _executorch_default_threads:
         _executorch_default_threads.append(int(pl._threadpool_get_thread_count()))
     want = int(threads) if threads else _executorch_default_threads[0]
     if pl._threadpool_get_thread_count() != want:
-        with captured_native_output():
+        with quiet():                # its "Resetting threadpool" line comes through Python's sys.stderr
             pl._unsafe_reset_threadpool(want)
+        _executorch_pool_resets[0] += 1
     return int(pl._threadpool_get_thread_count())
+
+
+def executorch_pool_generation() -> int:
+    """How many times ``executorch_threads`` has reset the pool. A method loaded before a
+    reset keeps XNNPACK's pointer to the old pool, and executing it then aborts or segfaults
+    the process (seen in CI when the free cores changed between two runners' loads): a
+    holder of a loaded method compares this with the value at its load and reloads."""
+    return _executorch_pool_resets[0]
 
 
 def profile_executorch(path: str, *, runs: int, warmup: int, threads: int | None,

@@ -172,3 +172,47 @@ def test_sparse_shifts_lower_without_negative_pads(tmp_path):
         r.load(art, tmp_path)
         out = r.infer({"input": x})["logits"]
     assert fp32_parity_failure(model, x, out, "fe_net_tiny") is None
+
+
+def test_runners_survive_a_pool_reset_between_their_load_and_their_run(pte_export):
+    """ExecuTorch's thread pool is process-wide, and its size follows the free cores at each
+    runner's load. XNNPACK keeps a pointer to the pool a method was loaded with: executing a
+    method after another runner reset the pool aborted the process (seen in CI, a segfault
+    inside ``execute``; ``__pthread_tpp_change_priority`` assertions here). Each runner
+    reloads its method when the pool moved. In a child process, so a crash is a failed
+    assertion and not the end of the test session."""
+    import subprocess
+    import sys
+    import textwrap
+    root = Path(__file__).resolve().parents[1]
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(root)!r})
+        import numpy as np
+        from device_tests.profile import executorch_pool_generation, executorch_threads
+        from device_tests.runners.executorch import ExecuTorchRunner
+        from exporters.artifact import Manifest
+        folder = {str(pte_export)!r}
+        m = Manifest.load(folder)
+        arts = [a for a in m.artifacts if a.format == "executorch"]
+        runners = []
+        for i, a in enumerate(arts):
+            r = ExecuTorchRunner(threads=1 + i % 2)       # each load resizes the pool
+            r.load(a, folder)
+            runners.append(r)
+        x = {{arts[0].inputs[0].name: np.random.default_rng(0).normal(size=(2, *arts[0].inputs[0].shape[1:]))
+              .astype(np.float32)}}
+        first = [r.infer(x) for r in runners]
+        before = executorch_pool_generation()
+        for k in range(12):
+            executorch_threads(1 + k % 2)                  # another runner, or a profile, resets it
+            for r, y0 in zip(runners, first):
+                y = r.infer(x)
+                for name in y0:
+                    assert np.array_equal(y[name], y0[name]), name
+        assert executorch_pool_generation() > before
+        assert all(r._pool == executorch_pool_generation() for r in runners)   # each reloaded on the new pool
+        print("ok", len(runners))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.split()[-2:] == ["ok", "2"], (proc.returncode, proc.stderr[-3000:])

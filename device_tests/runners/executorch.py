@@ -62,15 +62,17 @@ class ExecuTorchRunner(Runner):
         self.threads = int(threads) if threads else None
         self._threads_used = 0
         self._method: Any = None
+        self._pool = -1                  # executorch_pool_generation() when the method was loaded
 
     def load(self, artifact: Artifact, root: str | Path | None = None) -> None:
-        from device_tests.profile import EXECUTORCH_DTYPES, executorch_threads
+        from device_tests.profile import EXECUTORCH_DTYPES, executorch_pool_generation, executorch_threads
         self.artifact = artifact
         self.path = artifact.resolve(root) if root is not None else Path(artifact.path)
         if not self.path.is_file():
             raise InputError(self.path, "an ExecuTorch .pte file", "no such file")
-        self._method = _load_method(self.path)
+        # the pool first: a method keeps the pool it was loaded with (see _current_method)
         self._threads_used = executorch_threads(self.threads or default_threads())
+        self._method, self._pool = _load_method(self.path), executorch_pool_generation()
         meta = self._method.metadata
         infos = [meta.input_tensor_meta(i) for i in range(meta.num_inputs())]
         if len(infos) != len(artifact.inputs) or meta.num_outputs() < len(artifact.outputs):
@@ -94,12 +96,24 @@ class ExecuTorchRunner(Runner):
         import torch
 
         from exporters.executorch import runtime_call
-        assert self._method is not None, "load() first"
+        method = self._current_method()
         inputs = [torch.from_numpy(np.ascontiguousarray(feed[s.name])) for s in self.input_specs]
-        outs = runtime_call(lambda: self._method.execute(inputs), self.where, "inputs the program accepts",
+        outs = runtime_call(lambda: method.execute(inputs), self.where, "inputs the program accepts",
                             running=True)
         names = [s.name for s in self.output_specs]
         return {name: y.detach().numpy() for name, y in zip(names, outs)}
+
+    def _current_method(self) -> Any:
+        """The loaded method, reloaded if another runner or a profile has reset ExecuTorch's
+        process-wide pool since: XNNPACK keeps a pointer to the pool it was initialised with,
+        and executing on a reset pool aborted the process (``__pthread_tpp_change_priority``
+        assertion, or a segfault)."""
+        from device_tests.profile import executorch_pool_generation
+        assert self._method is not None, "load() first"
+        if self._pool != executorch_pool_generation():
+            self._method = None                           # the stale one goes first
+            self._method, self._pool = _load_method(self.path), executorch_pool_generation()
+        return self._method
 
     @classmethod
     def check_file(cls, path: Path) -> None:
