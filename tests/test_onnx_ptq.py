@@ -235,7 +235,7 @@ def test_mixed_precision_keeps_named_layers_float_or_16_bit(trained, tmp_path):
     for layer in wide:
         assert enc["activations"][layer.output]["dtype"] == "uint16", layer
     assert art.extra["mixed_precision"] == {"float": [keep[0].module],
-                                            "w8a16": [w.module or w.name for w in wide]}
+                                            "w8a16": [w.module or w.name for w in wide], "w16a16": []}
     out = run_onnx(tmp_path / "mixed.onnx", "input", trained["x"][:100])
     assert top1_agreement(trained["ref"][:100], out) >= MIN_AGREEMENT
 
