@@ -12,6 +12,7 @@ from models.errors import InputError
 from models.images import Preprocessing, load_images, preprocess, read_image, resize_pixels
 from pipeline.stages.verify import load_inputs
 from quantize.calibration import load_calibration
+from tests.test_bad_inputs import _png_header_only  # the same header-only bomb PNG
 
 RGB = Preprocessing([16, 16], [0.5, 0.4, 0.3], [0.2, 0.25, 0.3], "RGB")
 BGR = Preprocessing([16, 16], [0.5, 0.4, 0.3], [0.2, 0.25, 0.3], "BGR")
@@ -142,20 +143,6 @@ def test_a_folder_named_like_a_bundled_set_is_the_users(tmp_path, monkeypatch):
     assert got.x.shape == (6, 3, 16, 16) and got.classes == ["cat", "dog"]
 
 
-def _png_claiming(path, width: int, height: int):
-    """A PNG whose header claims width x height pixels (one tiny IDAT): a decompression bomb
-    to Pillow's check at open, without 200 megapixels written to disk."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
-                     + chunk(b"IEND", b""))
-    return path
-
-
 def _folder_with_a_bomb_last(root):
     """Two class folders: good images, one truncated PNG (its header is fine, its pixels are
     not: reading it fails only when it is decoded), and last, a 14000x14000 bomb."""
@@ -167,7 +154,7 @@ def _folder_with_a_bomb_last(root):
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8)).save(buf, "PNG")
     (root / "b" / "0-truncated.png").write_bytes(buf.getvalue()[:200])
-    return _png_claiming(root / "b" / "9-bomb.png", 14000, 14000)
+    return _png_header_only(root / "b" / "9-bomb.png", 14000, 14000)
 
 
 def test_every_header_is_checked_before_any_image_is_decoded(tmp_path):
