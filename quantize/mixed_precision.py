@@ -211,8 +211,10 @@ def split_sensitivity(session: PtqSession, profile: QuantProfile, x: np.ndarray,
     nodes = {n.name: n for n in g.node}
     # weight-only probes edit the model with the weights from before any rounding (the
     # session's own model when it has none), against that model's own logits
-    wmodel = onnx.load(str(session.original_model())) if session.original_weights else model
-    wref = run_onnx(session.original_model(), session.input_name, x) if session.original_weights else ref
+    wmodel, wref = model, ref
+    if session.original_weights:
+        original = session.original_model()
+        wmodel, wref = onnx.load(str(original)), run_onnx(original, session.input_name, x)
     inits = {t.name: t for t in wmodel.graph.initializer}
     rounded = {t.name: t for t in g.initializer}
     layer_outputs = {l.output for l in session.layers}
