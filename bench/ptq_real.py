@@ -15,8 +15,13 @@ Rows, all in one run on the same data:
 
 * ``naive ORT``: one plain ``onnxruntime.quantization.quantize_static`` call (QDQ,
   per-channel symmetric int8 weights, uint8 MinMax activations) on the float ONNX;
-* ``rtn``: ``mdeploy quantize --target snapdragon --weight-rounding rtn`` (the plain route);
-* one row per weight-rounding technique set, the last being the default;
+* ``rtn``: ``mdeploy quantize --target snapdragon --weight-rounding rtn --target-sqnr off``
+  (the plain route);
+* one row per weight-rounding technique set, all-8-bit (``--target-sqnr off``), so the rows
+  compare the rounding alone;
+* ``default``: ``mdeploy quantize --target snapdragon`` as shipped (the default rounding and
+  the default ``--target-sqnr auto``: w8a8 mixed to 30 dB on the sensitivity inputs), with
+  its sensitivity pass, plain baseline and TFLite files, all in the time column;
 * with ``--mixed w8a8:28,w8a16:38``, the default plus ``--target-sqnr`` on that profile
   (16-bit activations, int16 weights, float, chosen on calibration inputs), its layer
   counts in the row's name and its held-out cells in its profile's column.
@@ -43,7 +48,7 @@ TECHNIQUE_SETS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("mse scales", ("mse",)),
     ("gptq", ("gptq",)),
     ("mse + gptq", ("mse", "gptq")),
-    ("default: + bias corr.", ("mse", "gptq", "bias")),
+    ("+ bias corr. (default rounding)", ("mse", "gptq", "bias")),
     ("+ sequential", ("mse", "gptq", "sequential", "bias")),
 )
 BARS = {"w8a8": (0.97, 25.0), "w8a16": (0.99, 35.0)}
@@ -117,24 +122,28 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> list[Row]:
     rows.append(naive)
     print(_line(naive), flush=True)
     for label, techniques in TECHNIQUE_SETS:
-        if args.techniques and label.split(" ")[0].rstrip(":") not in args.techniques and label not in args.techniques:
+        if args.techniques is not None and ",".join(techniques) not in args.techniques \
+                and label.split(" ")[0] not in args.techniques:
             continue
-        with_tflite = not args.no_tflite and (techniques == ("rtn",) or label.startswith("default"))
+        with_tflite = not args.no_tflite and techniques in (("rtn",), ("mse", "gptq", "bias"))
         opts = QuantizeOptions(target="snapdragon", calibration="photos", eval_data="photos", method=args.method,
                                samples=args.calib_samples, eval_samples=args.eval_samples,
                                rounding_samples=args.rounding_samples, weight_rounding=techniques,
-                               sensitivity=False, tflite=with_tflite, force=True)
-        result = quantize_folder(export, tmp / f"{name}-{techniques[-1]}-{len(techniques)}", opts)
-        row = Row(label)
-        row.seconds = sum(v for k, v in result.seconds.items() if k != "evaluation")
-        for v in result.report.variants:
-            short = v.key.split("/")[-1].replace("-qnn", "")
-            snr = next(iter(v.snr_db.values()))
-            row.cells[short] = Cell(v.top1_agreement, v.top5_agreement, snr)
-            if short == "w8a8":
-                row.size_bytes = v.size_bytes
-        rows.append(row)
-        print(_line(row), flush=True)
+                               sensitivity=False, tflite=with_tflite, target_sqnr="off", force=True)
+        rows.append(_quantized_row(label, quantize_folder(export, tmp / f"{name}-{techniques[-1]}-{len(techniques)}",
+                                                          opts)))
+        print(_line(rows[-1]), flush=True)
+    if args.techniques is None or "default" in args.techniques:
+        # mdeploy quantize --target snapdragon with nothing but the data named
+        opts = QuantizeOptions(target="snapdragon", calibration="photos", eval_data="photos", method=args.method,
+                               samples=args.calib_samples, eval_samples=args.eval_samples,
+                               rounding_samples=args.rounding_samples, tflite=not args.no_tflite, force=True)
+        result = quantize_folder(export, tmp / f"{name}-default", opts)
+        mixed = result.report.mixed_precision
+        chosen = mixed["path"][mixed["chosen_step"]]
+        rows.append(_quantized_row(f"default (w8a8 to {mixed['target_sqnr_db']:g} dB: {chosen['w16']}a16 "
+                                   f"{chosen.get('w16w', 0)}w16 {chosen['float']}f)", result))
+        print(_line(rows[-1]), flush=True)
     for profile, target in args.mixed:
         # the default rounding plus the --target-sqnr search on one profile; its cells are that
         # profile's model (the other column is the plain one and left out)
@@ -157,6 +166,18 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> list[Row]:
         rows.append(row)
         print(_line(row), flush=True)
     return rows
+
+
+def _quantized_row(label: str, result: object) -> Row:
+    """A row of every variant ``quantize_folder`` measured; seconds: all but the measuring."""
+    row = Row(label)
+    row.seconds = sum(v for k, v in result.seconds.items() if k != "evaluation")
+    for v in result.report.variants:
+        short = v.key.split("/")[-1].replace("-qnn", "")
+        row.cells[short] = Cell(v.top1_agreement, v.top5_agreement, next(iter(v.snr_db.values())))
+        if short == "w8a8":
+            row.size_bytes = v.size_bytes
+    return row
 
 
 def _fmt(c: Cell | None) -> str:
@@ -228,8 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-samples", type=int, default=256)
     p.add_argument("--rounding-samples", type=int, default=256)
     p.add_argument("--eval-samples", type=int, default=448)
-    p.add_argument("--techniques", type=lambda s: [t.strip() for t in s.split(",") if t.strip()], default=None,
-                   help="only these rows (first word of the label, e.g. rtn,default)")
+    p.add_argument("--techniques", type=lambda s: [t.strip() for t in s.split(";") if t.strip()], default=None,
+                   help="only these rows, ';'-separated: a technique set as its comma list (rtn;mse,gptq,bias) "
+                        "or default (the shipped default); none: '' (naive and --mixed rows only)")
     p.add_argument("--no-tflite", action="store_true")
     p.add_argument("--method", default="minmax", help="activation calibration of the mdeploy rows (default minmax)")
     p.add_argument("--mixed", type=_mixed_spec, default=[], metavar="PROFILE:DB,...",

@@ -75,9 +75,21 @@ def main(argv: list[str] | None = None) -> int:
         # (the staged writes have already removed their temporary files)
         if exc.errno not in _ENVIRONMENT_ERRNOS or args.debug:
             raise
-        ui.error(f"{exc.filename or 'output'}: {os.strerror(exc.errno)}")
+        ui.error(environment_error_line(exc, getattr(args, "out", None)))
         return 2
     return int(code or 0)
+
+
+def environment_error_line(exc: OSError, out: str | os.PathLike | None) -> str:
+    """One line for a full disk / read-only file system: the file the write failed on and the
+    ``--out`` the command was writing, so the user knows which disk to free without reading
+    a staging folder's (or a temporary file's) name. The staged writes have removed their
+    partial files by then; an earlier result in ``--out`` is kept."""
+    where = exc.filename or out or "output"
+    line = f"{where}: {os.strerror(exc.errno)}"
+    if out is not None:
+        line += f" (while writing --out {out}; free space there and rerun)"
+    return line
 
 
 if __name__ == "__main__":

@@ -315,6 +315,7 @@ class MixedPrecisionResult:
     split: SplitReport | None = None
     float_sqnr_db: float | None = None     # the session's float model against the reference (None: it is the reference)
     seconds: float = 0.0
+    default: bool = False                  # the target is the caller's default, not asked for
 
     def to_dict(self) -> dict[str, Any]:
         return {"target_sqnr_db": self.target_db, "profile": self.profile, "method": self.method,
@@ -325,7 +326,8 @@ class MixedPrecisionResult:
                 "w16a16_ineligible": self.w16_ineligible,
                 "path": [p.to_dict() for p in self.path], "chosen_step": self.chosen_step,
                 "unfixed": self.unfixed, "note": self.note,
-                "split": self.split.to_dict() if self.split is not None else None, "seconds": self.seconds}
+                "split": self.split.to_dict() if self.split is not None else None, "seconds": self.seconds,
+                "default_target": self.default}
 
 
 def _candidates(layers: list[Layer], noise: dict[str, float], budget: float) -> list[Layer]:
@@ -366,7 +368,9 @@ def search_mixed_precision(session: PtqSession, profile: QuantProfile, x: np.nda
 
     The SQNR is against ``reference`` (the logits of the model the user trained, when the
     session's float model is a fixed or weight-rounded variant of it), by default against
-    the session's own float model.
+    the session's own float model. Without ``split``, the split probes run only when the
+    8-bit model misses the target (a default target on a model that already meets it costs
+    one measurement).
     """
     from quantize.sensitivity import run_onnx
     if not math.isfinite(target_db):
@@ -374,13 +378,7 @@ def search_mixed_precision(session: PtqSession, profile: QuantProfile, x: np.nda
     if len(x) == 0:
         raise InputError("sensitivity inputs", "at least one input", "none")
     t0 = time.perf_counter()
-    if split is None:
-        split = split_sensitivity(session, profile, x, method=method)
-    by_node = split.by_node()
     layers = list(session.layers)
-    act_noise = {l.name: _noise(by_node[l.name].activation_only_snr_db) for l in layers if l.name in by_node}
-    w_noise = {l.name: _noise(by_node[l.name].weight_only_snr_db) for l in layers
-               if l.name in by_node and by_node[l.name].has_weights}
     budget = _noise(target_db)
     own = run_onnx(session.model_path, session.input_name, x)
     ref = own if reference is None else np.asarray(reference, np.float32).reshape(own.shape)
@@ -440,6 +438,18 @@ def search_mixed_precision(session: PtqSession, profile: QuantProfile, x: np.nda
     snr: float | None = None
     snr = measure("start", [])
     start = snr
+    if reached(snr) and split is None:
+        # nothing to raise: the split probes (two inference passes per layer) are not needed
+        return MixedPrecisionResult(
+            target_db=float(target_db), profile=profile.name, method=method, samples=int(len(x)), reached=True,
+            start_sqnr_db=start, sqnr_db=snr, size_bytes=path[0].size_bytes, w16_layers=list(w16),
+            keep_float=list(keep), path=path, float_sqnr_db=floor, seconds=time.perf_counter() - t0)
+    if split is None:
+        split = split_sensitivity(session, profile, x, method=method)
+    by_node = split.by_node()
+    act_noise = {l.name: _noise(by_node[l.name].activation_only_snr_db) for l in layers if l.name in by_node}
+    w_noise = {l.name: _noise(by_node[l.name].weight_only_snr_db) for l in layers
+               if l.name in by_node and by_node[l.name].has_weights}
     if profile.activation_bits == 8:
         cands = [l for l in _candidates(layers, act_noise, budget) if l not in w16 and l not in keep]
 

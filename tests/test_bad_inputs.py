@@ -381,3 +381,16 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(name, build, needle, ct
     assert not out.exists(), f"{name}: wrote {out}"
     assert sorted(p.name for p in tmp_path.iterdir()) == [], f"{name}: wrote {list(tmp_path.iterdir())}"
     assert _hashes(ctx["root"]) == watched, f"{name}: changed an earlier file"
+
+
+def test_a_full_disk_names_the_out_folder_not_only_a_staging_file():
+    """ENOSPC inside a staging folder: the one line names the file and the ``--out`` the
+    command was writing (the staging folder's name alone says nothing to a user)."""
+    import errno
+    from pipeline.cli import environment_error_line
+    exc = OSError(errno.ENOSPC, "No space left on device", "/data/.app.123.staging/model.onnx")
+    line = environment_error_line(exc, "/data/app")
+    assert line.startswith("/data/.app.123.staging/model.onnx: No space left on device")
+    assert "--out /data/app" in line and "\n" not in line
+    assert environment_error_line(OSError(errno.EROFS, "Read-only file system"), None) == \
+        "output: Read-only file system"

@@ -623,22 +623,25 @@ QUANTIZE_TINY = ("--samples", "16", "--rounding-samples", "16", "--eval-samples"
 
 
 def test_quantize_killed_at_a_spread_of_renames_of_a_force_run_then_reruns(zygote, tmp_path):
-    """``quantize --force`` over an earlier result makes 10 renames: (1) the float model and
-    (2) the calibration ranges in its TMPDIR scratch folder; into the staging folder (3) the
-    w8a8 QDQ model (``atomic_path``), (4) its encodings (``atomic_write_text``), (5, 6) the
-    same two for w8a16, (7) the report, (8) the manifest; (9) the old result aside, (10) the
-    new one in. A full sweep takes about 2 minutes here, so this one kills at a spread that
-    has each kind of rename once: 1 (into the scratch folder), 3 and 4 (each of the two
-    writers into the staging folder), 9 and 10 (both halves of the swap); 2 repeats 1, and
-    5 to 8 repeat 3 or 4. After each kill the same command succeeds with no cleanup."""
+    """``quantize --force`` over an earlier result makes 12 renames: (1) the unrounded float
+    model (the default ``--target-sqnr`` search's raised layers take their weights from it),
+    (2) the weight-rounded float model, (3) the calibration ranges and (4) the search's one
+    measured model (this model's all-8-bit w8a8 already meets the default target) in its
+    TMPDIR scratch folder; into the staging folder (5) the w8a8 QDQ model (``atomic_path``),
+    (6) its encodings (``atomic_write_text``), (7, 8) the same two for w8a16, (9) the report,
+    (10) the manifest; (11) the old result aside, (12) the new one in. A full sweep takes
+    about 2 minutes here, so this one kills at a spread that has each kind of rename once: 1
+    (into the scratch folder), 5 and 6 (each of the two writers into the staging folder), 11
+    and 12 (both halves of the swap); 2 to 4 repeat 1, and 7 to 10 repeat 5 or 6. After each
+    kill the same command succeeds with no cleanup."""
     export_dir = _tiny_export(zygote, tmp_path)
     out = tmp_path / "quantized" / "q"
-    targets = ["model.onnx", "ranges_minmax.json", "model_qnn_w8a8.onnx", "model_qnn_w8a8.encodings.json",
-               "model_qnn_w8a16.onnx", "model_qnn_w8a16.encodings.json", "quantization_report.json",
-               "manifest.json", "q"]
-    names = sorted(["model.safetensors", *targets[2:-1]])
+    targets = ["original.onnx", "model.onnx", "ranges_minmax.json", "step0.onnx", "model_qnn_w8a8.onnx",
+               "model_qnn_w8a8.encodings.json", "model_qnn_w8a16.onnx", "model_qnn_w8a16.encodings.json",
+               "quantization_report.json", "manifest.json", "q"]
+    names = sorted(["model.safetensors", *targets[4:-1]])
     _kill_at_renames(zygote, tmp_path, ("quantize", str(export_dir), "--out", str(out), *QUANTIZE_TINY, "--force"),
-                     out, targets, lambda folder: _complete_export(folder, names), whens=(1, 3, 4, 9, 10))
+                     out, targets, lambda folder: _complete_export(folder, names), whens=(1, 5, 6, 11, 12))
 
 
 TINY_RUN = ('name = "tiny"\nstages = ["train", "export"]\n[train]\nmodel = "mobilenet_v2"\n'

@@ -361,3 +361,57 @@ def test_cli_rejects_an_unknown_target_profile(cli, export_dir, tmp_path):
                        "--out", str(tmp_path / "q"), *ARGS)
     assert code == 2 and "--target-profile" in err and "w8a16" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "q").exists()
+
+
+def test_a_target_the_8_bit_model_already_meets_skips_the_split_probes(planted):  # noqa: F811
+    """A default target on a model that is already there costs one measurement: no split
+    probes, nothing raised, the 8-bit model's own figure as the result."""
+    x = planted["calib"]
+    with _session(planted, True) as s:
+        start = search_mixed_precision(s, QNN_W8A8, x, 200.0).start_sqnr_db
+        res = search_mixed_precision(s, QNN_W8A8, x, start - 1.0)
+    assert res.reached and res.split is None and len(res.path) == 1 and res.chosen_step == 0
+    assert res.sqnr_db == pytest.approx(start) and not res.w16_layers and not res.keep_float
+    assert res.to_dict()["split"] is None
+
+
+def test_cli_snapdragon_searches_to_its_default_target_unless_off(cli, export_dir, tmp_path):
+    """``--target snapdragon`` with no --target-sqnr: the w8a8 model is searched to 30 dB (the
+    default, said so in the note and the manifest); ``--target-sqnr off`` writes all-8-bit
+    models; ``--target generic`` has no default target."""
+    from pipeline.stages.quantize import DEFAULT_TARGET_SQNR_DB
+    code, stdout, err = cli("quantize", str(export_dir), "--out", str(tmp_path / "auto"), "--no-sensitivity", *ARGS)
+    assert code == 0, err
+    report = json.loads(stdout)["report"]
+    mixed = report["mixed_precision"]
+    assert mixed["target_sqnr_db"] == DEFAULT_TARGET_SQNR_DB["snapdragon"] == 30.0
+    assert mixed["default_target"] is True and mixed["profile"] == "qnn-w8a8" and mixed["reached"]
+    assert any(n.startswith("target SQNR 30 dB (the target's default)") for n in report["notes"]), report["notes"]
+    recorded = Manifest.load(tmp_path / "auto").source["quantization"]["target_sqnr"]
+    assert recorded["default_target"] is True and recorded["target_sqnr_db"] == 30.0
+    # the written w8a8 model, measured again on the search's inputs, holds the default
+    w8a8 = next(a for a in Manifest.load(tmp_path / "auto").artifacts if a.key == "onnx/w8a8-qnn")
+    x = _calibration(export_dir)
+    assert snr_db(run_onnx(export_dir / "model.onnx", "input", x),
+                  run_onnx(tmp_path / "auto" / w8a8.path, "input", x)) >= 30.0
+
+    code, stdout, err = cli("quantize", str(export_dir), "--out", str(tmp_path / "off"), "--target-sqnr", "off",
+                            "--no-sensitivity", *ARGS)
+    assert code == 0, err
+    report = json.loads(stdout)["report"]
+    assert report["mixed_precision"] is None
+    manifest = Manifest.load(tmp_path / "off")
+    assert "target_sqnr" not in manifest.source["quantization"]
+    assert all(a.extra["mixed_precision"] == {"float": [], "w8a16": [], "w16a16": []}
+               for a in manifest.artifacts if a.format == "onnx")
+
+    code, stdout, err = cli("quantize", str(export_dir), "--out", str(tmp_path / "generic"), "--target", "generic",
+                            "--no-sensitivity", *ARGS)
+    assert code == 0, err
+    assert json.loads(stdout)["report"]["mixed_precision"] is None
+
+
+def test_cli_rejects_a_target_that_is_not_a_number_auto_or_off(cli, export_dir, tmp_path):
+    code, _, err = cli("quantize", str(export_dir), "--target-sqnr", "loud", "--out", str(tmp_path / "q"), *ARGS)
+    assert code == 2 and "--target-sqnr" in err and "auto or off" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "q").exists()

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 from models.util import pct
 from pipeline.commands.export import _csv, _size
-from pipeline.stages.quantize import DEFAULT_CALIBRATION_SAMPLES, DEFAULT_ROUNDING_SAMPLES
+from pipeline.stages.quantize import DEFAULT_CALIBRATION_SAMPLES, DEFAULT_ROUNDING_SAMPLES, DEFAULT_SENSITIVITY_SAMPLES
 
 TOP_LAYERS = 10
 
@@ -59,11 +59,13 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
                    help="keep the N most sensitive layers (or these comma-separated layers) in float")
     p.add_argument("--w8a16-layers", metavar="N|LAYERS",
                    help="16-bit activations for the N most sensitive layers (or these layers) in the 8-bit models")
-    p.add_argument("--target-sqnr", type=float, metavar="DB",
+    p.add_argument("--target-sqnr", metavar="DB|auto|off", default="auto",
                    help="mixed precision to a target: starting from the 8-bit model (w8a8 / int8), raise the most "
                         "sensitive layers to 16-bit activations, then (QNN) to 16-bit weights, then to float for "
                         "the layers whose weights are the problem, until the logit SQNR on the sensitivity inputs "
-                        "reaches DB (re-measured on the quantized model at each step); a note says when it cannot")
+                        "reaches DB (re-measured on the quantized model at each step); a note says when it cannot. "
+                        "auto (default): 30 dB on w8a8 for --target snapdragon (a model already there is left "
+                        "all-8-bit), none for generic; off: all-8-bit models")
     p.add_argument("--target-profile", metavar="PROFILE",
                    help="the model --target-sqnr raises layers of: w8a8 (default, the first) or w8a16 for "
                         "--target snapdragon (w8a16 then gains 16-bit weights where its int8 weights fall short)")
@@ -81,8 +83,9 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--no-sensitivity", action="store_true", help="skip the per-layer sensitivity analysis")
     p.add_argument("--sensitivity-mode", choices=("only", "exclude"), default="only",
                    help="only: quantize one layer at a time; exclude: keep one layer float at a time")
-    p.add_argument("--sensitivity-samples", type=int, default=100,
-                   help="calibration inputs used by the sensitivity probes (default 100)")
+    p.add_argument("--sensitivity-samples", type=int, default=DEFAULT_SENSITIVITY_SAMPLES,
+                   help="calibration inputs used by the sensitivity probes and the --target-sqnr search "
+                        f"(default {DEFAULT_SENSITIVITY_SAMPLES})")
     p.add_argument("--top", type=int, default=TOP_LAYERS, help="sensitive layers shown (default 10)")
     p.add_argument("--eval", dest="eval_data", help="held-out data for accuracy: mnist | digits | folder | "
                                                     ".npy/.npz (default: the checkpoint's data, test split)")
@@ -274,8 +277,9 @@ def show_report(ui, report, top: int = TOP_LAYERS) -> None:
 
     mixed = report.mixed_precision or {}
     if mixed.get("path"):
+        default = ", the target's default; --target-sqnr off for all-8-bit" if mixed.get("default_target") else ""
         m = Table(title=f"mixed precision to {mixed['target_sqnr_db']:g} dB logit SQNR ({mixed['profile']}, "
-                        f"{mixed['samples']} calibration inputs; * = chosen)")
+                        f"{mixed['samples']} calibration inputs{default}; * = chosen)")
         for col in ("step", "raised", "a16", "w16a16", "float", "weights", "file", "SQNR dB"):
             m.add_column(col, justify="left" if col == "raised" else "right")
         for p in mixed["path"]:

@@ -267,7 +267,9 @@ class QuantizeRecord:
                              _db(x.get("activation_only_snr_db"))] for x in top]) + [""]
         mixed = q.get("mixed_precision") or {}
         if mixed.get("path"):
-            lines += [f"Mixed precision to {mixed['target_sqnr_db']:g} dB logit SQNR ({mixed['profile']}, "
+            default = " (the target's default target, `--target-sqnr off` for all-8-bit)" \
+                if mixed.get("default_target") else ""
+            lines += [f"Mixed precision to {mixed['target_sqnr_db']:g} dB logit SQNR{default} ({mixed['profile']}, "
                       f"{mixed['samples']} calibration inputs): "
                       + (mixed.get("note") or f"reached, {_db(mixed.get('sqnr_db'))} dB ({mixed['profile']} "
                          f"{_db(mixed.get('start_sqnr_db'))} dB)") + ". 16-bit activations: "
