@@ -155,27 +155,24 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> list[Row]:
         result = quantize_folder(export, tmp / f"{name}-mixed-{profile}-{target:g}", opts)
         mixed = result.report.mixed_precision
         chosen = mixed["path"][mixed["chosen_step"]]
-        row = Row(f"{profile} --target-sqnr {target:g}: {chosen['w16']}a16 {chosen.get('w16w', 0)}w16 "
-                  f"{chosen['float']}f")
-        row.seconds = sum(v for k, v in result.seconds.items() if k != "evaluation")
-        for v in result.report.variants:
-            short = v.key.split("/")[-1].replace("-qnn", "")
-            if short == profile:
-                row.cells[short] = Cell(v.top1_agreement, v.top5_agreement, next(iter(v.snr_db.values())))
-                row.size_bytes = v.size_bytes
+        row = _quantized_row(f"{profile} --target-sqnr {target:g}: {chosen['w16']}a16 {chosen.get('w16w', 0)}w16 "
+                             f"{chosen['float']}f", result, only=profile)
         rows.append(row)
         print(_line(row), flush=True)
     return rows
 
 
-def _quantized_row(label: str, result: object) -> Row:
-    """A row of every variant ``quantize_folder`` measured; seconds: all but the measuring."""
+def _quantized_row(label: str, result: object, only: str | None = None) -> Row:
+    """A row of the variants ``quantize_folder`` measured (``only``: that profile's, and the
+    size is its file's; else all, sized by w8a8); seconds: all but the measuring."""
     row = Row(label)
     row.seconds = sum(v for k, v in result.seconds.items() if k != "evaluation")
     for v in result.report.variants:
         short = v.key.split("/")[-1].replace("-qnn", "")
+        if only is not None and short != only:
+            continue
         row.cells[short] = Cell(v.top1_agreement, v.top5_agreement, next(iter(v.snr_db.values())))
-        if short == "w8a8":
+        if short == (only or "w8a8"):
             row.size_bytes = v.size_bytes
     return row
 
