@@ -415,3 +415,25 @@ def test_cli_rejects_a_target_that_is_not_a_number_auto_or_off(cli, export_dir, 
     code, _, err = cli("quantize", str(export_dir), "--target-sqnr", "loud", "--out", str(tmp_path / "q"), *ARGS)
     assert code == 2 and "--target-sqnr" in err and "auto or off" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "q").exists()
+
+
+def test_report_section_says_when_the_target_is_the_default():
+    """The run report's quantize section names a default target as such (the user did not
+    ask for mixed precision, so the report says where it came from and how to turn it off)."""
+    from pipeline.report import QuantizeRecord
+    mixed = {"target_sqnr_db": 30.0, "default_target": True, "profile": "qnn-w8a8", "samples": 32, "reached": True,
+             "sqnr_db": 32.6, "start_sqnr_db": 32.6, "note": None, "w8a16_layers": [], "w16a16_layers": [],
+             "keep_float": [], "chosen_step": 0,
+             "path": [{"step": 0, "action": "start", "added": [], "w16": 0, "w16w": 0, "float": 0,
+                       "size_bytes": 1000, "weight_bytes": 500, "sqnr_db": 32.6}]}
+
+    class _Report:
+        def to_dict(self):
+            variant = {"key": "onnx/w8a8-qnn", "accuracy": None, "drop_points": None, "top1_agreement": 1.0,
+                       "snr_db": {"logits": 32.6}, "size_bytes": 1000, "size_ratio": 0.25}
+            return {"target": "snapdragon", "variants": [variant], "notes": [], "mixed_precision": mixed}
+    md = "\n".join(QuantizeRecord("q", _Report(), {}).markdown(None, lambda name: [f"![{name}]"]))
+    assert "Mixed precision to 30 dB logit SQNR (the default of `--target snapdragon`; `--target-sqnr off`" in md
+    mixed["default_target"] = False
+    md = "\n".join(QuantizeRecord("q", _Report(), {}).markdown(None, lambda name: [f"![{name}]"]))
+    assert "Mixed precision to 30 dB logit SQNR (qnn-w8a8" in md and "default of" not in md

@@ -267,7 +267,7 @@ class QuantizeRecord:
                              _db(x.get("activation_only_snr_db"))] for x in top]) + [""]
         mixed = q.get("mixed_precision") or {}
         if mixed.get("path"):
-            default = " (the target's default target, `--target-sqnr off` for all-8-bit)" \
+            default = f" (the default of `--target {q.get('target')}`; `--target-sqnr off` for all-8-bit)" \
                 if mixed.get("default_target") else ""
             lines += [f"Mixed precision to {mixed['target_sqnr_db']:g} dB logit SQNR{default} ({mixed['profile']}, "
                       f"{mixed['samples']} calibration inputs): "
