@@ -351,12 +351,12 @@ def _onnx2tf_all(jobs: dict[str, tuple[Any, Path, np.ndarray | None]], *, input_
     have ended (they run in the same temporary folder, removed after).
     """
     from concurrent.futures import ThreadPoolExecutor
+    from functools import partial
+    convert = partial(_onnx2tf, input_name=input_name, input_shape=input_shape, keep_nchw=keep_nchw)
     if len(jobs) < 2:
-        return {k: _onnx2tf(m, w, input_name=input_name, input_shape=input_shape, keep_nchw=keep_nchw, sample=s)
-                for k, (m, w, s) in jobs.items()}
+        return {k: convert(m, w, sample=s) for k, (m, w, s) in jobs.items()}
     with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="onnx2tf") as pool:
-        futures = {k: pool.submit(_onnx2tf, m, w, input_name=input_name, input_shape=input_shape,
-                                  keep_nchw=keep_nchw, sample=s) for k, (m, w, s) in jobs.items()}
+        futures = {k: pool.submit(convert, m, w, sample=s) for k, (m, w, s) in jobs.items()}
         return {k: f.result() for k, f in futures.items()}
 
 

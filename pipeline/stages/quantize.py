@@ -63,7 +63,6 @@ DEFAULT_ROUNDING_SAMPLES = 256
 # inputs measured 30.5 / 29.4 dB and 0.971 / 0.969 held out, at the same size. HTP runs 16-bit
 # activations natively, so the mixed model stays on the accelerator. generic (ORT CPU): none.
 DEFAULT_TARGET_SQNR_DB: dict[str, float | None] = {"snapdragon": 30.0, "generic": None}
-TARGET_SQNR_WORDS = ("auto", "off")
 
 Progress = Callable[[str], None]
 LayerProgress = Callable[[int, int, str], None]
@@ -257,7 +256,6 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
         fix_result = None
         rounding_result = None
         original_onnx = None
-        n_round = min(opts.rounding_samples, len(calib))
         onnx_arts = [a for a in manifest.find("onnx", "fp32") if not a.variant]
         if fixes or optimized:
             # weight rounding works on the weights that get quantized: BatchNorm folded first
@@ -269,6 +267,7 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
             seconds["float_fixes"] = time.perf_counter() - t0
             fixed = fix_result.model
             if optimized:
+                n_round = min(opts.rounding_samples, len(calib))
                 say(f"optimizing weight rounding ({', '.join(rounding)}) on {n_round} calibration inputs")
                 t0 = time.perf_counter()
                 rounding_result = optimize_weights(fixed, calib[:n_round], rounding, progress=layer_progress,
