@@ -12,9 +12,10 @@ The ONNX route: onnx2tf turns the ONNX graph into a TensorFlow SavedModel
 with NHWC activations (its layout handling is the reason to use it); TensorFlow's
 own ``TFLiteConverter.from_saved_model`` then writes every precision, with our
 representative dataset for the integer kinds (onnx2tf's own quantized outputs were
-wrong for dynamic range and take calibration data in its own format). onnx2tf is
-run in a subprocess behind ``_onnx2tf``: its many options, its console output and
-its global TensorFlow state stay out of this process and out of our API.
+wrong for dynamic range and take calibration data in its own format). Both run in a
+worker subprocess per graph (``exporters.tflite_convert``, behind ``_onnx2tf``): onnx2tf's
+many options, its console output and its global TensorFlow state stay out of this
+process and out of our API, and the two graphs of a quantize run convert side by side.
 
 Every ``.tflite`` carries TFLite app metadata (``exporters.tflite_metadata``), the
 ONNX input/output names, and is described by an ``Artifact`` with the real input
@@ -40,19 +41,19 @@ from exporters.base import ExportContext, Exporter, ExporterOptions, option
 from exporters import litert_torch
 from exporters.fileio import atomic_write_bytes
 from exporters.layer_map import layer_map_from_onnx
-from exporters.native_output import captured_native_output
 from exporters.onnx import load_onnx
+from exporters import tflite_convert
+from exporters.tflite_convert import INTEGER_PRECISIONS, PIXEL_PRECISION
 from exporters.tflite_metadata import TensorInfo, image_classifier_metadata, pack_model, populate
 from exporters.tflite_ops import delegate_fallbacks, graph_ops, op_counts
 from models.errors import InputError
 
 PRECISIONS = ("fp32", "fp16", "dynamic", "int8", "int8-io", "uint8-pixels")
 DEFAULT_PRECISIONS = ("fp32", "fp16")        # the integer kinds need calibration data: asked for explicitly
-INTEGER_PRECISIONS = ("int8", "int8-io", "uint8-pixels")
-# The camera-ready kind: uint8 pixels 0..255 in (scale 1, zero point 0: the byte *is* the
+# INTEGER_PRECISIONS: the full-integer kinds (need calibration data). PIXEL_PRECISION: the
+# camera-ready kind: uint8 pixels 0..255 in (scale 1, zero point 0: the byte *is* the
 # pixel), the model's own (pixel * pixel_scale - mean) / std as its first ops, int8 out.
 # An app feeds camera bytes as they are, as to TFLite Model Maker's quantized models.
-PIXEL_PRECISION = "uint8-pixels"
 LAYOUTS = ("NHWC", "NCHW")
 CONVERTERS = ("auto", "litert-torch", "onnx2tf")
 ONNX_ROUTE = "onnx2tf + tf.lite.TFLiteConverter"
@@ -108,27 +109,26 @@ def export_tflite(onnx_path: str | Path, out_dir: str | Path, precisions: Iterab
     with tempfile.TemporaryDirectory(prefix="mdeploy-tflite-") as tmp:
         work = Path(tmp)
         onnx_fp32 = None
-        jobs: dict[str, tuple[Any, Path, np.ndarray | None]] = {}
+        jobs: dict[str, Onnx2tfJob] = {}
+        if onnx_route and "fp32" in raw and any(p != "fp32" for p in onnx_route):
+            # the ONNX-route files share their tensor names with the ONNX-route fp32, not
+            # with litert-torch's: their layer map comes from that fp32
+            onnx_route.insert(0, "fp32")
         if onnx_route:
-            jobs["main"] = (model, work, calib)
+            jobs["main"] = Onnx2tfJob(model, work, calib, onnx_route)
         if PIXEL_PRECISION in precisions:
             assert calib is not None
             (work / "pixels").mkdir()
-            pix_calib = pixel_calibration(calib, preprocessing)
-            jobs["pixels"] = (with_pixel_input(model, preprocessing), work / "pixels", pix_calib)
-        saved = _onnx2tf_all(jobs, input_name=in_name, input_shape=in_shape, keep_nchw=(layout == "NCHW"))
+            jobs["pixels"] = Onnx2tfJob(with_pixel_input(model, preprocessing), work / "pixels",
+                                        pixel_calibration(calib, preprocessing), [PIXEL_PRECISION])
+        made = _onnx2tf_all(jobs, input_name=in_name, input_shape=in_shape, layout=layout)
         if onnx_route:
-            if "fp32" in raw and any(p != "fp32" for p in onnx_route):
-                # the ONNX-route files share their tensor names with the ONNX-route fp32, not
-                # with litert-torch's: their layer map comes from that fp32
-                onnx_route.insert(0, "fp32")
-            converted = {p: _rename_io(_convert(saved["main"], p, calib, layout), [in_name], out_names)
-                         for p in onnx_route}
+            converted = {p: _rename_io(d, [in_name], out_names) for p, d in made["main"].items()}
             onnx_fp32 = converted.pop("fp32", None) if "fp32" in raw else converted.get("fp32")
             raw.update(converted)
         if PIXEL_PRECISION in precisions:
-            raw[PIXEL_PRECISION] = _check_pixel_input(_rename_io(
-                _convert(saved["pixels"], PIXEL_PRECISION, pix_calib, layout), [in_name], out_names))
+            raw[PIXEL_PRECISION] = _check_pixel_input(_rename_io(made["pixels"][PIXEL_PRECISION],
+                                                                 [in_name], out_names))
     sample = calib[:1] if calib is not None else _sample_input(in_shape, preprocessing)
     layer_map = _layer_map(model, raw["fp32"], sample, layout)
     onnx_layer_map = _layer_map(model, onnx_fp32, sample, layout) if onnx_fp32 is not None and \
@@ -340,68 +340,59 @@ def _sample_input(shape: list[int], pre: Preprocessing) -> np.ndarray:
 # ---------------------------------------------------------------- onnx2tf
 
 
-def _onnx2tf_all(jobs: dict[str, tuple[Any, Path, np.ndarray | None]], *, input_name: str,
-                 input_shape: list[int], keep_nchw: bool) -> dict[str, Path]:
-    """Run onnx2tf for each ``(model, work folder, sample)`` of ``jobs`` at the same time.
+@dataclass
+class Onnx2tfJob:
+    """One graph through the ONNX route: ``model`` converted in ``work`` (its own folder),
+    ``calib`` (NCHW model inputs: onnx2tf's layout sample and the integer kinds'
+    calibration; None: random pixels for the sample), then ``precisions`` written."""
+    model: Any
+    work: Path
+    calib: np.ndarray | None
+    precisions: list[str]
+
+
+def _onnx2tf_all(jobs: dict[str, Onnx2tfJob], *, input_name: str, input_shape: list[int],
+                 layout: str) -> dict[str, dict[str, bytes]]:
+    """Each job's ``.tflite`` files by precision, the jobs run at the same time.
 
     The int8-io and uint8-pixels kinds need two graphs converted (the pixel one has the
-    normalisation in front), and onnx2tf spends most of its minute in one Python thread:
-    on EfficientNet-Lite1 each run took 60 s, one after the other 120 s. Two subprocesses
-    side by side share the two cores instead; a failure of either is raised once both
-    have ended (they run in the same temporary folder, removed after).
+    normalisation in front), and both onnx2tf and the converter's calibration spend
+    their time in one thread: on EfficientNet-Lite1 the two onnx2tf runs alone took
+    60 s each. Two worker subprocesses side by side share the two cores instead; a
+    failure of either is raised once both have ended (they run in the same temporary
+    folder, removed after).
     """
     from concurrent.futures import ThreadPoolExecutor
     from functools import partial
-    convert = partial(_onnx2tf, input_name=input_name, input_shape=input_shape, keep_nchw=keep_nchw)
+    convert = partial(_onnx2tf, input_name=input_name, input_shape=input_shape, layout=layout)
     if len(jobs) < 2:
-        return {k: convert(m, w, sample=s) for k, (m, w, s) in jobs.items()}
+        return {k: convert(job) for k, job in jobs.items()}
     with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="onnx2tf") as pool:
-        futures = {k: pool.submit(convert, m, w, sample=s) for k, (m, w, s) in jobs.items()}
+        futures = {k: pool.submit(convert, job) for k, job in jobs.items()}
         return {k: f.result() for k, f in futures.items()}
 
 
-# onnx2tf always ends by writing its own float32 and float16 .tflite files through
-# ``TFLiteConverter.from_keras_model``, which saves the Keras model again and serialises
-# its config to JSON each time: on EfficientNet-Lite2 that is 84 of its 96 s, for files we never
-# use (every .tflite here comes from ``_convert`` on the SavedModel). So onnx2tf runs
-# with the converter's two constructors replaced by a stop once the SavedModel is on
-# disk, the last thing it writes before them. A ``BaseException`` passes onnx2tf's
-# ``except Exception`` fallbacks; if a future onnx2tf reached them earlier, the missing
-# ``saved_model.pb`` is the error, and if it never reached them, it only runs slower.
-_SAVED_MODEL_ONLY = """
-import tensorflow as tf
-class SavedModelWritten(BaseException):
-    pass
-def stop(*args, **kwargs):
-    raise SavedModelWritten()
-tf.lite.TFLiteConverter.from_keras_model = staticmethod(stop)
-tf.lite.TFLiteConverter.from_concrete_functions = staticmethod(stop)
-from onnx2tf import main
-try:
-    main()
-except SavedModelWritten:
-    pass
-"""
-
-
-def _onnx2tf(model: Any, work: Path, *, input_name: str, input_shape: list[int], keep_nchw: bool,
-             sample: np.ndarray | None) -> Path:
-    """The SavedModel onnx2tf makes from ``model``; raises ``ConversionError`` with its message.
+def _onnx2tf(job: Onnx2tfJob, *, input_name: str, input_shape: list[int], layout: str) -> dict[str, bytes]:
+    """Runs the worker (``exporters.tflite_convert``) on ``job``: onnx2tf, then the
+    TFLiteConverter; raises ``ConversionError`` with either tool's own message.
 
     onnx2tf overwrites the ONNX file it reads, so it gets its own single-file copy; it
     runs ``onnxsim`` from PATH, so this interpreter's ``bin`` goes first on PATH.
     """
     import onnx
+    model, work = job.model, job.work
     src = work / "model.onnx"
     onnx.save(model, str(src))
     out = work / "saved_model"
     if input_shape[1] == 3:
-        imgs = sample if sample is not None else np.random.default_rng(0).uniform(0, 1, (20, *input_shape[1:]))
+        imgs = job.calib if job.calib is not None else \
+            np.random.default_rng(0).uniform(0, 1, (20, *input_shape[1:]))
         imgs = np.resize(imgs.astype(np.float32), (20, *input_shape[1:]))   # repeats to 20 images
         np.save(work / ONNX2TF_SAMPLE_FILE, imgs.transpose(0, 2, 3, 1))
-    cmd = [sys.executable, "-c", _SAVED_MODEL_ONLY, "-i", str(src), "-o", str(out), "-osd", "-n",
+    tflite_convert.write_job(work, job.precisions, job.calib, layout)
+    cmd = [sys.executable, "-c", tflite_convert.WORKER, "-i", str(src), "-o", str(out), "-osd", "-n",
            "-ois", f"{input_name}:{','.join(map(str, input_shape))}"]
-    if keep_nchw:
+    if layout == "NCHW":
         cmd += ["-k", input_name]
     if any(n.op_type == "Erf" for n in model.graph.node):
         # Exact GELU reaches onnx2tf as Erf, which it emits as tf.math.erf: no TFLite builtin
@@ -416,9 +407,12 @@ def _onnx2tf(model: Any, work: Path, *, input_name: str, input_shape: list[int],
         proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=ONNX2TF_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         raise ConversionError("onnx2tf", f"a conversion within {ONNX2TF_TIMEOUT_S} s", "a timeout") from None
+    failed = tflite_convert.read_error(work)
+    if proc.returncode == tflite_convert.ERROR_EXIT and failed is not None:
+        raise ConversionError(*failed)
     if proc.returncode != 0 or not (out / "saved_model.pb").exists():
         raise ConversionError("onnx2tf", "a model onnx2tf can convert", _converter_message(proc.stdout + proc.stderr))
-    return out
+    return tflite_convert.read_outputs(work, job.precisions)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -445,57 +439,6 @@ def _converter_message(log: str) -> str:
     if not parts:
         parts = lines[-3:]
     return " | ".join(dict.fromkeys(parts))[:600] or "onnx2tf failed without a message"
-
-
-# ---------------------------------------------------------------- TFLite converter
-
-
-def _convert(saved_model: Path, precision: str, calib: np.ndarray | None, layout: str) -> bytes:
-    tf = _tf()
-    conv = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
-    if precision != "fp32":
-        conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    if precision == "fp16":
-        conv.target_spec.supported_types = [tf.float16]
-    if precision in INTEGER_PRECISIONS:
-        data = calib.transpose(0, 2, 3, 1) if layout == "NHWC" else calib
-
-        def representative() -> Iterable[list[np.ndarray]]:
-            for i in range(len(data)):
-                yield [np.ascontiguousarray(data[i:i + 1])]
-
-        conv.representative_dataset = representative
-        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]   # fail, never fall back to float
-        if precision == "int8-io":
-            conv.inference_input_type = tf.int8
-            conv.inference_output_type = tf.int8
-        if precision == PIXEL_PRECISION:
-            conv.inference_input_type = tf.uint8
-            conv.inference_output_type = tf.int8
-    try:
-        with captured_native_output():       # the MLIR quantizer prints "fully_quantize: 0, ..." from C++
-            return bytes(conv.convert())
-    except Exception as exc:  # the converter raises ConverterError and friends
-        raise ConversionError("tf.lite.TFLiteConverter", f"a {precision} conversion",
-                              f"{type(exc).__name__}: {_mlir_message(str(exc))}") from None
-
-
-def _mlir_message(text: str) -> str:
-    """The converter's diagnosis without its MLIR dump: the unsupported-op summary if any,
-    else the distinct ``error:`` messages (their source locations dropped)."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    summary = [ln for ln in lines if ln.startswith(("TF Select ops:", "Flex ops:", "Custom ops:"))]
-    if summary:
-        return "ops TFLite has no builtin for: " + "; ".join(summary)
-    errors = [re.sub(r"^.*?error: (loc\(.*?\)\): )?", "", ln) for ln in lines if "error:" in ln]
-    return " | ".join(dict.fromkeys(errors))[:600] or " | ".join(lines[:3])[:600]
-
-
-def _tf():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    with captured_native_output():           # absl's "log messages before InitializeLog", oneDNN notice
-        import tensorflow as tf
-    return tf
 
 
 def _tool_version() -> str:

@@ -230,6 +230,23 @@ def test_converter_failure_is_one_line_with_its_message(tmp_path):
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
+def test_tflite_converter_failure_names_the_op(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+    # onnx2tf converts Acosh (tf.math.acosh); TFLite has no builtin for it, so the failure is
+    # the TFLiteConverter's, raised from the conversion worker with the op it could not take.
+    node = helper.make_node("Acosh", ["input"], ["logits"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 1, 4, 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1, 4, 4])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "acosh.onnx")
+    with pytest.raises(ConversionError) as info:
+        export_tflite(tmp_path / "acosh.onnx", tmp_path / "out", ["fp32"],
+                      preprocessing=Preprocessing([4, 4], [0.0], [1.0], "GRAY"))
+    assert info.value.source == "tf.lite.TFLiteConverter" and "fp32" in info.value.expected
+    assert "Acosh" in info.value.found and "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
 @pytest.mark.slow
 def test_nchw_input_kept_on_request(tiny, tmp_path):
     arts = export_tflite(tiny["folder"] / "model.onnx", tmp_path, ["fp32"], preprocessing=PRE, layout="NCHW",

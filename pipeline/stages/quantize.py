@@ -365,8 +365,9 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
                 artifacts.extend(made)
                 seconds["tflite"] = time.perf_counter() - t0
                 if keep or wide or (mixed is not None and (mixed.keep_float or mixed.w16_layers)):
-                    notes.append("mixed precision applies to the ONNX models only: the TFLite models are full "
-                                 "integer (TFLite has no per-layer float fallback in that mode)")
+                    notes.append("mixed precision applies to the ONNX models only: the TFLite models are all "
+                                 "8-bit (TFLite's integer modes set 16-bit activations for the whole model, "
+                                 "not per layer), so they miss what the raised layers buy")
             if opts.coreml:
                 say("converting the Core ML package with int8 weights (int8w, from the fp32 program)")
                 t0 = time.perf_counter()
