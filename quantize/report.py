@@ -26,7 +26,7 @@ the drop *relative to float accuracy* (``drop / float_accuracy``) where it is kn
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -90,6 +90,10 @@ class ReferencePoint:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "drop": self.drop, "relative_drop": self.relative_drop}
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ReferencePoint":
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
 
 REFERENCE_ARCHITECTURE = "mobilenet_v2"       # the registry name of the model the references measured
 REFERENCES: tuple[ReferencePoint, ...] = (
@@ -141,6 +145,11 @@ class VariantResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "drop_points": self.drop_points, "relative_drop": self.relative_drop}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "VariantResult":
+        """``to_dict``'s inverse (its derived figures are recomputed, not read)."""
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
 def measure_variant(key: str, path: str, precision: str, size_bytes: int, ref: Mapping[str, np.ndarray],
@@ -205,6 +214,20 @@ class QuantReport:
             "plain_route": self.plain_route.to_dict() if self.plain_route is not None else None, "notes": self.notes,
             "references": [r.to_dict() for r in self.references], "comparison": self.comparison(),
         }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "QuantReport":
+        """``to_dict``'s inverse: a finished quantize stage's ``quantization_report.json``
+        read back (``mdeploy run --resume``); ``comparison`` is recomputed."""
+        plain = d.get("plain_route")
+        return cls(model=d["model"], target=d["target"], float_accuracy=d.get("float_accuracy"),
+                   float_size_bytes=d.get("float_size_bytes"), eval_source=d["eval_source"],
+                   eval_samples=d["eval_samples"], calibration=dict(d.get("calibration") or {}),
+                   variants=[VariantResult.from_dict(v) for v in d.get("variants") or []],
+                   float_fixes=list(d.get("float_fixes") or []), sensitivity=d.get("sensitivity"),
+                   weight_rounding=d.get("weight_rounding"), mixed_precision=d.get("mixed_precision"),
+                   plain_route=VariantResult.from_dict(plain) if plain else None, notes=list(d.get("notes") or []),
+                   references=tuple(ReferencePoint.from_dict(r) for r in d.get("references") or []))
 
 
 def worst_snr(snrs: Sequence[float | None]) -> float | None:

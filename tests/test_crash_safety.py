@@ -400,6 +400,45 @@ def test_run_killed_in_export_resumes_without_training_again_and_reruns_what_cha
     assert "reused" not in proc.stdout
 
 
+def test_run_resume_reuses_the_quantize_stage_until_its_section_changes(cli, tmp_path):
+    """A finished run with a quantize stage, rerun with ``--resume``: train, export and
+    quantize are all copied (the quantized files byte for byte, its report section read
+    back from its ``quantization_report.json``); only verify reruns. A changed quantize
+    section reruns quantize alone."""
+    cfg = tmp_path / "q.toml"
+    base = ('name = "q"\nstages = ["train", "export", "quantize", "report"]\n[train]\nmodel = "mobilenet_v2"\n'
+            'model_kwargs = { width_mult = 0.35 }\ndata = "digits"\ninput_size = 16\nepochs = 1\n'
+            'train_samples = 256\n[export]\nformats = ["onnx"]\n[quantize]\nsamples = 32\neval_samples = 32\n'
+            'weight_rounding = ["rtn"]\ntarget_sqnr = "off"\nsensitivity = false\nplain_baseline = false\n'
+            'tflite_inputs = ["int8-io"]\n')
+    cfg.write_text(base)
+    runs = tmp_path / "runs"
+    args = ("run", "--config", str(cfg), "--out", str(runs))
+    code, out, err = cli(*args)
+    assert code == 0, err[-2000:]
+    first = runs / os.readlink(runs / "latest")
+    made = {p.name: p.read_bytes() for p in (first / "quantized").iterdir() if p.suffix in (".onnx", ".tflite")}
+    assert set(made) == {"model_qnn_w8a8.onnx", "model_qnn_w8a16.onnx", "model_int8-io.tflite"}
+    quant_first = json.loads((first / "report.json").read_text())["quantize"]
+
+    code, out, err = cli(*args, "--resume")
+    assert code == 0, err[-2000:]
+    assert all(f"{s}: reused" in err + out for s in ("train", "export", "quantize")), err[-2000:]
+    again = runs / os.readlink(runs / "latest")
+    assert again != first
+    assert {p: (again / "quantized" / p).read_bytes() for p in made} == made
+    quant_again = json.loads((again / "report.json").read_text())["quantize"]
+    assert quant_again["folder"] == str(again / "quantized")
+    assert {k: v for k, v in quant_again.items() if k != "folder"} == \
+        {k: v for k, v in quant_first.items() if k != "folder"}
+    assert str(first) not in (again / "quantized" / "manifest.json").read_text()
+
+    cfg.write_text(base.replace("eval_samples = 32", "eval_samples = 16"))
+    code, out, err = cli(*args, "--resume")
+    assert code == 0, err[-2000:]
+    assert "export: reused" in err + out and "quantize: reused" not in err + out
+
+
 def test_resume_of_a_run_that_is_not_there_is_one_line(cli, tmp_path):
     (tmp_path / "runs").mkdir()
     code, _, err = cli("run", "--out", str(tmp_path / "runs"), "--resume", "../elsewhere")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import time
@@ -187,12 +188,27 @@ def run(args: argparse.Namespace, ui) -> int:
     return code
 
 
+def _previous_quant_report(folder: Path) -> Any:
+    """The ``QuantReport`` of an earlier run's quantized folder, or None when it cannot be
+    read back (then the stage reruns)."""
+    from pipeline.commands.run_cache import MAX_MARKER_BYTES
+    from pipeline.stages.quantize import REPORT_NAME
+    from quantize.report import QuantReport
+    path = folder / REPORT_NAME
+    try:
+        if not path.is_file() or path.is_symlink() or path.stat().st_size > MAX_MARKER_BYTES:
+            return None
+        return QuantReport.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, UnicodeDecodeError, KeyError, TypeError):
+        return None
+
+
 def _stages(args: argparse.Namespace, ui, cfg, stages: list[str], run_dir: Path, record: "RunRecord",
             user_factory: str | None, shown: Path, previous: Path | None = None) -> int:
     """Every stage of the run, in order, into ``run_dir`` (the staging folder); the exit code.
     Messages name ``shown``, the folder the run will have once renamed into place. With
-    ``previous`` (``--resume``), train and export are copied from it where their keys
-    match (``pipeline.commands.run_cache``)."""
+    ``previous`` (``--resume``), train, export and quantize are copied from it where their
+    keys match (``pipeline.commands.run_cache``)."""
     from exporters.artifact import sha256_of
     from pipeline.commands.run_cache import adopt, mark_done, reusable, stage_key
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else None
@@ -240,6 +256,7 @@ def _stages(args: argparse.Namespace, ui, cfg, stages: list[str], run_dir: Path,
         precisions = tuple(dict.fromkeys([*cfg.export.tflite_precisions, *cfg.export.coreml_precisions]))
         key = stage_key("export", cfg.export.model_dump(), upstream, user_factory)
         done = reusable(previous, "export", key) if upstream_reused else None
+        upstream, upstream_reused = key, done is not None
         if done is not None:
             from exporters.artifact import Manifest
             assert previous is not None
@@ -283,10 +300,23 @@ def _stages(args: argparse.Namespace, ui, cfg, stages: list[str], run_dir: Path,
                                tflite_inputs=tuple(q.tflite_inputs), coreml=q.coreml,
                                plain_baseline=q.plain_baseline, eval_samples=q.eval_samples,
                                model=user_factory)
-        with sensitivity_progress(ui) as on_layer:
-            res = quantize_folder(export_dir, quant_dir, opts, progress=ui.info, layer_progress=on_layer)
-        record.add(QuantizeRecord(str(quant_dir), res.report, res.seconds))
-        show_report(ui, res.report)
+        # the quantized folder depends on the export (its key chains back to training, which
+        # also names the calibration data) and the quantize section; verify below always reruns
+        key = stage_key("quantize", q.model_dump(), upstream, user_factory)
+        done = reusable(previous, quant_dir.name, key) if upstream_reused and "export" in stages else None
+        report = _previous_quant_report(previous / quant_dir.name) if done is not None and previous else None
+        if done is not None and report is not None:
+            assert previous is not None
+            adopt(previous, quant_dir.name, run_dir)
+            seconds = dict(done["record"].get("seconds", {}))
+            ui.result(f"quantize: reused from {previous.name} (same quantize config and export)")
+        else:
+            with sensitivity_progress(ui) as on_layer:
+                res = quantize_folder(export_dir, quant_dir, opts, progress=ui.info, layer_progress=on_layer)
+            report, seconds = res.report, res.seconds
+            mark_done(quant_dir, quant_dir.name, key, {"seconds": seconds}, time.perf_counter() - t0)
+        record.add(QuantizeRecord(str(quant_dir), report, seconds))
+        show_report(ui, report)
         ok = _verify(ui, record, quant_dir, cfg.verify.samples, quantized=True, model=user_factory)
         record.stages["quantize"] = time.perf_counter() - t0
         if not ok:

@@ -1,10 +1,12 @@
 """``mdeploy run --resume``: reuse the finished stages of an earlier or killed run.
 
-Why: training is most of a run's time, and a run killed in its export stage (or rerun with
-only its verify settings changed) used to train again from scratch. Each reusable stage
-(train, export) writes a marker when its folder is complete: ``<stage>/.stage.json`` with
-the stage's **key**, the hash of everything its result depends on (its config section,
-the key of the stage before it, the user's model factory), and its record for the report.
+Why: training and quantizing are most of a run's time, and a run killed in a later stage
+(or rerun with only its verify settings changed) used to train again from scratch. Each
+reusable stage (train, export, quantize) writes a marker when its folder is complete:
+``<folder>/.stage.json`` with the stage's **key**, the hash of everything its result
+depends on (its config section, the key of the stage before it, the user's model
+factory), and its record for the report (quantize's report is its own
+``quantization_report.json``, read back).
 ``--resume`` looks at the newest run of the same name, finished or killed (a killed run's
 staging folder: each stage inside it was renamed into place only when complete, so a
 stage folder there is whole), copies each stage whose key is unchanged into the new run,
@@ -27,7 +29,7 @@ from models.errors import InputError
 MARKER = ".stage.json"
 MARKER_VERSION = 1
 MAX_MARKER_BYTES = 5_000_000
-REUSABLE = ("train", "export")
+REUSABLE = ("train", "export", "quantized")     # stage folders
 
 
 def stage_key(stage: str, *parts: Any) -> str:
