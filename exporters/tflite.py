@@ -357,10 +357,9 @@ def _onnx2tf_all(jobs: dict[str, Onnx2tfJob], *, input_name: str, input_shape: l
 
     The int8-io and uint8-pixels kinds need two graphs converted (the pixel one has the
     normalisation in front), and both onnx2tf and the converter's calibration spend
-    their time in one thread: on EfficientNet-Lite1 the two onnx2tf runs alone took
-    60 s each. Two worker subprocesses side by side share the two cores instead; a
-    failure of either is raised once both have ended (they run in the same temporary
-    folder, removed after).
+    their time in one thread. Two worker subprocesses side by side share two cores
+    instead; a failure of either is raised once both have ended (they run in the same
+    temporary folder, removed after).
     """
     from concurrent.futures import ThreadPoolExecutor
     from functools import partial

@@ -4,9 +4,9 @@ turns it into one ``.tflite`` per precision, in one subprocess per graph.
 Why a subprocess, and why both steps in it: onnx2tf's console output and global
 TensorFlow state stay out of the caller's process (``exporters.tflite`` imports no
 TensorFlow at all), and the integer kinds' calibration (the converter runs a float
-interpreter over every calibration input, one thread: 25 s of EfficientNet-Lite2's
-export) then runs side by side for the int8-io and uint8-pixels graphs, each in its own
-worker, instead of one after the other.
+interpreter over every calibration input, in one thread) then runs side by side for the
+int8-io and uint8-pixels graphs, each in its own worker, instead of one after the other
+(the README's `bench.ptq_real` section has the times).
 
 The protocol is files in the worker's folder (its working directory): ``JOB_FILE`` (the
 precisions, the layout), ``CALIBRATION_FILE`` (float32 NCHW model inputs) in; one
@@ -111,8 +111,8 @@ def worker_main() -> None:
 
     onnx2tf always ends by writing its own float32 and float16 ``.tflite`` files through
     ``TFLiteConverter.from_keras_model``, which saves the Keras model again and serialises
-    its config to JSON each time: on EfficientNet-Lite2 that was 84 of its 96 s, for files
-    never used here. So the converter's two constructors raise a stop while onnx2tf runs;
+    its config to JSON each time: most of onnx2tf's time on a large model, for files never
+    used here. So the converter's two constructors raise a stop while onnx2tf runs;
     the SavedModel is the last thing it writes before them. A ``BaseException`` passes
     onnx2tf's ``except Exception`` fallbacks; if a future onnx2tf reached them earlier, the
     missing ``saved_model.pb`` is the error, and if it never reached them, it is only slower.
