@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import re
 import time
@@ -191,15 +190,13 @@ def run(args: argparse.Namespace, ui) -> int:
 def _previous_quant_report(folder: Path) -> Any:
     """The ``QuantReport`` of an earlier run's quantized folder, or None when it cannot be
     read back (then the stage reruns)."""
-    from pipeline.commands.run_cache import MAX_MARKER_BYTES
+    from pipeline.commands.run_cache import read_stage_json
     from pipeline.stages.quantize import REPORT_NAME
     from quantize.report import QuantReport
-    path = folder / REPORT_NAME
+    data = read_stage_json(folder / REPORT_NAME)
     try:
-        if not path.is_file() or path.is_symlink() or path.stat().st_size > MAX_MARKER_BYTES:
-            return None
-        return QuantReport.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, UnicodeDecodeError, KeyError, TypeError):
+        return QuantReport.from_dict(data) if isinstance(data, dict) else None
+    except (KeyError, TypeError):
         return None
 
 

@@ -71,16 +71,21 @@ def reusable(previous: Path | None, stage: str, key: str) -> dict[str, Any] | No
     """The marker of ``previous/stage`` when it was made for ``key``, else None."""
     if previous is None:
         return None
-    marker = previous / stage / MARKER
-    try:
-        if not marker.is_file() or marker.is_symlink() or marker.stat().st_size > MAX_MARKER_BYTES:
-            return None
-        data = json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
+    data = read_stage_json(previous / stage / MARKER)
     ok = isinstance(data, dict) and data.get("version") == MARKER_VERSION and data.get("stage") == stage \
         and data.get("key") == key and isinstance(data.get("record"), dict)
     return data if ok else None
+
+
+def read_stage_json(path: Path) -> Any:
+    """The JSON in ``path`` (a regular file, not a link, at most ``MAX_MARKER_BYTES``), or
+    None when it is not there or not readable: the stage then runs again."""
+    try:
+        if not path.is_file() or path.is_symlink() or path.stat().st_size > MAX_MARKER_BYTES:
+            return None
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
 
 
 def relocate_files(stage: Path, old_dir: Path, new_dir: Path) -> None:
@@ -107,4 +112,5 @@ def adopt(previous: Path, stage: str, run_dir: Path) -> Path:
     return dest
 
 
-__all__ = ["MARKER", "REUSABLE", "adopt", "find_previous", "mark_done", "relocate_files", "reusable", "stage_key"]
+__all__ = ["MARKER", "REUSABLE", "adopt", "find_previous", "mark_done", "read_stage_json", "relocate_files", "reusable",
+           "stage_key"]
