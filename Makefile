@@ -27,7 +27,9 @@ test-zoo: $(STAMP)
 
 # System packages need root (sudo is used when not root); the rest is built rootless-ish
 # into ~/.cache/mdeploy/aarch64 by `mdeploy doctor --fix arm` (debootstrap's download
-# step needs root too). About a minute on a fresh machine; a no-op when present.
+# step needs root too). About 3 minutes and 5 GB on a fresh machine (4.7 GB of it is torch,
+# which ExecuTorch's runtime links, and the CUDA libraries PyPI's aarch64 torch links);
+# a no-op when present.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARM_PKGS := qemu-user debootstrap gcc xz-utils
 

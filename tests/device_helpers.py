@@ -17,11 +17,10 @@ from exporters.artifact import Artifact, TensorSpec, sha256_of, size_of
 INPUT_SHAPE = (1, 3, 16, 16)      # NCHW
 
 
-def tiny_onnx(folder: Path) -> Artifact:
+def tiny_net():
+    """A tiny conv net (conv, BN, ReLU6, depthwise conv, pooling, linear) in eval mode."""
     import torch
     import torch.nn as nn
-
-    from exporters.onnx import export_onnx
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(),
                         nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
@@ -29,8 +28,21 @@ def tiny_onnx(folder: Path) -> Artifact:
     with torch.no_grad():       # non-trivial BN statistics
         net[1].running_mean.uniform_(-0.5, 0.5)
         net[1].running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+def tiny_onnx(folder: Path) -> Artifact:
+    from exporters.onnx import export_onnx
     folder.mkdir(parents=True, exist_ok=True)
-    return export_onnx(net.eval(), folder / "tiny.onnx", INPUT_SHAPE)
+    return export_onnx(tiny_net(), folder / "tiny.onnx", INPUT_SHAPE)
+
+
+def tiny_executorch(folder: Path) -> Artifact:
+    """The same tiny net as an fp32 ``.pte`` lowered to XNNPACK, by the project's exporter."""
+    from exporters.executorch import export_executorch
+    folder.mkdir(parents=True, exist_ok=True)
+    (art,) = export_executorch(tiny_net(), folder, ["fp32"], input_shape=INPUT_SHAPE, stem="tiny")
+    return art
 
 
 def tiny_tflite(folder: Path) -> list[Artifact]:

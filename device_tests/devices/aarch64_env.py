@@ -9,8 +9,17 @@ emulator and without a chroot:
   the host's cp311 wheels), whose ``.deb`` files ``debootstrap --download-only`` fetches
   and ``dpkg-deb -x`` unpacks; ``qemu-aarch64 -L rootfs`` runs it.
 * ``site/``: the aarch64 manylinux wheels of the host's exact onnxruntime,
-  ai-edge-litert and numpy versions (and their dependencies, constrained by
-  ``requirements.txt``), installed by the host pip with ``--platform``/``--target``.
+  ai-edge-litert, numpy, torch and executorch versions (and their dependencies,
+  constrained by ``requirements.txt``), installed by the host pip with
+  ``--platform``/``--target``. ExecuTorch's Python runtime (``executorch.runtime``, the
+  ``_portable_lib`` binding an app's C++ runtime is built from) links ``libtorch``, so
+  ``.pte`` programs need torch in the guest. PyPI's aarch64 torch wheel is a CUDA 13
+  build: its shared objects link cuBLAS, cuDNN, NCCL, ... and only load with NVIDIA's
+  aarch64 library wheels beside them (no GPU is used; download.pytorch.org's ``+cpu``
+  aarch64 wheel would avoid them but is not a PyPI file). Measured here: ``site/`` is
+  4.9 GB instead of 0.18 GB (2.7 GB of wheels downloaded) and building it took 1 min 56 s,
+  against 45 s for the whole environment without torch; kept in the default environment
+  because ExecuTorch is a default export format.
 * ``plugin/libinsn_count.so``: ``insn_count.c`` compiled against ``qemu-plugin.h``
   from the Debian source package of the installed qemu (fetched with a private apt
   sources folder, so the system's apt configuration is untouched).
@@ -37,9 +46,14 @@ from typing import Callable
 
 SUITE = "bookworm"                      # its python3 is 3.11, like the pinned host wheels
 MIRROR = os.environ.get("MDEPLOY_DEBIAN_MIRROR", "http://deb.debian.org/debian")
-WHEELS = ("onnxruntime", "ai-edge-litert", "numpy")
-PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_27_aarch64", "manylinux_2_17_aarch64",
-             "manylinux2014_aarch64")
+# Installed with their dependencies. torchao, ruamel.yaml and tabulate are what
+# executorch.runtime imports beyond torch (requirements-nodeps.txt: its wheel's own
+# dependency list is test-only and x86-only packages).
+WHEELS = ("onnxruntime", "ai-edge-litert", "numpy", "torch", "torchao", "ruamel.yaml", "tabulate")
+NODEPS_WHEELS = ("executorch",)
+# NVIDIA's aarch64 library wheels that torch pulls in are tagged 2_25 (CUPTI) and 2_18 (NCCL).
+PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_27_aarch64", "manylinux_2_25_aarch64",
+             "manylinux_2_18_aarch64", "manylinux_2_17_aarch64", "manylinux2014_aarch64")
 FIX_COMMAND = "make arm-env"
 SYSTEM_PACKAGES = ("qemu-user", "debootstrap", "gcc", "xz-utils")
 
@@ -67,10 +81,13 @@ def qemu_binary() -> str | None:
 
 
 def pins() -> dict[str, str]:
+    """The host's versions of the guest's wheels. A local version label is dropped: the
+    host's ``torch 2.13.0+cpu`` is PyPI's ``torch 2.13.0`` for aarch64 (same sources, a
+    different build)."""
     out = {}
-    for dist in WHEELS:
+    for dist in WHEELS + NODEPS_WHEELS:
         try:
-            out[dist] = metadata.version(dist)
+            out[dist] = metadata.version(dist).split("+", 1)[0]
         except metadata.PackageNotFoundError:
             pass
     return out
@@ -192,8 +209,13 @@ def provision_wheels(cache: Path, log: Log) -> None:
         constraints = Path(__file__).resolve().parents[2] / "requirements.txt"
         if constraints.exists():
             cmd += ["-c", str(constraints)]
-        cmd += [f"{k}=={v}" for k, v in want.items()]
-        _run(cmd, log)
+        with_deps = [f"{k}=={v}" for k, v in want.items() if k not in NODEPS_WHEELS]
+        no_deps = [f"{k}=={v}" for k, v in want.items() if k in NODEPS_WHEELS]
+        _run(cmd + with_deps, log)
+        if no_deps:
+            # A second pip into the same target: the executorch wheel holds only its own
+            # package folder, so nothing the first one installed is replaced.
+            _run(cmd + ["--no-deps"] + no_deps, log)
         (staged / ".mdeploy-wheels").write_text("".join(f"{k}=={v}\n" for k, v in want.items()))
         target = cache / "site"
         if target.exists():

@@ -2,7 +2,8 @@
 
 The bundle is a folder of the project's own modules that the runners need (the runner
 classes, the ``Artifact`` record, the profiler, ``remote_main``) under stub package
-``__init__`` files, so the device's Python imports them without torch or the model zoo.
+``__init__`` files, so the device's Python imports them without the model zoo (and
+without torch, except for ``.pte`` programs: ExecuTorch's runtime links it).
 The same runner code runs on the host and on the device: a parity difference is the
 runtime's or the CPU's, never a second implementation's.
 
@@ -22,10 +23,20 @@ from device_tests.devices.base import Batch, DeviceError
 from exporters.artifact import Artifact
 
 _ROOT = Path(__file__).resolve().parents[2]
+# The ExecuTorch runner and profiler take the method name, the version and the runtime's
+# error capture from ``exporters.executorch``, whose module-level imports need these (all
+# plain Python over torch; only imported when a ``.pte`` is run, so a device without torch
+# still runs ONNX and TFLite).
+EXECUTORCH_MODULES = ("device_tests/runners/executorch.py", "exporters/executorch.py",
+                      "exporters/base.py", "exporters/fileio.py", "exporters/native_output.py",
+                      "exporters/onnx.py", "exporters/layer_map.py", "models/cpu.py",
+                      "models/layers.py", "models/registry.py", "models/shift.py",
+                      "models/sparse_shift.py")
 BUNDLE_MODULES = ("models/errors.py", "models/images.py", "models/util.py", "exporters/artifact.py",
                   "device_tests/profile.py",
                   "device_tests/runners/base.py", "device_tests/runners/onnxruntime.py",
-                  "device_tests/runners/litert.py", "device_tests/devices/remote_main.py")
+                  "device_tests/runners/litert.py", "device_tests/devices/remote_main.py",
+                  *EXECUTORCH_MODULES)
 STUB_PACKAGES = ("models", "exporters", "device_tests", "device_tests/runners", "device_tests/devices")
 # Run as a script, not ``-m``: sys.path[0] is then the bundle's own devices folder, never
 # the remote working directory (which could shadow our packages).

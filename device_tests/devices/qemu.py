@@ -1,4 +1,5 @@
-"""``qemu-aarch64[:cpu]``: the real aarch64 builds of ONNX Runtime and LiteRT, emulated.
+"""``qemu-aarch64[:cpu]``: the real aarch64 builds of ONNX Runtime, LiteRT and ExecuTorch
+(``.pte`` with its XNNPACK delegate), emulated.
 
 What it is good for: parity on ARM kernels (XNNPACK, KleidiAI and MLAS take aarch64
 NEON/dotprod paths that differ from x86), and an *instruction count* per inference
@@ -9,7 +10,9 @@ reported as latency (``Profile.latency`` stays empty).
 
 Counts are taken with ``threads=1`` (the plugin's counter is shared by all guest
 threads, so only single-threaded work counts exactly); ONNX Runtime's telemetry is off
-while counting (it otherwise adds a drifting few percent).
+while counting (it otherwise adds a drifting few percent). A ``.pte`` process first
+imports torch (ExecuTorch's runtime links it): about 35 s of emulation before the
+model loads, not counted.
 """
 from __future__ import annotations
 

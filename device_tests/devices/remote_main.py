@@ -5,7 +5,8 @@
 It reads ``JOB_DIR/job.json``, runs the real runner (``run``) or the profiler
 (``profile``) on the model copied into ``JOB_DIR``, and writes ``result.json`` (and
 ``outputs.npz``). It imports only what ``bundle.py`` copies next to it (numpy, the
-runtimes, and the project's runner/profile modules), never torch or the model zoo.
+runtimes, and the project's runner/profile modules), never the model zoo, and torch only
+for a ``.pte`` (ExecuTorch's runtime links it).
 
 Markers: with ``"markers": true`` it issues ``lseek(-1, MARK_MAGIC + code, SEEK_SET)``
 around initialisation and around each inference. The call fails at once with EBADF and
@@ -33,7 +34,7 @@ def _marker(code: int) -> None:
 def _versions() -> dict[str, str]:
     from importlib import metadata
     out = {}
-    for dist in ("numpy", "onnxruntime", "ai-edge-litert"):
+    for dist in ("numpy", "onnxruntime", "ai-edge-litert", "torch", "executorch"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
