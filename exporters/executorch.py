@@ -27,6 +27,18 @@ Each artifact records the ExecuTorch version, the export time and the **op split
 how many ops run inside XNNPACK delegate subgraphs and which ones stay on ExecuTorch's
 portable CPU kernels (``executorch.devtools.backend_debug.get_delegation_info``); an op
 left outside the delegate is where a phone spends time XNNPACK would not.
+
+Backends (``ExecuTorchOptions.backends``, ``--executorch-backends``): ``xnnpack`` (the
+default, above) and ``coreml``: the same route with ExecuTorch's ``CoreMLPartitioner``,
+written as ``<stem>_<precision>_coreml.pte`` (artifact variant ``coreml``). The Core ML
+delegate's payload is an ML Program (``model.mlpackage``) converted by coremltools at the
+minimum deployment target given (the Core ML exporter's default, ``iOS17``) with the
+precision asked for as its compute precision (fp32 or fp16; int8 is PT2E with the
+``CoreMLQuantizer``). It lowers on Linux, but only Apple's ExecuTorch runtime has the
+``CoreMLBackend``: this one cannot load it (``Backend CoreMLBackend is not registered``),
+so it is checked by reading the program back, not by loading it. ``qnn`` (Qualcomm's
+``QnnPartitioner``) needs Qualcomm's QNN SDK libraries at export time, which no package
+registry carries: asking for it is a one-line error saying what is missing.
 """
 from __future__ import annotations
 
@@ -40,7 +52,7 @@ import torch
 import torch.nn as nn
 
 from exporters.artifact import Artifact, TensorSpec, check_calibration, layout_for_ndim, sha256_of, size_of
-from exporters.base import ExportContext, Exporter, ExporterOptions
+from exporters.base import ExportContext, Exporter, ExporterOptions, option
 from exporters.fileio import atomic_write_bytes
 from exporters.native_output import quiet
 from exporters.onnx import INPUT_NAME, OUTPUT_NAME, flatten_outputs, output_names
@@ -48,11 +60,19 @@ from models.errors import InputError
 from models.sparse_shift import no_negative_pads
 from models.util import error_line_with_cause
 
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "fp16", "int8")  # of all backends; BACKEND_PRECISIONS says which takes which
 DEFAULT_PRECISIONS = ("fp32",)          # int8 needs calibration images: asked for explicitly
 FILE_SUFFIX = ".pte"
 METHOD = "forward"
 BACKEND = "XnnpackBackend"
+BACKENDS = ("xnnpack", "coreml", "qnn")  # --executorch-backends; qnn only says why it cannot lower
+DEFAULT_BACKENDS = ("xnnpack",)
+BACKEND_PRECISIONS = {"xnnpack": ("fp32", "int8"), "coreml": ("fp32", "fp16", "int8")}
+# The delegate's backend id (as in the program and the runtime's registry) and split label.
+BACKEND_IDS = {"xnnpack": BACKEND, "coreml": "CoreMLBackend"}
+SPLIT_LABELS = {"xnnpack": "XNNPACK", "coreml": "CoreML"}
+APPLE_ONLY = ("runs only on Apple platforms (iOS/macOS): needs an ExecuTorch runtime built with the "
+              "CoreMLBackend; the Linux/Android runtime (this one) cannot load it")
 # What "int8" means here, recorded in the manifest beside the artifact.
 QUANTIZER_CONFIG = {
     "quantizer": "executorch.backends.xnnpack.quantizer.xnnpack_quantizer.XNNPACKQuantizer",
@@ -61,6 +81,15 @@ QUANTIZER_CONFIG = {
     "weights": "int8 symmetric per output channel, [-127, 127]",
     "activations": "int8 per tensor, affine, [-128, 127], HistogramObserver",
     "io": "float32 in and out (quantize/dequantize inside the XNNPACK delegate)",
+}
+COREML_QUANTIZER_CONFIG = {
+    "quantizer": "executorch.backends.apple.coreml.quantizer.CoreMLQuantizer",
+    "config": "coremltools LinearQuantizerConfig(quantization_scheme=symmetric, weight_dtype=qint8, "
+              "activation_dtype=quint8, weight_per_channel=True)",
+    "flow": "torchao PT2E: prepare_pt2e -> calibrate -> convert_pt2e",
+    "weights": "int8 symmetric per output channel",
+    "activations": "uint8 per tensor",
+    "io": "float32 in and out (quantize/dequantize inside the Core ML delegate)",
 }
 CALIBRATION_SOURCE = "the export's calibration images (--calibration, else the training split of source.data)"
 # The tuple unpacking of a delegate's (or a multi-output op's) results is a graph node, not
@@ -105,21 +134,47 @@ def _import_executorch() -> None:
                          f"ImportError: {exc}") from None
 
 
-def _lower(exported: Any) -> Any:
-    """An ``ExportedProgram`` -> the edge program with XNNPACK delegates."""
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+def _lower(exported: Any, backend: str = "xnnpack", precision: str = "fp32",
+           coreml_target: str | None = None) -> Any:
+    """An ``ExportedProgram`` -> the edge program with XNNPACK (or Core ML) delegates.
+
+    Core ML gets explicit compile specs: its partitioner's default compute precision is
+    fp16 (an "fp32" file would silently compute in half), and without a deployment target
+    the spec version is whatever coremltools picks (the manifest records the one given)."""
     from executorch.exir import to_edge_transform_and_lower
+    if backend == "coreml":
+        import coremltools as ct
+        from executorch.backends.apple.coreml.compiler import CoreMLBackend
+        from executorch.backends.apple.coreml.partition import CoreMLPartitioner
+
+        from exporters.coreml import DEFAULT_TARGET, deployment_target
+        specs = CoreMLBackend.generate_compile_specs(
+            minimum_deployment_target=deployment_target(coreml_target or DEFAULT_TARGET),
+            compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32)
+        return to_edge_transform_and_lower(exported, partitioner=[CoreMLPartitioner(compile_specs=specs)])
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     return to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
 
 
-def _quantized(model: nn.Module, example: torch.Tensor, calibration: np.ndarray) -> nn.Module:
-    """PT2E int8 with the XNNPACK quantizer, calibrated one sample at a time (the traced
-    graph has the fixed batch of one that the program will have)."""
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
-                                                                         get_symmetric_quantization_config)
+def _quantized(model: nn.Module, example: torch.Tensor, calibration: np.ndarray,
+               backend: str = "xnnpack") -> nn.Module:
+    """PT2E int8 with the backend's quantizer (XNNPACK's, or Core ML's: the delegate
+    lowers only the quantize/dequantize patterns its own quantizer annotates), calibrated
+    one sample at a time (the traced graph has the fixed batch of one that the program
+    will have)."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     graph = torch.export.export(model, (example,)).module()
-    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    if backend == "coreml":
+        from coremltools.optimize.torch.quantization.quantization_config import (LinearQuantizerConfig,
+                                                                                 QuantizationScheme)
+        from executorch.backends.apple.coreml.quantizer import CoreMLQuantizer
+        quantizer: Any = CoreMLQuantizer(LinearQuantizerConfig.from_dict({"global_config": {
+            "quantization_scheme": QuantizationScheme.symmetric, "activation_dtype": torch.quint8,
+            "weight_dtype": torch.qint8, "weight_per_channel": True}}))
+    else:
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
+                                                                             get_symmetric_quantization_config)
+        quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
     prepared = prepare_pt2e(graph, quantizer)
     with torch.no_grad():
         for i in range(len(calibration)):
@@ -127,8 +182,9 @@ def _quantized(model: nn.Module, example: torch.Tensor, calibration: np.ndarray)
     return convert_pt2e(prepared)
 
 
-def delegation_split(graph_module: Any) -> dict[str, Any]:
-    """Ops inside XNNPACK delegate subgraphs vs ops left on ExecuTorch's CPU kernels, from
+def delegation_split(graph_module: Any, backend: str = "XNNPACK") -> dict[str, Any]:
+    """Ops inside ``backend``'s delegate subgraphs (the program has one backend's) vs ops
+    left on ExecuTorch's CPU kernels, from
     ``executorch.devtools.backend_debug.get_delegation_info`` (op names as ExecuTorch
     gives them, e.g. ``aten_convolution_default``; ``getitem`` is not counted)."""
     from executorch.devtools.backend_debug import get_delegation_info
@@ -137,16 +193,39 @@ def delegation_split(graph_module: Any) -> dict[str, Any]:
     delegated = {op: b.delegated for op, b in by_op.items() if b.delegated}
     portable = {op: b.non_delegated for op, b in by_op.items() if b.non_delegated}
     qdq = sum(n for op, n in delegated.items() if op.startswith("quantized_decomposed_"))
-    return {"backend": "XNNPACK", "delegated_subgraphs": int(info.num_delegated_subgraphs),
+    return {"backend": backend, "delegated_subgraphs": int(info.num_delegated_subgraphs),
             "delegated_ops": int(sum(delegated.values())), "non_delegated_ops": int(sum(portable.values())),
             "delegated_quantize_dequantize": int(qdq), "delegated": delegated, "non_delegated": portable,
-            "note": "edge-dialect ops before XNNPACK fuses them (a BatchNorm after a conv counts apart); "
+            "note": f"edge-dialect ops before {backend} fuses them (a BatchNorm after a conv counts apart); "
                     "non-delegated ops run on ExecuTorch's portable CPU kernels; getitem nodes not counted"}
 
 
-def _check_program(buffer: bytes, shape: Sequence[int], where: str) -> None:
+def program_delegates(data: bytes) -> dict[str, Any]:
+    """What a ``.pte`` holds, read from its flatbuffer without the runtime (which cannot
+    load a program whose backend it lacks): the ``forward`` plan's delegate backend ids,
+    its kernel ops (outside any delegate), input shapes, and the delegates' payloads."""
+    with quiet():
+        from executorch.exir._serialize._program import deserialize_pte_binary
+        program = deserialize_pte_binary(data).program
+    plan = next(p for p in program.execution_plan if p.name == METHOD)
+    payloads = [program.backend_delegate_data[d.processed.index].data
+                if d.processed.location.name == "INLINE" else None for d in plan.delegates]
+    inputs = [list(plan.values[i].val.sizes) for i in plan.inputs]
+    return {"backends": [d.id for d in plan.delegates], "operators": [o.name for o in plan.operators],
+            "inputs": inputs, "payloads": payloads}
+
+
+def _check_program(buffer: bytes, shape: Sequence[int], where: str, backend: str = "xnnpack") -> None:
     """Load the program with the runtime (XNNPACK initialises its delegate at method load)
-    and check its one input is the shape it was exported for, before the file is kept."""
+    and check its one input is the shape it was exported for, before the file is kept. A
+    Core ML program cannot be loaded here (no ``CoreMLBackend`` in this runtime): it is
+    read back instead, and must hold a Core ML delegate."""
+    if backend != "xnnpack":
+        info = program_delegates(buffer)
+        if BACKEND_IDS[backend] not in info["backends"] or info["inputs"] != [list(shape)]:
+            raise InputError(where, f"a program with a {BACKEND_IDS[backend]} delegate and one input of shape "
+                             f"{list(shape)}", f"delegates {info['backends']}, inputs {info['inputs']}")
+        return
     with quiet():
         from executorch.runtime import Runtime
     method = runtime_call(lambda: Runtime.get().load_program(buffer).load_method(METHOD), where,
@@ -160,8 +239,11 @@ def _check_program(buffer: bytes, shape: Sequence[int], where: str) -> None:
 def export_executorch(model: nn.Module, out_dir: str | Path, precisions: Sequence[str], *,
                       input_shape: Sequence[int], calibration: np.ndarray | None = None,
                       calibration_source: str = "", root: str | Path | None = None,
-                      stem: str = "model") -> list[Artifact]:
-    """Write ``<stem>_<precision>.pte`` for each precision into ``out_dir``.
+                      stem: str = "model", backend: str = "xnnpack",
+                      coreml_target: str | None = None) -> list[Artifact]:
+    """Write ``<stem>_<precision>.pte`` for each precision into ``out_dir``
+    (``<stem>_<precision>_coreml.pte`` for ``backend="coreml"``, lowered for the
+    ``coreml_target`` deployment target, default the Core ML exporter's).
 
     ``input_shape`` is ``(1, C, H, W)``; ``calibration`` is float32 NCHW model inputs,
     already preprocessed (``int8`` refuses to run without them: random data would
@@ -170,10 +252,16 @@ def export_executorch(model: nn.Module, out_dir: str | Path, precisions: Sequenc
     ``InputError`` naming the model and the cause.
     """
     precisions = list(dict.fromkeys(precisions))
-    bad = [p for p in precisions if p not in PRECISIONS]
+    if backend not in BACKEND_PRECISIONS:
+        raise InputError("--executorch-backends", " or ".join(BACKEND_PRECISIONS), repr(backend))
+    offered = BACKEND_PRECISIONS[backend]
+    bad = [p for p in precisions if p not in offered]
     if bad or not precisions:
-        raise InputError("--precisions", f"for executorch, some of {', '.join(PRECISIONS)}",
+        raise InputError("--precisions", f"for executorch ({backend}), some of {', '.join(offered)}",
                          ", ".join(bad) or "none")
+    if backend == "coreml":
+        from exporters.coreml import DEFAULT_TARGET
+        coreml_target = coreml_target or DEFAULT_TARGET
     if len(input_shape) != 4 or input_shape[0] != 1:
         raise InputError("input shape", "(1, C, H, W): a .pte has a fixed batch of one", repr(tuple(input_shape)))
     calib = _check_calibration(calibration, input_shape) if "int8" in precisions else None
@@ -196,37 +284,56 @@ def export_executorch(model: nn.Module, out_dir: str | Path, precisions: Sequenc
         try:
             # ExecuTorch's portable constant_pad_nd refuses negative pads: sparse shifts as Pad + Slice
             with quiet(), torch.no_grad(), no_negative_pads():
-                source = _quantized(model, example, calib) if precision == "int8" else model
-                edge = _lower(torch.export.export(source, (example,)))
-                split = delegation_split(edge.exported_program().graph_module)
+                source = _quantized(model, example, calib, backend) if precision == "int8" else model
+                edge = _lower(torch.export.export(source, (example,)), backend, precision, coreml_target)
+                split = delegation_split(edge.exported_program().graph_module, SPLIT_LABELS[backend])
                 buffer = edge.to_executorch().buffer
         except InputError:
             raise
         except Exception as exc:  # torch.export, PT2E and the lowering raise many types
-            what = "PT2E int8 quantization (XNNPACKQuantizer) and " if precision == "int8" else ""
-            raise InputError(where, f"a model torch.export, {what}ExecuTorch's XNNPACK lowering can take",
+            label = SPLIT_LABELS[backend]
+            what = f"PT2E int8 quantization ({label}Quantizer) and " if precision == "int8" else ""
+            raise InputError(where, f"a model torch.export, {what}ExecuTorch's {label} lowering can take",
                              error_line_with_cause(exc)) from exc
         seconds = time.perf_counter() - t0
-        _check_program(buffer, input_shape, f"{where} ({precision} .pte)")
-        path = atomic_write_bytes(out_dir / f"{stem}_{precision}{FILE_SUFFIX}", buffer)
+        variant = "" if backend == "xnnpack" else backend         # XNNPACK's names are unchanged
+        tail = f"_{variant}" if variant else ""
+        _check_program(buffer, input_shape, f"{where} ({precision}{tail} .pte)", backend)
+        path = atomic_write_bytes(out_dir / f"{stem}_{precision}{tail}{FILE_SUFFIX}", buffer)
         extra: dict[str, Any] = {
             "executorch_version": version, "export_seconds": round(seconds, 3),
             "method": METHOD, "delegation": split,
             "input": "float32 NCHW tensor, normalised as manifest.json preprocessing says (the app does it)",
             "metadata": "none in the .pte: labels and preprocessing are in manifest.json next to it",
+            "backend": backend,
         }
+        if backend == "coreml":
+            extra.update({"minimum_deployment_target": coreml_target, "runs_on": APPLE_ONLY,
+                          "compute_precision": "float16" if precision == "fp16" else "float32",
+                          "coremltools_version": _coremltools_version()})
         if precision == "int8":
             assert calib is not None
             from importlib import metadata
-            extra["quantization"] = {**QUANTIZER_CONFIG, "torchao_version": metadata.version("torchao")}
+            config = COREML_QUANTIZER_CONFIG if backend == "coreml" else QUANTIZER_CONFIG
+            extra["quantization"] = {**config, "torchao_version": metadata.version("torchao")}
             extra["calibration"] = {"samples": int(len(calib)), "source": calibration_source or "caller"}
         artifacts.append(Artifact(
             path=str(path.resolve().relative_to(root.resolve())), format="executorch", precision=precision,
+            variant=variant,
             inputs=[TensorSpec(INPUT_NAME, list(input_shape), "float32", "NCHW")], outputs=out_specs,
             sha256=sha256_of(path), size_bytes=size_of(path),
-            tool="torch.export + executorch.exir.to_edge_transform_and_lower(XnnpackPartitioner)",
+            tool=f"torch.export + executorch.exir.to_edge_transform_and_lower({_partitioner_name(backend)})",
             tool_version=version, extra=extra))
     return artifacts
+
+
+def _partitioner_name(backend: str) -> str:
+    return {"xnnpack": "XnnpackPartitioner", "coreml": "CoreMLPartitioner"}[backend]
+
+
+def _coremltools_version() -> str:
+    from importlib import metadata
+    return metadata.version("coremltools")
 
 
 def _check_calibration(calibration: np.ndarray | None, shape: Sequence[int]) -> np.ndarray:
@@ -241,11 +348,68 @@ def _check_calibration(calibration: np.ndarray | None, shape: Sequence[int]) -> 
 
 @dataclass
 class ExecuTorchOptions(ExporterOptions):
-    """No options yet: the XNNPACK partitioner is the only backend lowered on Linux here."""
+    """Which partitioners lower the program (one ``.pte`` per backend and precision), and
+    the Core ML deployment target (shared with the Core ML exporter's ``--coreml-target``:
+    one app, one minimum OS)."""
+    backends: tuple[str, ...] | str = option(DEFAULT_BACKENDS, key="executorch_backends",
+                                             flag="--executorch-backends")   # BACKENDS, a comma list
+    coreml_target: str | None = option(None, key="coreml_target", flag="--coreml-target")
+
+    def checked(self) -> "ExecuTorchOptions":
+        given = self.backends.split(",") if isinstance(self.backends, str) else list(self.backends or ())
+        backends = tuple(dict.fromkeys(b.strip().lower() for b in given if b.strip()))
+        bad = [b for b in backends if b not in BACKENDS]
+        if bad or not backends:
+            raise InputError("--executorch-backends", f"a comma list of {', '.join(BACKENDS)}",
+                             ", ".join(bad) or "nothing")
+        return ExecuTorchOptions(backends, self.coreml_target.strip() if self.coreml_target else None)
+
+    def resolved(self) -> "ExecuTorchOptions":
+        if "qnn" in self.backends:
+            raise _qnn_refusal()
+        from exporters.coreml import DEFAULT_TARGET, coreml_target
+        return ExecuTorchOptions(self.backends, coreml_target(self.coreml_target) if self.coreml_target
+                                 else DEFAULT_TARGET)
+
+    def changed_flags(self) -> list[str]:
+        # --coreml-target is the Core ML exporter's flag too: never "ignored" on ExecuTorch's account
+        return [f for f in super().changed_flags() if f != "--coreml-target"]
+
+    def source(self) -> dict[str, Any]:
+        # the target is recorded (by this exporter) only when a Core ML program was lowered for it
+        return {k: v for k, v in super().source().items() if k != "coreml_target" or "coreml" in self.backends}
+
+
+def _qnn_refusal() -> InputError:
+    """Why ``qnn`` cannot lower here, found rather than assumed: ExecuTorch's Qualcomm
+    partitioner imports (its ``PyQnnManagerAdaptor`` is in the wheel), but partitioning
+    opens a QnnManager on the QNN SDK's HTP library (``libQnnHtp.so``), which only
+    Qualcomm's SDK download carries. Without ``QNN_SDK_ROOT`` ExecuTorch would try to
+    download that SDK in the middle of an export (here, offline: "Failed to set up QNN SDK"),
+    so it is not attempted."""
+    import os
+    expected = "Qualcomm's QNN SDK for the QnnPartitioner (not on any package registry: download it, set QNN_SDK_ROOT)"
+    try:
+        with quiet():
+            from executorch.backends.qualcomm.partition.qnn_partitioner import QnnPartitioner  # noqa: F401
+            from executorch.backends.qualcomm.python import PyQnnManagerAdaptor  # noqa: F401
+    except ImportError as exc:
+        return InputError("--executorch-backends qnn", expected, f"ImportError: {exc}")
+    root = os.environ.get("QNN_SDK_ROOT")
+    if not root:
+        found = ("QNN_SDK_ROOT is not set (PyQnnManagerAdaptor imports, but lowering loads the SDK's "
+                 "libQnnHtp.so); a .pte for Qualcomm NPUs is not written on this machine")
+    elif not (Path(root) / "lib" / "x86_64-linux-clang" / "libQnnHtp.so").is_file():
+        found = f"no lib/x86_64-linux-clang/libQnnHtp.so under QNN_SDK_ROOT={root}"
+    else:
+        found = (f"an SDK at QNN_SDK_ROOT={root}, but mdeploy's QNN lowering is not built: never run with "
+                 "an SDK here (ExecuTorch's to_edge_transform_and_lower_to_qnn is the route)")
+    return InputError("--executorch-backends qnn", expected, found)
 
 
 class ExecuTorchExporter(Exporter):
-    """``model_<precision>.pte``: fp32, and int8 (PT2E, XNNPACK quantizer) when asked."""
+    """``model_<precision>.pte``: fp32, and int8 (PT2E, XNNPACK quantizer) when asked;
+    ``model_<precision>_coreml.pte`` (fp32, fp16, int8) with the ``coreml`` backend."""
 
     name = "executorch"
     format = "executorch"
@@ -255,7 +419,17 @@ class ExecuTorchExporter(Exporter):
 
     def export(self, source: nn.Module, out_dir: Path, precisions: Sequence[str],
                ctx: ExportContext) -> list[Artifact]:
-        calib = ctx.calibration() if "int8" in precisions else None
-        return export_executorch(source, out_dir, precisions, input_shape=ctx.input_shape, calibration=calib,
-                                 calibration_source=CALIBRATION_SOURCE if calib is not None else "",
-                                 root=ctx.root)
+        o = self.options
+        assert isinstance(o, ExecuTorchOptions)
+        # --precisions is one list for every format: each backend takes the ones it lowers
+        # (fp16 is Core ML's only); a backend with none of them is left out, all none is an error
+        plan = {b: [p for p in precisions if p in BACKEND_PRECISIONS.get(b, ())] for b in o.backends}
+        plan = {b: ps for b, ps in plan.items() if ps} or {o.backends[0]: list(precisions)}
+        calib = ctx.calibration() if any("int8" in ps for ps in plan.values()) else None
+        artifacts: list[Artifact] = []
+        for backend, ps in plan.items():
+            artifacts += export_executorch(
+                source, out_dir, ps, input_shape=ctx.input_shape, calibration=calib,
+                calibration_source=CALIBRATION_SOURCE if calib is not None else "", root=ctx.root,
+                backend=backend, coreml_target=o.coreml_target)
+        return artifacts

@@ -44,6 +44,10 @@ class ExportSection(_Section):
     tflite_converter: Literal["auto", "litert-torch", "onnx2tf"] = Field(
         "auto", description="TFLite route: auto (litert-torch for fp32/fp16, onnx2tf fallback and for the "
                             "integer kinds), litert-torch, or onnx2tf")
+    executorch_backends: list[Literal["xnnpack", "coreml", "qnn"]] = Field(
+        default_factory=lambda: ["xnnpack"],
+        description=".pte partitioners: xnnpack (runs here), coreml (lowers here, runs only on Apple platforms); "
+                    "qnn needs Qualcomm's QNN SDK and is refused without it")
     # preprocessing: part of the model's contract (the same fields as export's flags); None = the
     # checkpoint's / the model's own, and a default beyond that is printed as "assumed:"
     input_size: int | str | list[int] | None = Field(None, description="N, 'HxW' or [H, W]")
@@ -69,7 +73,9 @@ class ExportSection(_Section):
         from pipeline.stages.export import PreprocessingChoice
         out: dict[str, Any] = {"coreml_input": self.coreml_input, "coreml_target": self.coreml_target,
                                "tflite_layout": self.tflite_layout,
-                               "tflite_converter": self.tflite_converter, "card": self.card.model_dump(exclude_none=True)}
+                               "tflite_converter": self.tflite_converter,
+                               "executorch_backends": tuple(self.executorch_backends),
+                               "card": self.card.model_dump(exclude_none=True)}
         pre = (self.input_size, self.mean, self.std, self.channel_order, self.resize, self.crop_pct)
         if any(v is not None for v in pre):       # only what the file sets; the model's own otherwise
             out["preprocessing"] = PreprocessingChoice(*pre)

@@ -197,13 +197,15 @@ def test_defaults_and_config_section(ckpt, tmp_path):
     assert "tflite_layout" not in plain.manifest.source and not plain.warnings
 
     assert ExportSection().app_options() == {"coreml_input": "image", "coreml_target": None,
-                                             "tflite_layout": "NHWC", "tflite_converter": "auto", "card": {}}
+                                             "tflite_layout": "NHWC", "tflite_converter": "auto",
+                                             "executorch_backends": ("xnnpack",), "card": {}}
     good = tmp_path / "run.toml"
     good.write_text('[export]\ncoreml_input = "both"\ncoreml_target = "iOS18"\ntflite_layout = "nchw"\n'
                     'tflite_converter = "onnx2tf"\n[export.card]\nauthor = "Jane Doe"\nversion = "3"\n')
     section = load_config(good).export
     assert section.app_options() == {"coreml_input": "both", "coreml_target": "iOS18", "tflite_layout": "nchw",
-                                     "tflite_converter": "onnx2tf", "card": {"author": "Jane Doe", "version": "3"}}
+                                     "tflite_converter": "onnx2tf", "executorch_backends": ("xnnpack",),
+                                     "card": {"author": "Jane Doe", "version": "3"}}
     res = export_model(_factory(ckpt), tmp_path / "cfg", checkpoint=ckpt,
                        options=ExportOptions(formats=("onnx",), **section.app_options()))
     assert res.manifest.card.author == "Jane Doe" and res.manifest.card.version == "3"

@@ -30,6 +30,13 @@ from exporters.artifact import Artifact, TensorSpec, nchw_to_nhwc, nhwc_to_nchw,
 from models.errors import InputError
 
 _RUNNERS: dict[str, type["Runner"]] = {}
+
+
+class RuntimeMissing(InputError):
+    """The file is sound but the runtime it needs is not on this machine (a ``.pte``
+    delegated to Core ML, on Linux): ``verify`` lists it as skipped with this reason,
+    never as a pass; elsewhere it is a one-line error like any ``InputError``."""
+
 # Imported on first lookup; a module missing here (the device bundle has no torch) is skipped.
 BUILTIN_RUNNERS = ("torch", "onnxruntime", "litert", "coreml", "executorch")
 _import_errors: dict[str, str] = {}

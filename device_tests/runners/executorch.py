@@ -17,15 +17,26 @@ programs alike (int8 quantizes inside the delegate). Intermediates are not expos
 inside a delegate are never materialised, and ETDump's intermediate outputs are not wired
 in, so the first-divergent-layer search has nothing to compare for a ``.pte`` (its note
 says so).
+
+A program delegated to a backend this runtime lacks (``Backend CoreMLBackend is not
+registered``: Core ML is linked only into Apple builds) is not run by ExecuTorch here.
+When the whole program is one Core ML delegate, its payload (the ``model.mlpackage`` the
+``CoreMLPartitioner`` converted, stored flattened in the ``.pte``) is unpacked and run on
+the NumPy MIL interpreter that runs ``.mlpackage`` files on Linux (``runners/coreml.py``),
+and the label says so: the numbers are the Core ML program's, not the ExecuTorch runtime's.
+Otherwise (ops outside the delegate, MIL ops the interpreter lacks: int8's quantize) the
+load raises ``RuntimeMissing``, which verify reports as a skip with its reason; a profile
+is ``NotProfilable`` with the same reason.
 """
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from device_tests.runners.base import Runner, with_native
+from device_tests.runners.base import Runner, RuntimeMissing, with_native
 from exporters.artifact import Artifact
 from models.cpu import default_threads
 from models.errors import InputError
@@ -51,6 +62,71 @@ def _load_method(path: Path) -> Any:
     return runtime_call(lambda: program.load_method(METHOD), path, EXPECTED)
 
 
+def missing_backends(path: Path) -> list[str]:
+    """Delegate backends of the program at ``path`` that this runtime has not registered
+    ([] for a file that does not parse: its load error says more)."""
+    from exporters.executorch import program_delegates
+    try:
+        backends = program_delegates(path.read_bytes())["backends"]
+    except Exception:  # a truncated or foreign file: not this question
+        return []
+    registry = _runtime().backend_registry
+    return [b for b in dict.fromkeys(backends) if not registry.is_available(b)]
+
+
+def _apple_only(path: Path, missing: list[str]) -> str:
+    return (f"delegated to {', '.join(missing)}, which this ExecuTorch runtime does not have "
+            f"(registered: {', '.join(_runtime().backend_registry.registered_backend_names)}); "
+            "a Core ML .pte runs only on iOS/macOS")
+
+
+class _CoreMLPayload:
+    """A fully Core ML-delegated program's ``model.mlpackage``, unpacked to a temporary
+    folder and run on the NumPy MIL interpreter (inputs and outputs by position: the
+    program's are the delegate's)."""
+
+    def __init__(self, path: Path, missing: list[str]) -> None:
+        import tempfile
+
+        from exporters.executorch import program_delegates
+        info = program_delegates(path.read_bytes())
+        whole = (missing == ["CoreMLBackend"] and info["backends"] == ["CoreMLBackend"]
+                 and not info["operators"] and info["payloads"][0] is not None)
+        if not whole:
+            raise RuntimeMissing(path, "a program this ExecuTorch runtime can run",
+                                 _apple_only(path, missing) + (f"; kernel ops {info['operators']} outside the "
+                                                               "delegate, so its payload alone is not the program"
+                                                               if info["operators"] else ""))
+        from device_tests.mil_interpreter import MILInterpreter
+        from device_tests.mil_program import load_program
+        from exporters.native_output import quiet
+        with quiet():
+            from executorch.backends.apple.coreml import executorchcoreml
+        self._tmp = tempfile.TemporaryDirectory(prefix="pte_coreml_")
+        folder = Path(self._tmp.name) / "payload"
+        folder.mkdir()
+        if not executorchcoreml.unflatten_directory_contents(info["payloads"][0], str(folder)):
+            self._tmp.cleanup()
+            raise RuntimeMissing(path, "a Core ML delegate payload (a flattened model.mlpackage)",
+                                 "one that does not unpack")
+        try:
+            with quiet():     # coremltools' import logs (TensorFlow's, oneDNN's) to the descriptors
+                self.interpreter = MILInterpreter(load_program(folder / "lowered_module" / "model.mlpackage"))
+        except InputError as exc:      # e.g. int8's quantize/dequantize: ops the interpreter lacks
+            self._tmp.cleanup()
+            raise RuntimeMissing(path, "a program this ExecuTorch runtime can run",
+                                 f"{_apple_only(path, missing)}; its Core ML payload does not run on the "
+                                 f"NumPy MIL interpreter either ({exc.found})") from None
+
+    def run(self, feed: list[np.ndarray]) -> list[np.ndarray]:
+        program = self.interpreter.program
+        res = self.interpreter.run({v.name: x for v, x in zip(program.inputs, feed)})
+        return [np.asarray(res[name], np.float32) for name in program.outputs]
+
+    def close(self) -> None:
+        self._tmp.cleanup()
+
+
 class ExecuTorchRunner(Runner):
     kind = "executorch"
     formats = ("executorch",)
@@ -63,6 +139,7 @@ class ExecuTorchRunner(Runner):
         self._threads_used = 0
         self._method: Any = None
         self._pool = -1                  # executorch_pool_generation() when the method was loaded
+        self._payload: _CoreMLPayload | None = None    # a Core ML program this runtime cannot run
 
     def load(self, artifact: Artifact, root: str | Path | None = None) -> None:
         from device_tests.profile import EXECUTORCH_DTYPES, executorch_pool_generation, executorch_threads
@@ -72,7 +149,15 @@ class ExecuTorchRunner(Runner):
             raise InputError(self.path, "an ExecuTorch .pte file", "no such file")
         # the pool first: a method keeps the pool it was loaded with (see _current_method)
         self._threads_used = executorch_threads(self.threads or default_threads())
-        self._method, self._pool = _load_method(self.path), executorch_pool_generation()
+        try:
+            self._method, self._pool = _load_method(self.path), executorch_pool_generation()
+        except InputError:
+            missing = missing_backends(self.path)
+            if not missing:
+                raise
+            self._payload = _CoreMLPayload(self.path, missing)
+            self._input_specs = list(artifact.inputs)
+            return
         meta = self._method.metadata
         infos = [meta.input_tensor_meta(i) for i in range(meta.num_inputs())]
         if len(infos) != len(artifact.inputs) or meta.num_outputs() < len(artifact.outputs):
@@ -89,6 +174,10 @@ class ExecuTorchRunner(Runner):
     @property
     def label(self) -> str:
         from exporters.executorch import executorch_version
+        if self._payload is not None:
+            return (f"ExecuTorch {executorch_version()} .pte's Core ML delegate payload (model.mlpackage) on the "
+                    f"numpy MIL interpreter ({platform.system() or 'unknown OS'}; this runtime has no "
+                    "CoreMLBackend)")
         threads = self.threads or f"{self._threads_used or 'auto'} (free cores)"
         return f"ExecuTorch {executorch_version()} (CPU, XNNPACK delegate + portable kernels, threads={threads})"
 
@@ -96,11 +185,13 @@ class ExecuTorchRunner(Runner):
         import torch
 
         from exporters.executorch import runtime_call
+        names = [s.name for s in self.output_specs]
+        if self._payload is not None:
+            return dict(zip(names, self._payload.run([feed[s.name] for s in self.input_specs])))
         method = self._current_method()
         inputs = [torch.from_numpy(np.ascontiguousarray(feed[s.name])) for s in self.input_specs]
         outs = runtime_call(lambda: method.execute(inputs), self.where, "inputs the program accepts",
                             running=True)
-        names = [s.name for s in self.output_specs]
         return {name: y.detach().numpy() for name, y in zip(names, outs)}
 
     def _current_method(self) -> Any:
@@ -120,12 +211,26 @@ class ExecuTorchRunner(Runner):
         head = path.read_bytes()[:8] if path.is_file() else b""
         if len(head) < 8 or head[4:6] != b"ET":
             raise InputError(path, "an ExecuTorch program (file identifier ET..)", "a file without it")
-        _load_method(path)
+        try:
+            _load_method(path)
+        except InputError:
+            if not missing_backends(path):   # a program this runtime lacks the backend for is sound
+                raise
 
     @classmethod
     def profile(cls, path: str, **kw: Any) -> dict[str, Any]:
-        from device_tests.profile import profile_executorch
-        return profile_executorch(path, **kw)
+        from device_tests.profile import NotProfilable, ProfileError, profile_executorch
+        try:
+            return profile_executorch(path, **kw)
+        except ProfileError:
+            missing = missing_backends(Path(path))
+            if missing:
+                raise NotProfilable(f"{Path(path).name}: {_apple_only(Path(path), missing)}; "
+                                    "not profiled here") from None
+            raise
 
     def close(self) -> None:
         self._method = None
+        if self._payload is not None:
+            self._payload.close()
+            self._payload = None

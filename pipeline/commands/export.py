@@ -96,6 +96,11 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
                      help="TFLite route: auto (default) converts fp32/fp16 straight from PyTorch with litert-torch "
                           "and falls back to onnx2tf with the reason; the integer kinds always take onnx2tf + "
                           "TFLiteConverter. litert-torch: its failure is an error. onnx2tf: the ONNX route for all")
+    app.add_argument("--executorch-backends", default="xnnpack", metavar="xnnpack,coreml",
+                     help="ExecuTorch partitioners, one .pte each: xnnpack (default; model_<precision>.pte) "
+                          "and/or coreml (model_<precision>_coreml.pte, fp32/fp16/int8, deployment target "
+                          "--coreml-target; lowers here, runs only on iOS/macOS). qnn needs Qualcomm's QNN SDK "
+                          "(QNN_SDK_ROOT) and is refused without it")
     card = p.add_argument_group("model card (written into the TFLite and Core ML metadata and the manifest)")
     card.add_argument("--name", help="model name (default: the architecture); also the Core ML file name")
     card.add_argument("--description", help="one-line description (default: architecture, classes, input)")
@@ -125,7 +130,7 @@ def run(args: argparse.Namespace, ui) -> int:
         in_chans=args.in_chans, model_kwargs=dict(args.model_arg), calibration=args.calibration,
         force=args.force, reparameterize=not args.no_reparam, coreml_input=args.coreml_input,
         coreml_target=args.coreml_target, tflite_layout=args.tflite_layout,
-        tflite_converter=args.tflite_converter,
+        tflite_converter=args.tflite_converter, executorch_backends=args.executorch_backends,
         card={k: getattr(args, k) for k in CARD_FIELDS if getattr(args, k) is not None})
     with ui.status("exporting"):
         result = export_model(args.model, args.out, checkpoint=args.checkpoint, options=opts,

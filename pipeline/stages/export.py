@@ -74,6 +74,7 @@ class ExportOptions:
     coreml_target: str | None = None              # exporters.coreml.CoreMLOptions.target
     tflite_layout: str = "NHWC"                   # exporters.tflite.TFLiteOptions.layout
     tflite_converter: str = "auto"                # exporters.tflite.TFLiteOptions.converter
+    executorch_backends: str | tuple[str, ...] = "xnnpack"   # exporters.executorch.ExecuTorchOptions.backends
     exporter_options: dict[str, ExporterOptions] = field(default_factory=dict)  # exporter name -> typed options
 
 
