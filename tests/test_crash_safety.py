@@ -439,6 +439,72 @@ def test_run_resume_reuses_the_quantize_stage_until_its_section_changes(cli, tmp
     assert "export: reused" in err + out and "quantize: reused" not in err + out
 
 
+DEMOS_RUN = ('name = "demos"\nstages = ["train", "repvgg", "sparse_shift", "report"]\n[train]\n'
+             'model = "mobilenet_v2"\nmodel_kwargs = { width_mult = 0.35 }\ndata = "digits"\ninput_size = 16\n'
+             'epochs = 1\ntrain_samples = 256\n[repvgg]\nepochs = 1\ntrain_samples = 256\ninput_size = 16\n'
+             'eval_samples = 64\ncalibration_samples = 32\n[sparse_shift]\nepochs = 1\ntrain_samples = 256\n'
+             'freeze_shifts_after = 0\nformats = ["onnx"]\neval_samples = 32\n')
+
+
+@pytest.mark.slow
+def test_run_resume_reuses_the_demonstrations_until_their_sections_change(cli, tmp_path):
+    """The two demonstrations, rerun with ``--resume``: both copied (every file byte for byte
+    but the JSON files naming the run folder, which name the new one), their report sections
+    rebuilt from their ``summary.json`` equal to the first run's but for the folder. A changed
+    ``[sparse_shift]`` section reruns sparse_shift alone. A saved result whose checks failed,
+    or that cannot be read, is not reused: that stage runs again."""
+    cfg = tmp_path / "demos.toml"
+    cfg.write_text(DEMOS_RUN)
+    runs = tmp_path / "runs"
+    args = ("run", "--config", str(cfg), "--out", str(runs))
+    code, out, err = cli(*args)
+    assert code == 0, err[-2000:]
+    first = runs / os.readlink(runs / "latest")
+    assert "reused" not in out + err
+
+    code, out, err = cli(*args, "--resume")
+    assert code == 0, err[-2000:]
+    assert all(f"{s}: reused" in out + err for s in ("train", "repvgg", "sparse_shift")), out[-3000:]
+    assert "repvgg_tiny: training" not in out + err and "fe_net_tiny (lambda" not in out + err
+    again = runs / os.readlink(runs / "latest")
+    assert again != first
+    reports = [json.loads((r / "report.json").read_text()) for r in (first, again)]
+    for stage in ("repvgg", "sparse_shift"):
+        made, copied = (_files(r / stage) for r in (first, again))
+        assert sorted(made) == sorted(copied) and ".stage.json" in made and "summary.json" in made
+        for name, data in made.items():
+            expected = data.replace(str(first).encode(), str(again).encode())
+            assert copied[name] == expected, (stage, name)
+            assert name.endswith(".json") or data == expected, (stage, name)      # only JSON names the run
+        section = reports[1][stage]
+        assert section["folder"] == str(again / stage) and str(first) not in json.dumps(section)
+        assert section == json.loads(json.dumps(reports[0][stage]).replace(str(first), str(again)))
+        assert section == json.loads((again / stage / "summary.json").read_text())
+        trained = [v["train"] for v in section["variants"]] if stage == "repvgg" else [section["train"]]
+        assert all(Path(t["checkpoint"]).is_file() and str(again) in t["checkpoint"] for t in trained)
+
+    cfg.write_text(DEMOS_RUN.replace("eval_samples = 32", "eval_samples = 16"))
+    code, out, err = cli(*args, "--resume")
+    assert code == 0, err[-2000:]
+    assert "train: reused" in out + err and "repvgg: reused" in out + err
+    assert "sparse_shift: reused" not in out + err
+    third = runs / os.readlink(runs / "latest")
+    assert json.loads((third / "report.json").read_text())["sparse_shift"]["verify"]["samples"] == 16
+
+    # what --resume would adopt, spoiled: a failed check (measured again, not carried over)
+    # and a summary that is not JSON (nothing to rebuild the result from)
+    summary = json.loads((third / "repvgg" / "summary.json").read_text())
+    summary["variants"][0]["fp32_parity"]["passed"] = False
+    (third / "repvgg" / "summary.json").write_text(json.dumps(summary))
+    (third / "sparse_shift" / "summary.json").write_text("{")
+    code, out, err = cli(*args, "--resume")
+    assert code == 0, err[-2000:]
+    assert "train: reused" in out + err and "repvgg: reused" not in out + err
+    assert "sparse_shift: reused" not in out + err
+    last = runs / os.readlink(runs / "latest")
+    assert json.loads((last / "report.json").read_text())["repvgg"]["passed"]
+
+
 def test_resume_of_a_run_that_is_not_there_is_one_line(cli, tmp_path):
     (tmp_path / "runs").mkdir()
     code, _, err = cli("run", "--out", str(tmp_path / "runs"), "--resume", "../elsewhere")

@@ -12,8 +12,8 @@ import pytest
 
 from models.errors import InputError
 from pipeline.stages.demonstration import SUMMARY_NAME
-from pipeline.stages.repvgg import RepVGGOptions, repvgg_stage
-from pipeline.stages.sparse_shift import SparseShiftOptions, sparse_shift_stage
+from pipeline.stages.repvgg import RepVGGOptions, RepVGGResult, repvgg_stage
+from pipeline.stages.sparse_shift import SparseShiftOptions, SparseShiftResult, sparse_shift_stage
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +79,11 @@ def test_repvgg_summary_is_the_json_of_the_result(repvgg):
     for key in ("reparam_max_abs", "params_train", "params_deploy", "convs", "adds", "one_conv_per_block",
                 "fp32_parity", "int8", "train"):
         assert key in v
+    # what `mdeploy run --resume` rebuilds from the summary is the result it was written from
+    rebuilt = RepVGGResult.from_dict(on_disk)
+    assert rebuilt.to_dict() == on_disk and rebuilt.passed == result.passed
+    assert [(r.onnx_ops, r.trained.checkpoint, r.trained.history) for r in rebuilt.variants] == \
+        [(r.onnx_ops, r.trained.checkpoint, r.trained.history) for r in result.variants]
 
 
 def test_repvgg_stage_refuses_non_repvgg_models_and_used_folders(tmp_path):
@@ -145,6 +150,9 @@ def test_sparse_shift_lambda0_comparison_and_summary(shift):
     on_disk = json.loads((Path(result.folder) / SUMMARY_NAME).read_text())
     assert on_disk == json.loads(json.dumps(result.to_dict()))
     assert on_disk["lambda0"]["test_acc"] == base["test_acc"]
+    rebuilt = SparseShiftResult.from_dict(on_disk)          # what `mdeploy run --resume` reuses
+    assert rebuilt.to_dict() == on_disk and rebuilt.axis_histogram == result.axis_histogram
+    assert rebuilt.passed == result.passed and rebuilt.freeze_shifts_after == result.freeze_shifts_after
 
 
 def test_sparse_shift_options_need_onnx():

@@ -44,9 +44,9 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--stages", help=f"comma list, a subset of {','.join(STAGES)} (default: the config's)")
     p.add_argument("--epochs", type=int, help="override the config's training epochs")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN",
-                   help="reuse the train and export stages of the newest run of this name (finished, or killed "
-                        "midway), or of the run folder RUN under --out, where their config is unchanged; the "
-                        "later stages run again")
+                   help="reuse the train, export, quantize, repvgg and sparse_shift stages of the newest run "
+                        "of this name (finished, or killed midway), or of the run folder RUN under --out, where "
+                        "their config is unchanged; verify, profile and the report run again")
     p.set_defaults(func=run)
 
 
@@ -200,12 +200,27 @@ def _previous_quant_report(folder: Path) -> Any:
         return None
 
 
+def _previous_demonstration(folder: Path, result_type: Any) -> Any:
+    """The result (``RepVGGResult``, ``SparseShiftResult``) an earlier run's demonstration
+    folder saved in its ``summary.json``, or None when it cannot be read back or its checks
+    failed: then the stage reruns, so a failure is measured again (as verify always is after
+    a reused quantize stage) rather than carried over, and a fixed bug shows as fixed."""
+    from pipeline.commands.run_cache import read_stage_json
+    from pipeline.stages.demonstration import SUMMARY_NAME
+    data = read_stage_json(folder / SUMMARY_NAME)
+    try:
+        res = result_type.from_dict(data) if isinstance(data, dict) else None
+        return res if res is not None and res.passed else None
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
 def _stages(args: argparse.Namespace, ui, cfg, stages: list[str], run_dir: Path, record: "RunRecord",
             user_factory: str | None, shown: Path, previous: Path | None = None) -> int:
     """Every stage of the run, in order, into ``run_dir`` (the staging folder); the exit code.
     Messages name ``shown``, the folder the run will have once renamed into place. With
-    ``previous`` (``--resume``), train, export and quantize are copied from it where their
-    keys match (``pipeline.commands.run_cache``)."""
+    ``previous`` (``--resume``), train, export, quantize, repvgg and sparse_shift are copied
+    from it where their keys match (``pipeline.commands.run_cache``)."""
     from exporters.artifact import sha256_of
     from pipeline.commands.run_cache import adopt, mark_done, reusable, stage_key
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else None
@@ -335,15 +350,29 @@ def _stages(args: argparse.Namespace, ui, cfg, stages: list[str], run_dir: Path,
             ui.info(f"not profiled: {s.artifact} ({s.reason})")
 
     from pipeline.report import RepVGGRecord, SparseShiftRecord
-    from pipeline.stages.repvgg import repvgg_stage
-    from pipeline.stages.sparse_shift import sparse_shift_stage
-    for stage, func, section, table in (("repvgg", repvgg_stage, RepVGGRecord, repvgg_table),
-                                        ("sparse_shift", sparse_shift_stage, SparseShiftRecord, sparse_shift_table)):
+    from pipeline.stages.repvgg import RepVGGResult, repvgg_stage
+    from pipeline.stages.sparse_shift import SparseShiftResult, sparse_shift_stage
+    for stage, func, result_type, section, table in (
+            ("repvgg", repvgg_stage, RepVGGResult, RepVGGRecord, repvgg_table),
+            ("sparse_shift", sparse_shift_stage, SparseShiftResult, SparseShiftRecord, sparse_shift_table)):
         if stage not in stages:
             continue
         t0 = timed(stage)
-        opts = getattr(cfg, stage).model_copy(update={"force": True})     # the run folder is new
-        res = func(opts, run_dir / stage, progress=ui.info)
+        # a demonstration trains its own models from its own section (data, seed, epochs...) and
+        # reads nothing of the train/export chain: its section alone is its key
+        key = stage_key(stage, getattr(cfg, stage).model_dump())
+        done = reusable(previous, stage, key)
+        res = _previous_demonstration(previous / stage, result_type) if done is not None and previous else None
+        if res is not None:
+            assert previous is not None
+            adopt(previous, stage, run_dir)
+            for old, new in ((previous.resolve(), run_dir.resolve()), (previous, run_dir)):   # as adopt did
+                _relocate(res, str(old), str(new))
+            ui.result(f"{stage}: reused from {previous.name} (same [{stage}] config)")
+        else:
+            opts = getattr(cfg, stage).model_copy(update={"force": True})     # the run folder is new
+            res = func(opts, run_dir / stage, progress=ui.info)
+            mark_done(run_dir / stage, stage, key, {"passed": res.passed}, time.perf_counter() - t0)
         record.add(section(res))
         record.stages[stage] = time.perf_counter() - t0
         ui.table(table(res.to_dict()))

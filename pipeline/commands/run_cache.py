@@ -2,15 +2,19 @@
 
 Why: training and quantizing are most of a run's time, and a run killed in a later stage
 (or rerun with only its verify settings changed) used to train again from scratch. Each
-reusable stage (train, export, quantize) writes a marker when its folder is complete:
-``<folder>/.stage.json`` with the stage's **key**, the hash of everything its result
-depends on (its config section, the key of the stage before it, the user's model
-factory), and its record for the report (quantize's report is its own
-``quantization_report.json``, read back).
+reusable stage (train, export, quantize, and the two demonstrations repvgg and
+sparse_shift) writes a marker when its folder is complete: ``<folder>/.stage.json`` with
+the stage's **key**, the hash of everything its result depends on (its config section, the
+key of the stage before it, the user's model factory), and its record for the report
+(quantize's report is its own ``quantization_report.json``, a demonstration's its
+``summary.json``, read back). The demonstrations train their own models from their own
+section alone, so that section is their whole key: they are reused whatever the main
+chain did, and a demonstration whose checks failed is run again rather than reused.
 ``--resume`` looks at the newest run of the same name, finished or killed (a killed run's
 staging folder: each stage inside it was renamed into place only when complete, so a
 stage folder there is whole), copies each stage whose key is unchanged into the new run,
-and runs the rest. A stage whose key changed is rerun, and so is every stage after it.
+and runs the rest. A stage whose key changed is rerun, and so is every stage of the train ->
+export -> quantize chain after it.
 
 The marker is JSON read with a size bound; it names nothing that is imported or executed.
 """
@@ -29,7 +33,7 @@ from models.errors import InputError
 MARKER = ".stage.json"
 MARKER_VERSION = 1
 MAX_MARKER_BYTES = 5_000_000
-REUSABLE = ("train", "export", "quantized")     # stage folders
+REUSABLE = ("train", "export", "quantized", "repvgg", "sparse_shift")     # stage folders
 
 
 def stage_key(stage: str, *parts: Any) -> str:

@@ -54,6 +54,13 @@ class Trained:
         return {"checkpoint": self.checkpoint, "test_acc": self.test_acc, "val_acc": self.val_acc,
                 "best_epoch": self.best_epoch, "seconds": round(self.seconds, 2), "history": self.history}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Trained":
+        """The inverse of ``to_dict``: a resumed run rebuilds a reused stage's result from its
+        ``summary.json``."""
+        return cls(str(d["checkpoint"]), float(d["test_acc"]), float(d["val_acc"]), int(d["best_epoch"]),
+                   float(d["seconds"]), [dict(h) for h in d["history"]])
+
 
 def quiet(progress: Progress | None) -> Progress:
     return progress or (lambda msg: None)

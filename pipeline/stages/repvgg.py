@@ -90,6 +90,17 @@ class RepVGGVariant:
                 "one_conv_per_block": self.one_conv_per_block, "fp32_parity": self.fp32_parity,
                 "int8": self.int8, "export_dir": self.export_dir, "int8_dir": self.int8_dir}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RepVGGVariant":
+        """The inverse of ``to_dict`` (what it derives is derived again, not read)."""
+        return cls(model=str(d["model"]), quant_friendly=bool(d["quant_friendly"]),
+                   trained=Trained.from_dict(d["train"]), blocks=int(d["blocks"]),
+                   params_train=int(d["params_train"]), params_deploy=int(d["params_deploy"]),
+                   reparam_max_abs=float(d["reparam_max_abs"]), reparam_samples=int(d["reparam_samples"]),
+                   onnx_ops={str(k): int(v) for k, v in d["onnx_ops"].items()},
+                   fp32_parity=dict(d["fp32_parity"]), int8=dict(d["int8"]),
+                   export_dir=str(d["export_dir"]), int8_dir=str(d["int8_dir"]))
+
 
 @dataclass
 class RepVGGResult:
@@ -110,6 +121,13 @@ class RepVGGResult:
         return {"stage": "repvgg", "passed": self.passed, "seconds": round(self.seconds, 2),
                 "folder": self.folder, "options": self.options,
                 "variants": [v.to_dict() for v in self.variants]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RepVGGResult":
+        """The inverse of ``to_dict``: ``mdeploy run --resume`` rebuilds a reused stage's result
+        from its ``summary.json``."""
+        return cls([RepVGGVariant.from_dict(v) for v in d["variants"]], dict(d["options"]), float(d["seconds"]),
+                   str(d["folder"]))
 
 
 def fusable_blocks(model: nn.Module) -> list[str]:

@@ -102,6 +102,22 @@ class SparseShiftResult:
                 "shift_samples": self.shift_samples, "verify": self.verify,
                 "artifacts": self.artifacts, "export_dir": self.export_dir, "lambda0": self.lambda0}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SparseShiftResult":
+        """The inverse of ``to_dict`` (JSON made the histogram's keys strings; they are
+        displacements): ``mdeploy run --resume`` rebuilds a reused stage's result from its
+        ``summary.json``."""
+        freeze = d["freeze_shifts_after"]
+        return cls(model=str(d["model"]), shift_l1=float(d["shift_l1"]),
+                   freeze_shifts_after=None if freeze is None else int(freeze), trained=Trained.from_dict(d["train"]),
+                   statistics=dict(d["statistics"]), axis_histogram={int(k): int(v) for k, v in
+                                                                      d["axis_histogram"].items()},
+                   graph=dict(d["graph"]), shift_exact={str(k): float(v) for k, v in d["shift_exact"].items()},
+                   shift_samples=int(d["shift_samples"]), verify=dict(d["verify"]),
+                   artifacts=[dict(a) for a in d["artifacts"]], export_dir=str(d["export_dir"]),
+                   seconds=float(d["seconds"]), folder=str(d["folder"]), options=dict(d["options"]),
+                   lambda0=None if d["lambda0"] is None else dict(d["lambda0"]))
+
 
 def _shift_parts_exact(art: Any, root: Path, deployed: nn.Module, graph: Any, x: np.ndarray
                        ) -> dict[str, float]:
