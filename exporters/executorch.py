@@ -240,10 +240,12 @@ def export_executorch(model: nn.Module, out_dir: str | Path, precisions: Sequenc
                       input_shape: Sequence[int], calibration: np.ndarray | None = None,
                       calibration_source: str = "", root: str | Path | None = None,
                       stem: str = "model", backend: str = "xnnpack",
-                      coreml_target: str | None = None) -> list[Artifact]:
+                      coreml_target: str | None = None, taps: bool = False) -> list[Artifact]:
     """Write ``<stem>_<precision>.pte`` for each precision into ``out_dir``
     (``<stem>_<precision>_coreml.pte`` for ``backend="coreml"``, lowered for the
-    ``coreml_target`` deployment target, default the Core ML exporter's).
+    ``coreml_target`` deployment target, default the Core ML exporter's). With ``taps``, an
+    XNNPACK program also gets its tap program (``<stem>_<precision>.taps.pte``,
+    ``exporters.executorch_taps``) and a layer map, for the first-divergent-layer search.
 
     ``input_shape`` is ``(1, C, H, W)``; ``calibration`` is float32 NCHW model inputs,
     already preprocessed (``int8`` refuses to run without them: random data would
@@ -288,6 +290,7 @@ def export_executorch(model: nn.Module, out_dir: str | Path, precisions: Sequenc
                 edge = _lower(torch.export.export(source, (example,)), backend, precision, coreml_target)
                 split = delegation_split(edge.exported_program().graph_module, SPLIT_LABELS[backend])
                 buffer = edge.to_executorch().buffer
+                tapped = _tap_program(model, source, example, precision) if taps and backend == "xnnpack" else None
         except InputError:
             raise
         except Exception as exc:  # torch.export, PT2E and the lowering raise many types
@@ -307,6 +310,8 @@ def export_executorch(model: nn.Module, out_dir: str | Path, precisions: Sequenc
             "metadata": "none in the .pte: labels and preprocessing are in manifest.json next to it",
             "backend": backend,
         }
+        if tapped is not None:
+            extra.update(_write_taps(tapped, buffer, path, root, example, len(out_specs)))
         if backend == "coreml":
             extra.update({"minimum_deployment_target": coreml_target, "runs_on": APPLE_ONLY,
                           "compute_precision": "float16" if precision == "fp16" else "float32",
@@ -325,6 +330,44 @@ def export_executorch(model: nn.Module, out_dir: str | Path, precisions: Sequenc
             tool=f"torch.export + executorch.exir.to_edge_transform_and_lower({_partitioner_name(backend)})",
             tool_version=version, extra=extra))
     return artifacts
+
+
+def _tap_program(model: nn.Module, source: nn.Module, example: torch.Tensor,
+                 precision: str) -> tuple[bytes, dict[str, str]] | str:
+    """The tap program of the XNNPACK program just lowered from ``source`` (for int8, the
+    converted PT2E graph itself, changed in place: call this after the shipped lowering),
+    or the one-line reason it could not be built (the shipped file does not depend on it)."""
+    from exporters.executorch_taps import folded_convolutions, tap_program
+    try:
+        folded = folded_convolutions(torch.export.export(model, (example,)).graph)
+        graph = source if precision == "int8" else torch.export.export(model, (example,)).module()
+        return tap_program(graph, folded, example, _lower, quantized=precision == "int8")
+    except Exception as exc:  # noqa: BLE001 -- torch.export and the lowering raise many types
+        return error_line_with_cause(exc)
+
+
+def _write_taps(tapped: tuple[bytes, dict[str, str]] | str, shipped: bytes, path: Path, root: Path,
+                example: torch.Tensor, outputs: int) -> dict[str, Any]:
+    """Write the tap program beside ``path`` and return the manifest's ``layer_map`` and
+    ``taps`` entries. Its first outputs are run against the shipped program's on the
+    example input: the taps must not change what the program computes (0.0 when the
+    added outputs left every kernel as it was; recorded, so a fusion the taps broke shows)."""
+    from exporters.executorch_taps import taps_path
+    if isinstance(tapped, str):
+        return {"taps": {"error": tapped}}
+    buffer, layer_map = tapped
+    with quiet():
+        from executorch.runtime import Runtime
+    where = f"{path.name} (tap program)"
+    runs = [runtime_call(lambda b=b: Runtime.get().load_program(b).load_method(METHOD).execute([example]), where,
+                         "a program the ExecuTorch runtime runs") for b in (shipped, buffer)]
+    diff = max(float((a - b).abs().max()) for a, b in zip(runs[0][:outputs], runs[1][:outputs]))
+    written = atomic_write_bytes(taps_path(path), buffer)
+    return {"layer_map": layer_map,
+            "taps": {"file": str(written.resolve().relative_to(root.resolve())), "layers": len(layer_map),
+                     "size_bytes": size_of(written), "final_max_abs_vs_shipped": diff,
+                     "note": "the same graph with each module's output as a program output, lowered the "
+                             "same way: what the first-divergent-layer search compares (not for apps)"}}
 
 
 def _partitioner_name(backend: str) -> str:
@@ -354,6 +397,8 @@ class ExecuTorchOptions(ExporterOptions):
     backends: tuple[str, ...] | str = option(DEFAULT_BACKENDS, key="executorch_backends",
                                              flag="--executorch-backends")   # BACKENDS, a comma list
     coreml_target: str | None = option(None, key="coreml_target", flag="--coreml-target")
+    # the tap program beside each XNNPACK .pte (per-layer divergence; a second copy of the weights)
+    taps: bool = option(True, key="executorch_taps", flag="--executorch-taps")
 
     def checked(self) -> "ExecuTorchOptions":
         given = self.backends.split(",") if isinstance(self.backends, str) else list(self.backends or ())
@@ -362,14 +407,15 @@ class ExecuTorchOptions(ExporterOptions):
         if bad or not backends:
             raise InputError("--executorch-backends", f"a comma list of {', '.join(BACKENDS)}",
                              ", ".join(bad) or "nothing")
-        return ExecuTorchOptions(backends, self.coreml_target.strip() if self.coreml_target else None)
+        return ExecuTorchOptions(backends, self.coreml_target.strip() if self.coreml_target else None,
+                                 bool(self.taps))
 
     def resolved(self) -> "ExecuTorchOptions":
         if "qnn" in self.backends:
             raise _qnn_refusal()
         from exporters.coreml import DEFAULT_TARGET, coreml_target
         return ExecuTorchOptions(self.backends, coreml_target(self.coreml_target) if self.coreml_target
-                                 else DEFAULT_TARGET)
+                                 else DEFAULT_TARGET, self.taps)
 
     def changed_flags(self) -> list[str]:
         # --coreml-target is the Core ML exporter's flag too: never "ignored" on ExecuTorch's account
@@ -431,5 +477,5 @@ class ExecuTorchExporter(Exporter):
             artifacts += export_executorch(
                 source, out_dir, ps, input_shape=ctx.input_shape, calibration=calib,
                 calibration_source=CALIBRATION_SOURCE if calib is not None else "", root=ctx.root,
-                backend=backend, coreml_target=o.coreml_target)
+                backend=backend, coreml_target=o.coreml_target, taps=o.taps)
         return artifacts

@@ -78,6 +78,17 @@ def layer_map_from_onnx(model: Any) -> dict[str, str]:
     for out in graph.output:
         consumers[out.name].append([])         # the graph's caller is outside every module
 
+    return module_outputs(order, chains, consumers)
+
+
+def module_outputs(order: list[str], chains: dict[str, list[str]],
+                   consumers: dict[str, list[list[str]]]) -> dict[str, str]:
+    """Tensor -> module call key, for each tensor (in ``order``, topological) that leaves
+    a module: its producer's scope chain (``chains``, outermost first, root excluded) has
+    a module that one of its consumers' chains (``consumers``; ``[]`` for the graph's
+    caller, or a node of no module) does not. The innermost such module names it. One
+    rule for every graph that records module scopes (ONNX name scopes, FX
+    ``nn_module_stack``), so every runtime's layers get the same keys."""
     counts: dict[str, int] = defaultdict(int)
     result: dict[str, str] = {}
     for tensor in order:

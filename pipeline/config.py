@@ -48,6 +48,9 @@ class ExportSection(_Section):
         default_factory=lambda: ["xnnpack"],
         description=".pte partitioners: xnnpack (runs here), coreml (lowers here, runs only on Apple platforms); "
                     "qnn needs Qualcomm's QNN SDK and is refused without it")
+    executorch_taps: bool = Field(True, description="write a tap program beside each XNNPACK .pte "
+                                                    "(model_<precision>.taps.pte, for verify's per-layer "
+                                                    "divergence; not for apps)")
     # preprocessing: part of the model's contract (the same fields as export's flags); None = the
     # checkpoint's / the model's own, and a default beyond that is printed as "assumed:"
     input_size: int | str | list[int] | None = Field(None, description="N, 'HxW' or [H, W]")
@@ -75,6 +78,7 @@ class ExportSection(_Section):
                                "tflite_layout": self.tflite_layout,
                                "tflite_converter": self.tflite_converter,
                                "executorch_backends": tuple(self.executorch_backends),
+                               "executorch_taps": self.executorch_taps,
                                "card": self.card.model_dump(exclude_none=True)}
         pre = (self.input_size, self.mean, self.std, self.channel_order, self.resize, self.crop_pct)
         if any(v is not None for v in pre):       # only what the file sets; the model's own otherwise

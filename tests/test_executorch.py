@@ -92,6 +92,25 @@ def test_manifest_records_version_time_and_op_split(pte_export):
     assert arts["int8"].size_bytes < arts["fp32"].size_bytes / 2.5
 
 
+def test_verify_per_layer_compares_every_tap_of_both_programs(pte_export, cli):
+    """``mdeploy verify --per-layer``: the export's tap programs give the ``.pte`` files a
+    per-layer error curve like every other format's (fp32 at the fp32 per-layer bound)."""
+    import json as _json
+    from exporters.artifact import Manifest
+    arts = {a.precision: a for a in Manifest.load(pte_export).find("executorch")}
+    for a in arts.values():
+        assert (pte_export / a.extra["taps"]["file"]).is_file() and a.extra["taps"]["final_max_abs_vs_shipped"] == 0
+    code, out, err = cli("verify", str(pte_export), "--runners", "torch,executorch", "--per-layer",
+                         "--samples", "16", "--json")
+    assert code == 0, err[-2000:]
+    pairs = {p["target"]: p for p in _json.loads(out)["pairs"]}
+    for precision, a in arts.items():
+        layers = pairs[f"executorch/{precision}"]["layers"]
+        assert [layer["module"] for layer in layers] == list(a.extra["layer_map"].values())
+        assert len(layers) > 20
+    assert all(layer["passed"] for layer in pairs["executorch/fp32"]["layers"])
+
+
 def test_profile_measures_pte_files(pte_export):
     from pipeline.stages.profile import ProfileOptions, profile_folder
     res = profile_folder(pte_export, ProfileOptions(runs=5, warmup=1, threads=1, artifacts=["executorch"]))

@@ -57,8 +57,9 @@ def coreml_export(tiny, tmp_path_factory, cli) -> Path:
 
 def test_coreml_pte_files_manifest_and_split(coreml_export):
     names = sorted(p.name for p in coreml_export.glob("*.pte"))
-    # xnnpack takes fp32 only (fp16 is Core ML's), its file name unchanged
-    assert names == ["model_fp16_coreml.pte", "model_fp32.pte", "model_fp32_coreml.pte"]
+    # xnnpack takes fp32 only (fp16 is Core ML's), its file name unchanged; only XNNPACK's
+    # program has a tap program (a Core ML one cannot run here)
+    assert names == ["model_fp16_coreml.pte", "model_fp32.pte", "model_fp32.taps.pte", "model_fp32_coreml.pte"]
     manifest = json.loads((coreml_export / "manifest.json").read_text())
     arts = {(a["precision"], a["variant"]): a for a in manifest["artifacts"] if a["format"] == "executorch"}
     assert arts[("fp32", "")]["extra"]["delegation"]["backend"] == "XNNPACK"

@@ -198,13 +198,15 @@ def test_defaults_and_config_section(ckpt, tmp_path):
 
     assert ExportSection().app_options() == {"coreml_input": "image", "coreml_target": None,
                                              "tflite_layout": "NHWC", "tflite_converter": "auto",
-                                             "executorch_backends": ("xnnpack",), "card": {}}
+                                             "executorch_backends": ("xnnpack",), "executorch_taps": True,
+                                             "card": {}}
     good = tmp_path / "run.toml"
     good.write_text('[export]\ncoreml_input = "both"\ncoreml_target = "iOS18"\ntflite_layout = "nchw"\n'
                     'tflite_converter = "onnx2tf"\n[export.card]\nauthor = "Jane Doe"\nversion = "3"\n')
     section = load_config(good).export
     assert section.app_options() == {"coreml_input": "both", "coreml_target": "iOS18", "tflite_layout": "nchw",
                                      "tflite_converter": "onnx2tf", "executorch_backends": ("xnnpack",),
+                                     "executorch_taps": True,
                                      "card": {"author": "Jane Doe", "version": "3"}}
     res = export_model(_factory(ckpt), tmp_path / "cfg", checkpoint=ckpt,
                        options=ExportOptions(formats=("onnx",), **section.app_options()))

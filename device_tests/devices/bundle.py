@@ -27,7 +27,7 @@ _ROOT = Path(__file__).resolve().parents[2]
 # error capture from ``exporters.executorch``, whose module-level imports need these (all
 # plain Python over torch; only imported when a ``.pte`` is run, so a device without torch
 # still runs ONNX and TFLite).
-EXECUTORCH_MODULES = ("device_tests/runners/executorch.py", "exporters/executorch.py",
+EXECUTORCH_MODULES = ("device_tests/runners/executorch.py", "exporters/executorch.py", "exporters/executorch_taps.py",
                       "exporters/base.py", "exporters/fileio.py", "exporters/native_output.py",
                       "exporters/onnx.py", "exporters/layer_map.py", "models/cpu.py",
                       "models/layers.py", "models/registry.py", "models/shift.py",

@@ -13,10 +13,14 @@ Options (``ExecuTorchRunner(threads=2)``):
 
 The edge (``Runner.infer``) checks names and shapes; a ``.pte`` has a fixed batch of one,
 so a batch of N is run as N calls. Inputs and outputs are float32 NCHW for fp32 and int8
-programs alike (int8 quantizes inside the delegate). Intermediates are not exposed: tensors
-inside a delegate are never materialised, and ETDump's intermediate outputs are not wired
-in, so the first-divergent-layer search has nothing to compare for a ``.pte`` (its note
-says so).
+programs alike (int8 quantizes inside the delegate).
+
+Intermediates come from the artifact's *tap program* (``model_fp32.taps.pte`` beside it,
+``exporters/executorch_taps.py``): the same graph, lowered the same way, with each
+module's output as a program output, named ``tap_<i>`` in the manifest's layer map. Inside
+the shipped program's XNNPACK delegate no intermediate tensor exists (and ETDump stops at
+the delegate boundary), so this is how the first-divergent-layer search sees a ``.pte``'s
+layers. An export without taps (``--no-executorch-taps``) has none, and the search says so.
 
 A program delegated to a backend this runtime lacks (``Backend CoreMLBackend is not
 registered``: Core ML is linked only into Apple builds) is not run by ExecuTorch here.
@@ -140,6 +144,8 @@ class ExecuTorchRunner(Runner):
         self._method: Any = None
         self._pool = -1                  # executorch_pool_generation() when the method was loaded
         self._payload: _CoreMLPayload | None = None    # a Core ML program this runtime cannot run
+        self._taps: Any = None                           # the tap program's method, loaded on first use
+        self._taps_pool = -1
 
     def load(self, artifact: Artifact, root: str | Path | None = None) -> None:
         from device_tests.profile import EXECUTORCH_DTYPES, executorch_pool_generation, executorch_threads
@@ -206,6 +212,47 @@ class ExecuTorchRunner(Runner):
             self._method, self._pool = _load_method(self.path), executorch_pool_generation()
         return self._method
 
+    # -- intermediates: the tap program --------------------------------------------------
+    def _taps_file(self) -> Path | None:
+        from exporters.executorch_taps import taps_path
+        if self.artifact is None or self.path is None or not self.artifact.extra.get("layer_map"):
+            return None
+        path = taps_path(self.path)          # derived from the .pte's own name, never read from the manifest
+        return path if path.is_file() else None
+
+    def intermediate_names(self) -> list[str]:
+        """``tap_<i>`` in execution order, when the artifact has its tap program."""
+        if self._payload is not None or self._taps_file() is None:
+            return []
+        assert self.artifact is not None
+        return list(self.artifact.extra["layer_map"])
+
+    def infer_intermediates(self, inputs: dict[str, np.ndarray],
+                            names: list[str] | None = None) -> dict[str, np.ndarray]:
+        """The tap program run on ``inputs`` (one call per sample: its batch is one too);
+        output ``len(outputs) + i`` is ``tap_<i>``, float32 NCHW as PyTorch's."""
+        import torch
+
+        from device_tests.profile import executorch_pool_generation
+        from exporters.executorch import runtime_call
+        order = self.intermediate_names()
+        path = self._taps_file()
+        if not order or path is None:
+            return {}
+        index = {name: len(self.output_specs) + i for i, name in enumerate(order)}
+        wanted = [n for n in (names if names is not None else order) if n in index]
+        if self._taps is None or self._taps_pool != executorch_pool_generation():
+            self._taps = None                  # a stale method goes first (see _current_method)
+            self._taps, self._taps_pool = _load_method(path), executorch_pool_generation()
+        parts: dict[str, list[np.ndarray]] = {n: [] for n in wanted}
+        for feed in self.feeds(inputs):
+            xs = [torch.from_numpy(np.ascontiguousarray(feed[s.name])) for s in self.input_specs]
+            outs = runtime_call(lambda: self._taps.execute(xs), path, "inputs the tap program accepts",
+                                running=True)
+            for n in wanted:
+                parts[n].append(outs[index[n]].detach().numpy().copy())
+        return {n: np.concatenate(v) for n, v in parts.items()}
+
     @classmethod
     def check_file(cls, path: Path) -> None:
         head = path.read_bytes()[:8] if path.is_file() else b""
@@ -231,6 +278,7 @@ class ExecuTorchRunner(Runner):
 
     def close(self) -> None:
         self._method = None
+        self._taps = None
         if self._payload is not None:
             self._payload.close()
             self._payload = None

@@ -101,6 +101,10 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
                           "and/or coreml (model_<precision>_coreml.pte, fp32/fp16/int8, deployment target "
                           "--coreml-target; lowers here, runs only on iOS/macOS). qnn needs Qualcomm's QNN SDK "
                           "(QNN_SDK_ROOT) and is refused without it")
+    app.add_argument("--executorch-taps", action=argparse.BooleanOptionalAction, default=True,
+                     help="beside each XNNPACK .pte, its tap program (model_<precision>.taps.pte: every module's "
+                          "output as a program output, for verify's first-divergent-layer search; a second copy "
+                          "of the weights, not for apps). Default on; --no-executorch-taps skips it")
     card = p.add_argument_group("model card (written into the TFLite and Core ML metadata and the manifest)")
     card.add_argument("--name", help="model name (default: the architecture); also the Core ML file name")
     card.add_argument("--description", help="one-line description (default: architecture, classes, input)")
@@ -131,6 +135,7 @@ def run(args: argparse.Namespace, ui) -> int:
         force=args.force, reparameterize=not args.no_reparam, coreml_input=args.coreml_input,
         coreml_target=args.coreml_target, tflite_layout=args.tflite_layout,
         tflite_converter=args.tflite_converter, executorch_backends=args.executorch_backends,
+        executorch_taps=args.executorch_taps,
         card={k: getattr(args, k) for k in CARD_FIELDS if getattr(args, k) is not None})
     with ui.status("exporting"):
         result = export_model(args.model, args.out, checkpoint=args.checkpoint, options=opts,

@@ -75,6 +75,7 @@ class ExportOptions:
     tflite_layout: str = "NHWC"                   # exporters.tflite.TFLiteOptions.layout
     tflite_converter: str = "auto"                # exporters.tflite.TFLiteOptions.converter
     executorch_backends: str | tuple[str, ...] = "xnnpack"   # exporters.executorch.ExecuTorchOptions.backends
+    executorch_taps: bool = True                               # ... .taps: tap programs for per-layer divergence
     exporter_options: dict[str, ExporterOptions] = field(default_factory=dict)  # exporter name -> typed options
 
 
