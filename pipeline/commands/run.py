@@ -397,8 +397,8 @@ def _check_config(cfg, stages: list[str], source: str) -> None:
             exc.section = f"[{name}] {exc.source}: " if exc.source else f"[{name}] "  # type: ignore[attr-defined]
             raise
 
+    from models import model_entry
     if "train" in stages:
-        from models import model_entry
         section("train", lambda: model_entry(cfg.train.model))
     if "train" not in stages and cfg.checkpoint and not Path(cfg.checkpoint).is_file():
         raise InputError(source, "checkpoint: an existing checkpoint file", repr(cfg.checkpoint))
@@ -418,7 +418,6 @@ def _check_config(cfg, stages: list[str], source: str) -> None:
                                        target_sqnr=q.target_sqnr, target_profile=q.target_profile,
                                        eval_samples=q.eval_samples)))
     if "repvgg" in stages:
-        from models import model_entry
         from models.util import path_component
         for model in cfg.repvgg.models:             # each becomes a folder of the run
             section("repvgg", lambda: model_entry(path_component(model, "models")))
