@@ -33,3 +33,23 @@ def cli(capsys):
         out = capsys.readouterr()
         return code, out.out, out.err
     return run
+
+
+@pytest.fixture(scope="module")
+def module_cli():
+    """The module-scoped twin of ``cli``, for module fixtures (which cannot use capsys):
+    output captured by redirecting ``sys.stdout``/``sys.stderr``."""
+    import contextlib
+    import io
+
+    from pipeline.cli import main
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(argv))
+            except SystemExit as exc:
+                code = int(exc.code or 0)
+        return code, out.getvalue(), err.getvalue()
+    return run

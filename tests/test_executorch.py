@@ -29,22 +29,9 @@ def pte_export(trained_mnist, tmp_path_factory, cli) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cli():
-    """The module-scoped twin of conftest's ``cli`` (a module fixture cannot use capsys)."""
-    import contextlib
-    import io
-
-    from pipeline.cli import main
-
-    def run(*argv: str) -> tuple[int, str, str]:
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = main(list(argv))
-            except SystemExit as exc:
-                code = int(exc.code or 0)
-        return code, out.getvalue(), err.getvalue()
-    return run
+def cli(module_cli):
+    """Module-scoped: the module's export fixtures call it."""
+    return module_cli
 
 
 @pytest.fixture(scope="module")
