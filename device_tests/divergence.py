@@ -60,6 +60,11 @@ class Divergence:
 
 
 STEP_DB = 10.0   # an SNR fall of 10 dB (3.2x the error amplitude) at one layer is a step, not drift
+# What an identical layer counts as in the floor: fp32's own rounding (one ulp, 2**-23 relative).
+# Not infinite, or the first layer with any rounding after an exact prefix would always be a
+# step; not ignored, or a layer that adds real error right after exact ones could never be one
+# (a Core ML GroupNorm's 5e-6 epsilon change at 106 dB after a bit-exact conv).
+IDENTICAL_DB = 20 * float(np.log10(2.0 ** 23))
 
 
 def snr_step(layers: list[LayerError], min_drop_db: float = STEP_DB) -> tuple[LayerError, float, float] | None:
@@ -68,12 +73,14 @@ def snr_step(layers: list[LayerError], min_drop_db: float = STEP_DB) -> tuple[La
 
     Why below the floor and not below the previous layer: SNR wobbles from layer to layer
     (a ReLU after a conv, a pooling), but error does not heal; a new low by a wide margin
-    is where a layer added error of its own."""
-    floor: float | None = None       # None: no earlier layer with an error (identical = infinite SNR)
+    is where a layer added error of its own. An identical layer (no SNR) adds nothing and
+    counts as ``IDENTICAL_DB`` in the floor."""
+    floor: float | None = None       # None: no earlier layer
     best: tuple[LayerError, float, float] | None = None
     for layer in layers:
         snr = layer.snr_db
         if snr is None:
+            floor = IDENTICAL_DB if floor is None else min(floor, IDENTICAL_DB)
             continue
         if floor is not None:
             drop = floor - snr
@@ -142,8 +149,9 @@ def find_first_divergent(reference: Runner, target: Runner, inputs: Mapping[str,
     if step is not None:
         layer, before, after = step
         div.step = layer
-        where = (f"{layer.module} ({layer.tensor}): {before:.1f} dB at worst before it, "
-                 f"{after:.1f} dB there")
+        earlier = ("every layer before it identical or within fp32 rounding" if before >= IDENTICAL_DB
+                   else f"{before:.1f} dB at worst before it")
+        where = f"{layer.module} ({layer.tensor}): {earlier}, {after:.1f} dB there"
         if div.first is not None:
             notes.append(f"the first layer beyond the per-layer tolerance is {div.first.module}, but the "
                          f"SNR steps down earlier, at {where}; the error starts there and "
