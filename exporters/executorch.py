@@ -339,8 +339,11 @@ def _tap_program(model: nn.Module, source: nn.Module, example: torch.Tensor,
     or the one-line reason it could not be built (the shipped file does not depend on it)."""
     from exporters.executorch_taps import folded_convolutions, tap_program
     try:
-        folded = folded_convolutions(torch.export.export(model, (example,)).graph)
-        graph = source if precision == "int8" else torch.export.export(model, (example,)).module()
+        # one float export serves both: its conv -> BatchNorm pairs (gone from an int8 graph,
+        # whose node names are this export's) and, for fp32, the graph the taps are added to
+        float_graph = torch.export.export(model, (example,)).module()
+        folded = folded_convolutions(float_graph.graph)
+        graph = source if precision == "int8" else float_graph
         return tap_program(graph, folded, example, _lower, quantized=precision == "int8")
     except Exception as exc:  # noqa: BLE001 -- torch.export and the lowering raise many types
         return error_line_with_cause(exc)

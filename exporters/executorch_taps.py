@@ -26,6 +26,7 @@ Which tensors are taps (the same keys every runtime gets, ``exporters.layer_map`
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -170,7 +171,7 @@ def tap_program(graph_module: torch.fx.GraphModule, folded: dict[str, list[str]]
     return bytes(buffer), dict(zip(tap_names(len(taps)), (key for _node, key in taps)))
 
 
-def taps_path(pte: Any) -> Any:
+def taps_path(pte: Path) -> Path:
     """``model_fp32.pte`` -> ``model_fp32.taps.pte`` (derived, never read from a manifest)."""
     name = pte.name[: -len(".pte")] if pte.name.endswith(".pte") else pte.name
     return pte.with_name(name + TAPS_SUFFIX)

@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import os
 import re
+import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -201,9 +202,9 @@ def _previous_quant_report(folder: Path) -> Any:
 
 
 def _previous_demonstration(folder: Path, result_type: Any) -> Any:
-    """The result (``RepVGGResult``, ``SparseShiftResult``) an earlier run's demonstration
-    folder saved in its ``summary.json``, or None when it cannot be read back or its checks
-    failed: then the stage reruns, so a failure is measured again (as verify always is after
+    """The result (``RepVGGResult``, ``SparseShiftResult``) a demonstration folder adopted
+    from an earlier run saved in its ``summary.json``, or None when it cannot be read back or
+    its checks failed: then the stage reruns, so a failure is measured again (as verify always is after
     a reused quantize stage) rather than carried over, and a fixed bug shows as fixed."""
     from pipeline.commands.run_cache import read_stage_json
     from pipeline.stages.demonstration import SUMMARY_NAME
@@ -361,13 +362,15 @@ def _stages(args: argparse.Namespace, ui, cfg, stages: list[str], run_dir: Path,
         # a demonstration trains its own models from its own section (data, seed, epochs...) and
         # reads nothing of the train/export chain: its section alone is its key
         key = stage_key(stage, getattr(cfg, stage).model_dump())
-        done = reusable(previous, stage, key)
-        res = _previous_demonstration(previous / stage, result_type) if done is not None and previous else None
+        res = None
+        if previous is not None and reusable(previous, stage, key) is not None:
+            # read back from the adopted copy, whose JSON adopt already made name this run
+            adopted = adopt(previous, stage, run_dir)
+            res = _previous_demonstration(adopted, result_type)
+            if res is None:
+                shutil.rmtree(adopted)       # unreadable or failed: the stage runs again, from nothing
         if res is not None:
             assert previous is not None
-            adopt(previous, stage, run_dir)
-            for old, new in ((previous.resolve(), run_dir.resolve()), (previous, run_dir)):   # as adopt did
-                _relocate(res, str(old), str(new))
             ui.result(f"{stage}: reused from {previous.name} (same [{stage}] config)")
         else:
             opts = getattr(cfg, stage).model_copy(update={"force": True})     # the run folder is new
