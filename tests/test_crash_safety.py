@@ -511,6 +511,51 @@ def test_resume_of_a_run_that_is_not_there_is_one_line(cli, tmp_path):
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--resume" in err
 
 
+_ADOPT = """
+import sys
+from pathlib import Path
+from pipeline.commands.run_cache import adopt
+adopt(Path(sys.argv[1]), "quantized", Path(sys.argv[2]))
+"""
+
+
+@needs_strace
+def test_resume_killed_while_copying_a_stage_leaves_nothing_a_later_resume_would_take(tmp_path):
+    """``--resume`` copies a finished stage, marker included, into the new run. Killed after
+    the marker's copy but before the rest, the new run's staging folder must not hold a
+    stage folder with that marker: the next ``--resume`` (which looks at killed runs too)
+    would reuse a stage with missing files. The kernel kills the copy at each file's
+    ``sendfile`` in turn and at the final rename."""
+    from pipeline.commands.run_cache import MARKER, mark_done, reusable
+    previous = tmp_path / "previous"
+    stage = previous / "quantized"
+    stage.mkdir(parents=True)
+    mark_done(stage, "quantized", "k", {"path": str(stage / "model.onnx")}, 1.0)
+    for i in range(4):
+        (stage / f"model_{i}.onnx").write_bytes(os.urandom(4096))
+    files = len(list(stage.iterdir()))
+    for when, call in [*((k, "sendfile") for k in range(1, files + 1)), (1, RENAMES)]:
+        run = tmp_path / f"run_{call[:6]}_{when}"
+        run.mkdir()
+        proc = subprocess.run([STRACE, "-f", "-qq", "-o", os.devnull, "-e", f"trace={call}",
+                               "-e", f"inject={call}:signal=SIGKILL:when={when}",
+                               sys.executable, "-B", "-c", _ADOPT, str(previous), str(run)],
+                              capture_output=True, text=True, env=_env(tmp_path), timeout=120)
+        assert _killed(proc), (call, when, proc.returncode, proc.stderr[-1500:])
+        assert not (run / "quantized").exists(), (call, when)
+        assert reusable(run, "quantized", "k") is None
+    done = tmp_path / "run_whole"
+    done.mkdir()
+    proc = subprocess.run([sys.executable, "-B", "-c", _ADOPT, str(previous), str(done)],
+                          capture_output=True, text=True, env=_env(tmp_path), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert _hidden(done) == [] and sorted(p.name for p in (done / "quantized").iterdir()) == sorted(
+        p.name for p in stage.iterdir())
+    marker = reusable(done, "quantized", "k")
+    assert marker is not None and marker["record"]["path"] == str(done / "quantized" / "model.onnx")
+    assert (done / "quantized" / MARKER).read_bytes() != (stage / MARKER).read_bytes()
+
+
 
 # -------------------------------------------------------------------------- a kill at every rename
 #

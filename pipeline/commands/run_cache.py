@@ -108,11 +108,21 @@ def relocate_files(stage: Path, old_dir: Path, new_dir: Path) -> None:
 
 def adopt(previous: Path, stage: str, run_dir: Path) -> Path:
     """Copy ``previous/stage`` into ``run_dir`` (symlinks kept as links, never followed) and
-    rewrite the JSON files in it that name the previous folder."""
+    rewrite the JSON files in it that name the previous folder.
+
+    Why through a hidden folder: the copy carries the stage's marker, and a run killed
+    half-way through a copy straight into ``run_dir/stage`` would leave a stage folder with
+    its marker but without all its files, which the next ``--resume`` would take as whole.
+    The copy and its rewrite happen in ``run_dir/.<stage>.adopting``, renamed into place
+    (one atomic rename) only when complete."""
     dest = run_dir / stage
-    shutil.copytree(previous / stage, dest, symlinks=True)
+    work = run_dir / f".{stage}.adopting"
+    if work.exists():
+        shutil.rmtree(work)
+    shutil.copytree(previous / stage, work, symlinks=True)
     for old, new in ((previous.resolve(), run_dir.resolve()), (previous, run_dir)):
-        relocate_files(dest, old, new)
+        relocate_files(work, old, new)
+    os.replace(work, dest)
     return dest
 
 
