@@ -48,17 +48,30 @@ def _logit_sqnr(lite1, model: nn.Module) -> float:
     return float(10 * np.log10((ref ** 2).sum() / ((out - ref) ** 2).sum()))
 
 
+def _layer_inputs(lite1) -> dict[str, torch.Tensor]:
+    """Every weight layer's input on the held-out photos in the float model, from one forward
+    pass (cached: the per-layer checks below compare dozens of layers, each fed this input)."""
+    if "inputs" not in lite1:
+        mods = dict(lite1["model"].named_modules())
+        seen: dict[str, torch.Tensor] = {}
+        handles = [mods[n].register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(n, a[0]))
+                   for n in weight_layers(lite1["model"])]
+        try:
+            with torch.no_grad():
+                lite1["model"](torch.from_numpy(lite1["xe"]))
+        finally:
+            for h in handles:
+                h.remove()
+        lite1["inputs"] = seen
+    return lite1["inputs"]
+
+
 def _layer_output_error(lite1, model: nn.Module, name: str) -> tuple[float, torch.Tensor]:
     """Relative squared error and per-channel mean shift of one layer's output on the
     held-out photos, both layers fed the same (float) input."""
-    ref_layer = dict(lite1["model"].named_modules())[name]
-    layer = dict(model.named_modules())[name]
-    seen: dict[str, torch.Tensor] = {}
-    handle = ref_layer.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    x = _layer_inputs(lite1)[name]
     with torch.no_grad():
-        lite1["model"](torch.from_numpy(lite1["xe"]))
-        handle.remove()
-        a, b = ref_layer(seen["x"]), layer(seen["x"])
+        a, b = dict(lite1["model"].named_modules())[name](x), dict(model.named_modules())[name](x)
     dims = [0, 2, 3] if a.ndim == 4 else [0]
     return float(((b - a) ** 2).sum() / (a ** 2).sum()), (b - a).mean(dims)
 
