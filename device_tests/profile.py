@@ -457,17 +457,19 @@ def executorch_threads(threads: int | None) -> int:
     ``--threads`` does not leak into the next profile. Resetting prints (from C++, through
     pybind11's redirection to Python's ``sys.stderr``); captured.
     """
-    import executorch.extension.pybindings.portable_lib as pl
-
     from exporters.native_output import quiet
-    if not _executorch_default_threads:
-        _executorch_default_threads.append(int(pl._threadpool_get_thread_count()))
-    want = int(threads) if threads else _executorch_default_threads[0]
-    if pl._threadpool_get_thread_count() != want:
-        with quiet():                # its "Resetting threadpool" line comes through Python's sys.stderr
+    # all of it captured: the import loads torchao (which prints the CUDA kernels it lacks),
+    # the first pool query runs cpuinfo (which prints what it cannot read, from C++), and a
+    # reset prints its "Resetting threadpool" line through Python's sys.stderr
+    with quiet():
+        import executorch.extension.pybindings.portable_lib as pl
+        if not _executorch_default_threads:
+            _executorch_default_threads.append(int(pl._threadpool_get_thread_count()))
+        want = int(threads) if threads else _executorch_default_threads[0]
+        if pl._threadpool_get_thread_count() != want:
             pl._unsafe_reset_threadpool(want)
-        _executorch_pool_resets[0] += 1
-    return int(pl._threadpool_get_thread_count())
+            _executorch_pool_resets[0] += 1
+        return int(pl._threadpool_get_thread_count())
 
 
 def executorch_pool_generation() -> int:

@@ -109,6 +109,21 @@ def test_profile_measures_pte_files(pte_export):
         assert p.init_ms > 0 and p.first_inference_ms > 0 and p.artifact_size_bytes > 0
 
 
+def test_verify_of_pte_files_prints_nothing_on_stderr_in_a_fresh_process(pte_export):
+    """What the libraries print as they load (torchao's missing CUDA kernels, ExecuTorch's
+    cpuinfo lines from C++) is captured: a quiet verify's stderr is empty. In a fresh
+    process, because they print only on first import and first pool query."""
+    import os
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "verify", str(pte_export), "--samples", "4", "-q"],
+                          capture_output=True, text=True, timeout=300, cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr == "", proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize("damage", ["truncated", "foreign"])
 def test_a_broken_pte_is_one_line_exit_2(pte_export, tmp_path, cli, damage):
     folder = tmp_path / damage
