@@ -145,6 +145,42 @@ def export_onnx(model: nn.Module, out_path: str | Path, input_shape: Sequence[in
     )
 
 
+def reweighted_onnx(src: str | Path, dst: str | Path, exported_from: nn.Module, model: nn.Module) -> bool:
+    """Write ``src`` (exported from ``exported_from``) to ``dst`` with ``model``'s weights;
+    ``False``, and nothing written, when the graph does not hold them one-to-one.
+
+    Why: a torch ONNX export costs seconds even for a tiny network (tens of seconds for an
+    EfficientNet), and quantization needs the same graph twice, before and after weight
+    rounding. Swapping initializers is exact only where each changed tensor is one
+    initializer of its own name, shape and old value; a tensor the exporter folded into
+    another constant (a transpose, a fused scale) is not, so any float initializer outside
+    the state dict with the element count of a changed tensor makes the answer ``False``
+    (the caller exports again) rather than risk a graph half on the old weights.
+    """
+    import onnx
+    from onnx import numpy_helper
+    old = {k: v.detach().cpu() for k, v in exported_from.state_dict().items()}
+    new = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if old.keys() != new.keys() or any(old[k].shape != new[k].shape for k in old):
+        return False
+    changed = {k for k in old if not torch.equal(old[k], new[k])}
+    proto = load_onnx(src)
+    inits = {t.name: t for t in proto.graph.initializer}
+    sizes = {old[k].numel() for k in changed}
+    for t in proto.graph.initializer:
+        if t.name not in old and t.data_type == onnx.TensorProto.FLOAT and int(np.prod(t.dims)) in sizes:
+            return False
+    for k in changed:
+        t = inits.get(k)
+        if t is None or t.data_type != onnx.TensorProto.FLOAT or tuple(t.dims) != tuple(old[k].shape) \
+                or not np.array_equal(numpy_helper.to_array(t), old[k].numpy()):
+            return False
+    for k in changed:
+        inits[k].CopyFrom(numpy_helper.from_array(new[k].numpy().astype(np.float32), k))
+    _save_checked(proto, Path(dst))
+    return True
+
+
 def _downgrade(proto: Any, opset: int) -> Any:
     """Opsets below 18: the dynamo exporter only writes 18+, so convert with ONNX's version
     converter (tensor names survive, so the layer map does). Some ops have no adapter

@@ -773,9 +773,9 @@ QUANTIZE_TINY = ("--samples", "16", "--rounding-samples", "16", "--eval-samples"
 
 
 def test_quantize_killed_at_every_rename_of_a_force_run_then_reruns(zygote, tmp_path):
-    """``quantize --force`` over an earlier result makes 12 renames: (1) the unrounded float
-    model (the default ``--target-sqnr`` search's raised layers take their weights from it),
-    (2) the weight-rounded float model, (3) the calibration ranges and (4) the search's one
+    """``quantize --force`` over an earlier result makes 12 renames: (1) the weight-rounded
+    float model, (2) the same graph with the unrounded weights swapped in (the default
+    ``--target-sqnr`` search's raised layers take their weights from it), (3) the calibration ranges and (4) the search's one
     measured model (this model's all-8-bit w8a8 already meets the default target) in its
     TMPDIR scratch folder; into the staging folder (5) the w8a8 QDQ model (``atomic_path``),
     (6) its encodings (``atomic_write_text``), (7, 8) the same two for w8a16, (9) the report,
@@ -784,7 +784,7 @@ def test_quantize_killed_at_every_rename_of_a_force_run_then_reruns(zygote, tmp_
     no cleanup."""
     export_dir = _tiny_export(zygote, tmp_path)
     out = tmp_path / "quantized" / "q"
-    targets = ["original.onnx", "model.onnx", "ranges_minmax.json", "step0.onnx", "model_qnn_w8a8.onnx",
+    targets = ["model.onnx", "original.onnx", "ranges_minmax.json", "step0.onnx", "model_qnn_w8a8.onnx",
                "model_qnn_w8a8.encodings.json", "model_qnn_w8a16.onnx", "model_qnn_w8a16.encodings.json",
                "quantization_report.json", "manifest.json", "q"]
     names = sorted(["model.safetensors", *targets[4:-1]])

@@ -13,7 +13,7 @@ from device_tests.runners.onnxruntime import OnnxRuntimeRunner
 from device_tests.runners.torch import TorchRunner
 from exporters.artifact import Artifact, TensorSpec
 from exporters.layer_map import layer_map_from_onnx
-from exporters.onnx import export_onnx, load_onnx
+from exporters.onnx import export_onnx, load_onnx, reweighted_onnx
 from models.errors import InputError
 from tests.parity_helpers import SmallNet, make_realistic
 
@@ -90,6 +90,69 @@ def test_layer_map_names_real_modules_and_repeated_calls(small, static_export):
     # The torch runner names its hook outputs with the same keys.
     ref = _torch(model, art)
     assert set(lmap.values()) <= set(ref.intermediate_names())
+
+
+def test_reweighted_graph_equals_a_fresh_export_of_the_new_weights(small, static_export, tmp_path):
+    """Quantize swaps the rounded weights into one export instead of exporting twice: the
+    swapped graph must hold exactly what exporting the changed model would, and its
+    outputs must be the changed model's (fp32 tolerance), not the old one's."""
+    import copy
+
+    from quantize.float_fixes import apply_float_fixes
+    small_model, x = small
+    _, art = static_export
+    model = apply_float_fixes(small_model, ("bn",)).model     # what quantize exports: BN folded
+    export_onnx(model, tmp_path / "model.onnx", (1, 3, 32, 32))
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in changed.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    assert reweighted_onnx(tmp_path / "model.onnx", tmp_path / "swapped.onnx", model, changed)
+    fresh = export_onnx(changed, tmp_path / "fresh.onnx", (1, 3, 32, 32))
+    assert fresh.path == "fresh.onnx"
+    swapped = {t.name: onnx.numpy_helper.to_array(t) for t in load_onnx(tmp_path / "swapped.onnx").graph.initializer}
+    exported = {t.name: onnx.numpy_helper.to_array(t) for t in load_onnx(tmp_path / "fresh.onnx").graph.initializer}
+    assert swapped.keys() == exported.keys()
+    assert all(np.array_equal(swapped[k], exported[k]) for k in exported)
+    with torch.no_grad():
+        ref, old = changed(torch.from_numpy(x[:1])).numpy(), model(torch.from_numpy(x[:1])).numpy()
+    swapped_art = Artifact("swapped.onnx", "onnx", "fp32", art.inputs, art.outputs)
+    with _ort(swapped_art, tmp_path) as runner:
+        out = runner.infer({"input": x[:1]})["logits"]
+    assert _within_fp32(ref, out) and not _within_fp32(old, out)
+
+
+def test_reweighting_refuses_a_weight_the_exporter_folded(small, static_export, tmp_path):
+    """A weight that reaches the graph only through a folded op (a flip; a BatchNorm the
+    exporter's optimizer fused into its conv) is not an initializer of its own: swapping
+    would leave the old values in, so it says no and writes nothing (the caller exports
+    again)."""
+    import copy
+    import torch.nn.functional as F
+
+    small_model, _ = small
+    folder, _ = static_export
+    bn_changed = copy.deepcopy(small_model)
+    with torch.no_grad():
+        bn_changed.stem[0].weight.add_(0.01)
+    assert not reweighted_onnx(folder / "model.onnx", tmp_path / "b.onnx", small_model, bn_changed)
+    assert not (tmp_path / "b.onnx").exists()
+
+    class Flipped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 3, 3, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.conv2d(x, self.w.flip(0)).mean((2, 3))
+
+    model = Flipped().eval()
+    export_onnx(model, tmp_path / "a.onnx", (1, 3, 8, 8))
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.w.add_(0.01)
+    assert not reweighted_onnx(tmp_path / "a.onnx", tmp_path / "b.onnx", model, changed)
+    assert not (tmp_path / "b.onnx").exists()
 
 
 def test_dynamic_batch_runs_batch_1_and_3(small, tmp_path):

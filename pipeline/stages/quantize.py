@@ -184,7 +184,7 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
                     progress: Progress | None = None, layer_progress: LayerProgress | None = None
                     ) -> QuantizeResult:
     """Quantize the model of export folder ``folder`` into ``out_dir`` for ``options.target``."""
-    from exporters.onnx import export_onnx
+    from exporters.onnx import export_onnx, reweighted_onnx
     from models.checkpoint import build_model
     from quantize.calibration import load_calibration
     from quantize.float_fixes import apply_float_fixes, parse_fixes
@@ -256,6 +256,7 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
         fix_result = None
         rounding_result = None
         original_onnx = None
+        unrounded_onnx = None
         onnx_arts = [a for a in manifest.find("onnx", "fp32") if not a.variant]
         if fixes or optimized:
             # weight rounding works on the weights that get quantized: BatchNorm folded first
@@ -265,22 +266,29 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
             fix_result = apply_float_fixes(model, applied, calibration=calib,
                                            per_channel=all(p.per_channel for p in profiles))
             seconds["float_fixes"] = time.perf_counter() - t0
-            fixed = fix_result.model
+            fixed = unrounded = fix_result.model
             if optimized:
                 n_round = min(opts.rounding_samples, len(calib))
                 say(f"optimizing weight rounding ({', '.join(rounding)}) on {n_round} calibration inputs")
                 t0 = time.perf_counter()
                 rounding_result = optimize_weights(fixed, calib[:n_round], rounding, progress=layer_progress,
                                                    seed=opts.seed)
-                if target_db is not None or opts.keep_float:
-                    # a layer raised to 16-bit weights or float takes its weights from before
-                    # the int8 rounding (PtqSession(original_onnx=...))
-                    export_onnx(fixed, tmp / "original.onnx", shape)
-                    original_onnx = tmp / "original.onnx"
                 fixed = rounding_result.model
                 seconds["weight_rounding"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
             float_art = export_onnx(fixed, tmp / "model.onnx", shape)
             float_onnx = tmp / "model.onnx"
+            if optimized and (target_db is not None or opts.keep_float or opts.plain_baseline):
+                # the same graph before the int8 rounding: a layer raised to 16-bit weights or
+                # float takes its weights from it (PtqSession(original_onnx=...)), and the plain
+                # route quantizes it; one export with the weights swapped, a second only if the
+                # exporter folded a rounded weight into another constant
+                unrounded_onnx = tmp / "original.onnx"
+                if not reweighted_onnx(float_onnx, unrounded_onnx, fixed, unrounded):
+                    export_onnx(unrounded, unrounded_onnx, shape)
+                if target_db is not None or opts.keep_float:
+                    original_onnx = unrounded_onnx
+            seconds["float_export"] = time.perf_counter() - t0
             layer_map = fix_result.remap_layer_map(float_art.extra.get("layer_map", {}))
         elif onnx_arts and onnx_arts[0].resolve(root).is_file():
             float_art, float_onnx = onnx_arts[0], onnx_arts[0].resolve(root)
@@ -393,7 +401,9 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
             if optimized and opts.plain_baseline:
                 say(f"quantizing {profiles[0].name} with round-to-nearest weights (for comparison, not written)")
                 t0 = time.perf_counter()
-                plain = _plain_route(model, fixes, calib, profiles[0], method, shape, calib_source, tmp)
+                same_fixes = profiles[0].per_channel == all(p.per_channel for p in profiles)
+                plain = _plain_route(model, fixes, calib, profiles[0], method, shape, calib_source, tmp,
+                                     float_onnx=unrounded_onnx if same_fixes else None)
                 seconds["plain_route"] = time.perf_counter() - t0
                 if keep or wide or (mixed is not None and (mixed.keep_float or mixed.w16_layers)):
                     notes.append(f"the plain round-to-nearest {profiles[0].name} row has no layers kept in float "
@@ -530,19 +540,23 @@ def _coreml_int8w(model: Any, shape: tuple[int, ...], pre: Any, manifest: Manife
 
 
 def _plain_route(model: Any, fixes: tuple[str, ...], calib: np.ndarray, profile: Any, method: str,
-                 shape: tuple[int, ...], calib_source: Any, tmp: Path) -> tuple[Artifact, Path]:
+                 shape: tuple[int, ...], calib_source: Any, tmp: Path,
+                 float_onnx: Path | None = None) -> tuple[Artifact, Path]:
     """The first profile quantized the plain way: the user's model with the same float
     fixes (BatchNorm folded) but round-to-nearest weights, calibrated the same way, in the
-    temporary folder (not shipped). The report measures it on the same held-out inputs."""
+    temporary folder (not shipped). The report measures it on the same held-out inputs.
+    ``float_onnx``: that fixed model already exported (the graph before weight rounding)."""
     from exporters.onnx import export_onnx
     from quantize.float_fixes import apply_float_fixes
     from quantize.onnx_ptq import PtqSession
     plain_dir = tmp / "plain"
     plain_dir.mkdir(exist_ok=True)
-    applied = tuple(dict.fromkeys(fixes + ("bn",)))
-    fixed = apply_float_fixes(model, applied, calibration=calib, per_channel=profile.per_channel)
-    export_onnx(fixed.model, plain_dir / "float.onnx", shape)
-    with PtqSession(plain_dir / "float.onnx", calib, qnn=profile.qnn, calibration_source=str(calib_source)) as s:
+    if float_onnx is None:
+        applied = tuple(dict.fromkeys(fixes + ("bn",)))
+        fixed = apply_float_fixes(model, applied, calibration=calib, per_channel=profile.per_channel)
+        float_onnx = plain_dir / "float.onnx"
+        export_onnx(fixed.model, float_onnx, shape)
+    with PtqSession(float_onnx, calib, qnn=profile.qnn, calibration_source=str(calib_source)) as s:
         s.ranges(method)
         art = s.quantize(profile, plain_dir / f"{profile.file_stem}.onnx", method=method, root=plain_dir)
     return art, plain_dir
