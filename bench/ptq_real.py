@@ -20,7 +20,8 @@ Rows, all in one run on the same data:
 * one row per weight-rounding technique set, all-8-bit (``--target-sqnr off``), so the rows
   compare the rounding alone;
 * ``default``: ``mdeploy quantize --target snapdragon`` as shipped (the default rounding and
-  the default ``--target-sqnr auto``: w8a8 mixed to 30 dB on the sensitivity inputs), with
+  the default ``--target-sqnr auto``: w8a8 mixed to 30 dB and w8a16 to 44 dB on the sensitivity
+  inputs; each model's size and raised layers in the row's name), with
   its sensitivity pass, plain baseline and TFLite files, all in the time column;
 * with ``--mixed w8a8:28,w8a16:38``, the default plus ``--target-sqnr`` on that profile
   (16-bit activations, int16 weights, float, chosen on calibration inputs), its layer
@@ -144,10 +145,13 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> list[Row]:
                                samples=args.calib_samples, eval_samples=args.eval_samples,
                                rounding_samples=args.rounding_samples, tflite=not args.no_tflite, force=True)
         result = quantize_folder(export, tmp / f"{name}-default", opts)
-        mixed = result.report.mixed_precision
-        chosen = mixed["path"][mixed["chosen_step"]]
-        rows.append(_quantized_row(f"default (w8a8 to {mixed['target_sqnr_db']:g} dB: {chosen['w16']}a16 "
-                                   f"{chosen.get('w16w', 0)}w16 {chosen['float']}f)", result))
+        parts = []
+        for mixed in [result.report.mixed_precision, *result.report.mixed_precision_others]:
+            chosen = mixed["path"][mixed["chosen_step"]]
+            parts.append(f"{mixed['profile'].removeprefix('qnn-')} to {mixed['target_sqnr_db']:g} dB: "
+                         f"{chosen['w16']}a16 {chosen.get('w16w', 0)}w16 {chosen['float']}f, "
+                         f"{chosen['size_bytes'] / 1e6:.2f} MB")
+        rows.append(_quantized_row(f"default ({'; '.join(parts)})", result))
         print(_line(rows[-1]), flush=True)
     for profile, target in args.mixed:
         # the default rounding plus the --target-sqnr search on one profile; its cells are that

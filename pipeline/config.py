@@ -103,8 +103,8 @@ class QuantizeSection(_Section):
     w8a16_layers: int | None = Field(None, ge=0, description="N most sensitive layers at 16-bit activations")
     target_sqnr: float | Literal["auto", "off"] | None = Field(
         "auto", description="dB: mixed precision until the 8-bit model's logit SQNR reaches it (16-bit activations, "
-                            "16-bit weights, then float); auto: the target's default (snapdragon 30 dB on w8a8, "
-                            "generic none); off (or null): all-8-bit models")
+                            "16-bit weights, then float); auto: every profile to the target's default (snapdragon 30 dB "
+                            "on w8a8 and 44 dB on w8a16, generic none); off (or null): models as quantized")
     target_profile: str | None = Field(None, description="the model target_sqnr applies to: w8a8 (default) or w8a16")
     sensitivity: bool = True
     tflite_inputs: list[Literal["int8-io", "uint8-pixels"]] = Field(

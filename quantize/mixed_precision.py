@@ -47,9 +47,9 @@ rounded weights against them, and a layer raised to 16-bit weights or float take
 back, so the raise removes the int8 error instead of re-encoding it.
 
 Candidates are the layers whose probe errors (as noise powers, which add) are not
-negligible next to the target's noise budget. When a batch crosses the target, the
-layers of that batch are re-added one at a time, so the set is as small as the greedy
-order allows. Every measurement is a point (model size, SQNR) of the returned path; when
+negligible next to the target's noise budget. When a batch crosses the target, the fewest
+of its layers (in the greedy order) that still reach it are found by bisection, so the set
+is as small as the greedy order allows, at log2 of the batch in measurements. Every measurement is a point (model size, SQNR) of the returned path; when
 the target is not reached, the best configuration measured is the one chosen.
 """
 from __future__ import annotations
@@ -68,7 +68,7 @@ from quantize.report import snr_db
 
 Progress = Callable[[int, int, str], None]
 
-MAX_BATCHES = 12          # re-measurements per phase at most (plus the one-at-a-time refinement)
+MAX_BATCHES = 6           # re-measurements per phase at most, plus log2(batch) to bisect the crossing batch
 NEGLIGIBLE = 0.1          # candidates' tail: errors summing to under 10% of the target budget are left
 ACT_LEFT = 0.05           # phase 1 stops when the activation error left is under 5% of the measured error
 FLOAT_SHARE = 0.9         # float fallback: the layers carrying 90% of the summed weight-only error
@@ -423,17 +423,27 @@ def search_mixed_precision(session: PtqSession, profile: QuantProfile, x: np.nda
         for i in range(0, len(cands), size):
             if reached(snr) or stop(snr, i):
                 return
-            batch, before = cands[i:i + size], snr
+            batch = cands[i:i + size]
             raise_layers(action, batch, chosen)
             if reached(snr) and len(batch) > 1:
-                # the batch crossed the target: the fewest of its layers, one at a time (if only
-                # the whole batch does it, the final choice takes the batch's own point)
-                del chosen[len(chosen) - len(batch):]
-                snr = before
-                for layer in batch:
-                    raise_layers(action, [layer], chosen)
-                    if reached(snr):
-                        break
+                # the batch crossed the target: the fewest of its layers (in the greedy order)
+                # that still reach it, by bisection on how many (log2 of the batch in
+                # measurements instead of up to one per layer; if only the whole batch does it,
+                # the final choice takes the batch's own point)
+                base = len(chosen) - len(batch)
+                enough, short, at = len(batch), 0, {len(batch): snr}
+                while enough - short > 1:
+                    mid = (enough + short) // 2
+                    del chosen[base:]
+                    chosen.extend(batch[:mid])
+                    at[mid] = measure(action, batch[:mid])
+                    if reached(at[mid]):
+                        enough = mid
+                    else:
+                        short = mid
+                del chosen[base:]
+                chosen.extend(batch[:enough])
+                snr = at[enough]
 
     snr: float | None = None
     snr = measure("start", [])

@@ -322,6 +322,24 @@ class PtqSession:
             self._ranges[method] = self._calibrate(method)
         return self._ranges[method]
 
+    def adopt_ranges(self, ranges: Ranges) -> bool:
+        """Take ``ranges`` (another session's calibration) instead of calibrating, when every
+        tensor they cover is a tensor of this session's prepared model; ``False`` otherwise.
+
+        Why: the same graph with other weights (the model before weight rounding, next to the
+        rounded one) would otherwise run the whole calibration again for activation ranges
+        that differ in the last digits, and a comparison of the two roundings is cleaner with
+        the activations quantized the same way."""
+        from onnxruntime.quantization.calibrate import load_tensors_data, save_tensors_data
+        data = load_tensors_data(ranges.path)
+        names = {o for n in self.model.graph.node for o in n.output} | {i.name for i in self.model.graph.input}
+        if not set(data.data) <= names:
+            return False
+        path = self._work / f"ranges_{ranges.method}.json"
+        save_tensors_data(data, path)
+        self._ranges[ranges.method] = Ranges(path, ranges.method, ranges.samples)
+        return True
+
     def _calibrate(self, method: str) -> Ranges:
         from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
         cm = _ort_method(method)

@@ -183,6 +183,7 @@ class QuantReport:
     sensitivity: dict[str, Any] | None = None
     weight_rounding: dict[str, Any] | None = None
     mixed_precision: dict[str, Any] | None = None      # quantize.mixed_precision: split probes, --target-sqnr search
+    mixed_precision_others: list[dict[str, Any]] = field(default_factory=list)  # other profiles' default searches
     plain_route: VariantResult | None = None           # the first profile with round-to-nearest weights (not written)
     notes: list[str] = field(default_factory=list)
     references: tuple[ReferencePoint, ...] = REFERENCES
@@ -210,7 +211,7 @@ class QuantReport:
             "eval_samples": self.eval_samples, "calibration": self.calibration,
             "variants": [v.to_dict() for v in self.variants], "float_fixes": self.float_fixes,
             "sensitivity": self.sensitivity, "weight_rounding": self.weight_rounding,
-            "mixed_precision": self.mixed_precision,
+            "mixed_precision": self.mixed_precision, "mixed_precision_others": self.mixed_precision_others,
             "plain_route": self.plain_route.to_dict() if self.plain_route is not None else None, "notes": self.notes,
             "references": [r.to_dict() for r in self.references], "comparison": self.comparison(),
         }
@@ -226,6 +227,7 @@ class QuantReport:
                    variants=[VariantResult.from_dict(v) for v in d.get("variants") or []],
                    float_fixes=list(d.get("float_fixes") or []), sensitivity=d.get("sensitivity"),
                    weight_rounding=d.get("weight_rounding"), mixed_precision=d.get("mixed_precision"),
+                   mixed_precision_others=list(d.get("mixed_precision_others") or []),
                    plain_route=VariantResult.from_dict(plain) if plain else None, notes=list(d.get("notes") or []),
                    references=tuple(ReferencePoint.from_dict(r) for r in d.get("references") or []))
 

@@ -773,21 +773,21 @@ QUANTIZE_TINY = ("--samples", "16", "--rounding-samples", "16", "--eval-samples"
 
 
 def test_quantize_killed_at_every_rename_of_a_force_run_then_reruns(zygote, tmp_path):
-    """``quantize --force`` over an earlier result makes 12 renames: (1) the weight-rounded
+    """``quantize --force`` over an earlier result makes 13 renames: (1) the weight-rounded
     float model, (2) the same graph with the unrounded weights swapped in (the default
-    ``--target-sqnr`` search's raised layers take their weights from it), (3) the calibration ranges and (4) the search's one
-    measured model (this model's all-8-bit w8a8 already meets the default target) in its
-    TMPDIR scratch folder; into the staging folder (5) the w8a8 QDQ model (``atomic_path``),
-    (6) its encodings (``atomic_write_text``), (7, 8) the same two for w8a16, (9) the report,
-    (10) the manifest; (11) the old result aside, (12) the new one in. It is killed at each
-    of the 12 in turn (about 2 minutes here); after each kill the same command succeeds with
-    no cleanup."""
+    ``--target-sqnr`` searches' raised layers take their weights from it), (3) the calibration
+    ranges, (4, 5) each default search's one measured model (this model's w8a8 and w8a16 already
+    meet their default targets) in its TMPDIR scratch folder; into the staging folder (6) the
+    w8a8 QDQ model (``atomic_path``), (7) its encodings (``atomic_write_text``), (8, 9) the same
+    two for w8a16, (10) the report, (11) the manifest; (12) the old result aside, (13) the new
+    one in. It is killed at each of the 13 in turn (about 3 minutes here); after each kill the
+    same command succeeds with no cleanup."""
     export_dir = _tiny_export(zygote, tmp_path)
     out = tmp_path / "quantized" / "q"
-    targets = ["model.onnx", "original.onnx", "ranges_minmax.json", "step0.onnx", "model_qnn_w8a8.onnx",
+    targets = ["model.onnx", "original.onnx", "ranges_minmax.json", "step0.onnx", "step0.onnx", "model_qnn_w8a8.onnx",
                "model_qnn_w8a8.encodings.json", "model_qnn_w8a16.onnx", "model_qnn_w8a16.encodings.json",
                "quantization_report.json", "manifest.json", "q"]
-    names = sorted(["model.safetensors", *targets[4:-1]])
+    names = sorted(["model.safetensors", *targets[5:-1]])
     _kill_at_renames(zygote, tmp_path, ("quantize", str(export_dir), "--out", str(out), *QUANTIZE_TINY, "--force"),
                      out, targets, lambda folder: _complete_export(folder, names))
 

@@ -73,6 +73,23 @@ def test_target_sqnr_is_reached_by_the_written_model(planted, profile, target, t
     assert all(p["size_bytes"] > 0 and 0 < p["weight_bytes"] < p["size_bytes"] for p in d["path"])
 
 
+def test_a_batch_that_crosses_the_target_is_bisected_to_its_fewest_layers(planted, monkeypatch):  # noqa: F811
+    """One batch for all the candidates (``MAX_BATCHES = 1``): it crosses 45 dB, and the
+    bisection comes back to the one layer that does it (the planted activation) in
+    log2(batch) more measurements, not one per layer."""
+    import quantize.mixed_precision as mp
+    monkeypatch.setattr(mp, "MAX_BATCHES", 1)
+    x = planted["calib"]
+    with _session(planted, True) as s:
+        res = search_mixed_precision(s, QNN_W8A8, x, 45.0)
+    path = res.to_dict()["path"]
+    batch = res.path[1]
+    assert batch.action == "w16" and len(batch.added) >= 2 and batch.sqnr_db >= 45.0, path
+    assert len(res.path) == 2 + math.ceil(math.log2(len(batch.added))), path
+    assert res.reached and res.path[res.chosen_step].added == ["2"], path
+    assert [l.module for l in res.w16_layers] == ["2"]
+
+
 def test_unreachable_target_ends_with_a_note(planted):  # noqa: F811
     with _session(planted, True) as s:
         res = search_mixed_precision(s, QNN_W8A8, planted["calib"], 200.0)
@@ -283,6 +300,7 @@ def test_cli_target_sqnr_writes_a_w8a8_model_that_reaches_it(cli, export_dir, tm
     assert w8a8.extra["mixed_precision"] == {"float": mixed["keep_float"], "w8a16": mixed["w8a16_layers"],
                                              "w16a16": mixed["w16a16_layers"]}
     assert w8a16.extra["mixed_precision"] == {"float": [], "w8a16": [], "w16a16": []}
+    assert report["mixed_precision_others"] == [], "a number asked for applies to --target-profile only"
     assert manifest.source["quantization"]["target_sqnr"]["reached"] is True
     assert any("target SQNR 40 dB reached" in n for n in report["notes"])
     # the written file, run again on the same calibration inputs: the target holds
@@ -376,15 +394,16 @@ def test_a_target_the_8_bit_model_already_meets_skips_the_split_probes(planted):
 
 
 def test_cli_snapdragon_searches_to_its_default_target_unless_off(cli, export_dir, tmp_path):
-    """``--target snapdragon`` with no --target-sqnr: the w8a8 model is searched to 30 dB (the
-    default, said so in the note and the manifest); ``--target-sqnr off`` writes all-8-bit
+    """``--target snapdragon`` with no --target-sqnr: the w8a8 model is searched to 30 dB and
+    the w8a16 one to 44 dB (the defaults, said so in the notes and the manifest), each written
+    model holding its own on the search's inputs; ``--target-sqnr off`` writes all-8-bit
     models; ``--target generic`` has no default target."""
     from pipeline.stages.quantize import DEFAULT_TARGET_SQNR_DB
     code, stdout, err = cli("quantize", str(export_dir), "--out", str(tmp_path / "auto"), "--no-sensitivity", *ARGS)
     assert code == 0, err
     report = json.loads(stdout)["report"]
     mixed = report["mixed_precision"]
-    assert mixed["target_sqnr_db"] == DEFAULT_TARGET_SQNR_DB["snapdragon"] == 30.0
+    assert mixed["target_sqnr_db"] == DEFAULT_TARGET_SQNR_DB["snapdragon"]["w8a8"] == 30.0
     assert mixed["default_target"] is True and mixed["profile"] == "qnn-w8a8" and mixed["reached"]
     assert any(n.startswith("target SQNR 30 dB (the target's default)") for n in report["notes"]), report["notes"]
     recorded = Manifest.load(tmp_path / "auto").source["quantization"]["target_sqnr"]
@@ -394,14 +413,26 @@ def test_cli_snapdragon_searches_to_its_default_target_unless_off(cli, export_di
     x = _calibration(export_dir)
     assert snr_db(run_onnx(export_dir / "model.onnx", "input", x),
                   run_onnx(tmp_path / "auto" / w8a8.path, "input", x)) >= 30.0
+    # the w8a16 model: its own default search, after the w8a8 one
+    others = report["mixed_precision_others"]
+    assert [(m["profile"], m["target_sqnr_db"], m["default_target"], m["reached"]) for m in others] == \
+        [("qnn-w8a16", DEFAULT_TARGET_SQNR_DB["snapdragon"]["w8a16"], True, True)]
+    assert any(n.startswith("target SQNR 44 dB (the target's default)") for n in report["notes"]), report["notes"]
+    others_recorded = Manifest.load(tmp_path / "auto").source["quantization"]["target_sqnr_others"]
+    assert [(m["profile"], m["target_sqnr_db"]) for m in others_recorded] == [("qnn-w8a16", 44.0)]
+    w8a16 = next(a for a in Manifest.load(tmp_path / "auto").artifacts if a.key == "onnx/w8a16-qnn")
+    assert w8a16.extra["mixed_precision"]["w16a16"] == others[0]["w16a16_layers"]
+    assert snr_db(run_onnx(export_dir / "model.onnx", "input", x),
+                  run_onnx(tmp_path / "auto" / w8a16.path, "input", x)) >= 44.0
 
     code, stdout, err = cli("quantize", str(export_dir), "--out", str(tmp_path / "off"), "--target-sqnr", "off",
                             "--no-sensitivity", *ARGS)
     assert code == 0, err
     report = json.loads(stdout)["report"]
-    assert report["mixed_precision"] is None
+    assert report["mixed_precision"] is None and report["mixed_precision_others"] == []
     manifest = Manifest.load(tmp_path / "off")
     assert "target_sqnr" not in manifest.source["quantization"]
+    assert "target_sqnr_others" not in manifest.source["quantization"]
     assert all(a.extra["mixed_precision"] == {"float": [], "w8a16": [], "w16a16": []}
                for a in manifest.artifacts if a.format == "onnx")
 

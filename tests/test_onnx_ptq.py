@@ -351,3 +351,33 @@ def test_calibration_in_chunks_keeps_minmax_exact_and_histograms_close(trained, 
         lo16, hi16 = got[16]["percentile"][t]
         width = max(hi - lo, 1e-6)
         assert abs(lo16 - lo) <= 0.02 * width and abs(hi16 - hi) <= 0.02 * width, t
+
+
+def test_a_session_adopts_the_ranges_of_the_same_graph_and_refuses_another(trained, tmp_path):
+    """The plain comparison row quantizes the same export with the unrounded weights swapped
+    back: it takes the rounded model's activation ranges instead of calibrating again, and
+    its QDQ model then has exactly the activation scales of one calibrated itself on the same
+    graph. A graph whose tensors differ keeps its own calibration."""
+    calib = trained["calib"][:32]
+    class Other(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x).mean((2, 3))
+    export_onnx(Other().eval(), tmp_path / "other.onnx", (1, *calib.shape[1:]))
+    with PtqSession(trained["onnx"], calib, qnn=True) as own:
+        ranges = own.ranges("minmax")
+        own.quantize(QNN_W8A8, tmp_path / "own.onnx", method="minmax", root=tmp_path)
+        with PtqSession(trained["onnx"], calib, qnn=True) as other:
+            assert other.adopt_ranges(ranges)
+            other.quantize(QNN_W8A8, tmp_path / "adopted.onnx", method="minmax", root=tmp_path)
+        with PtqSession(tmp_path / "other.onnx", calib, qnn=True) as foreign:
+            assert not foreign.adopt_ranges(ranges)
+    scales = {}
+    for name in ("own", "adopted"):
+        g = onnx.load(str(tmp_path / f"{name}.onnx")).graph
+        scales[name] = {t.name: onnx.numpy_helper.to_array(t).tolist() for t in g.initializer
+                        if t.name.endswith("_scale")}
+    assert scales["own"] == scales["adopted"] and scales["own"]

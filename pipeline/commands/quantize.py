@@ -64,8 +64,9 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
                         "sensitive layers to 16-bit activations, then (QNN) to 16-bit weights, then to float for "
                         "the layers whose weights are the problem, until the logit SQNR on the sensitivity inputs "
                         "reaches DB (re-measured on the quantized model at each step); a note says when it cannot. "
-                        "auto (default): 30 dB on w8a8 for --target snapdragon (a model already there is left "
-                        "all-8-bit), none for generic; off: all-8-bit models")
+                        "auto (default): each profile to the target's default, for --target snapdragon 30 dB on "
+                        "w8a8 and 44 dB on w8a16 (a model already there is left as quantized), none for generic; "
+                        "a number applies to --target-profile only; off: all-8-bit models")
     p.add_argument("--target-profile", metavar="PROFILE",
                    help="the model --target-sqnr raises layers of: w8a8 (default, the first) or w8a16 for "
                         "--target snapdragon (w8a16 then gains 16-bit weights where its int8 weights fall short)")
@@ -275,8 +276,9 @@ def show_report(ui, report, top: int = TOP_LAYERS) -> None:
                       *extra)
         ui.table(s)
 
-    mixed = report.mixed_precision or {}
-    if mixed.get("path"):
+    for mixed in [report.mixed_precision or {}, *report.mixed_precision_others]:
+        if not mixed.get("path"):
+            continue
         default = ", the target's default; --target-sqnr off for all-8-bit" if mixed.get("default_target") else ""
         m = Table(title=f"mixed precision to {mixed['target_sqnr_db']:g} dB logit SQNR ({mixed['profile']}, "
                         f"{mixed['samples']} calibration inputs{default}; * = chosen)")
@@ -287,8 +289,7 @@ def show_report(ui, report, top: int = TOP_LAYERS) -> None:
             raised = f"{p['action']}: {names}" if p["added"] else p["action"]
             m.add_row(f"{p['step']}{'*' if p['step'] == mixed['chosen_step'] else ''}", raised, str(p["w16"]),
                       str(p.get("w16w", 0)), str(p["float"]), _size(p.get("weight_bytes") or 0),
-                      _size(p["size_bytes"]),
-                                      _db(p["sqnr_db"]))
+                      _size(p["size_bytes"]), _db(p["sqnr_db"]))
         ui.table(m)
 
     if report.references and any(v.drop_points is not None for v in report.variants):

@@ -220,10 +220,10 @@ class QuantizeRecord:
 
     def plots(self, run: RunRecord) -> dict[str, bytes]:
         q = self.report.to_dict()
-        sens, mixed = q.get("sensitivity"), q.get("mixed_precision") or {}
+        sens = q.get("sensitivity")
         out = {"int8_sensitivity": draw.plot_sensitivity(sens)} if sens and sens.get("layers") else {}
-        if mixed.get("path"):
-            out["mixed_precision_pareto"] = draw.plot_mixed_precision(mixed)
+        for key, mixed in _searches(q):
+            out[key] = draw.plot_mixed_precision(mixed)
         return out
 
     def markdown(self, run: RunRecord, figure: Figure) -> list[str]:
@@ -265,8 +265,7 @@ class QuantizeRecord:
                            [[x["layer"], x["op_type"], _db(x.get("snr_db")),
                              _db(x.get("weight_only_snr_db")) if x.get("has_weights") else "-",
                              _db(x.get("activation_only_snr_db"))] for x in top]) + [""]
-        mixed = q.get("mixed_precision") or {}
-        if mixed.get("path"):
+        for key, mixed in _searches(q):
             default = f" (the default of `--target {q.get('target')}`; `--target-sqnr off` for all-8-bit)" \
                 if mixed.get("default_target") else ""
             lines += [f"Mixed precision to {mixed['target_sqnr_db']:g} dB logit SQNR{default} ({mixed['profile']}, "
@@ -276,8 +275,17 @@ class QuantizeRecord:
                       + (", ".join(f"`{x}`" for x in mixed["w8a16_layers"]) or "none") + "; 16-bit weights: "
                       + (", ".join(f"`{x}`" for x in mixed.get("w16a16_layers", [])) or "none") + "; float: "
                       + (", ".join(f"`{x}`" for x in mixed["keep_float"]) or "none") + ".", ""]
-            lines += figure("mixed_precision_pareto")
+            lines += figure(key)
         return lines
+
+
+def _searches(q: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The quantize report's ``--target-sqnr`` searches with a path, each with its figure's
+    name: the target profile's, then the other profiles' default searches."""
+    first = q.get("mixed_precision") or {}
+    named = [("mixed_precision_pareto", first)] + [
+        (f"mixed_precision_pareto_{m.get('profile', i)}", m) for i, m in enumerate(q.get("mixed_precision_others") or [])]
+    return [(k, m) for k, m in named if m.get("path")]
 
 
 @dataclass

@@ -24,8 +24,11 @@ same preprocessing); per-layer sensitivity on calibration inputs, so the held-ou
 never influences a choice that is then measured on it. ``target_sqnr`` (``--target-sqnr``)
 raises layers of one profile's model (the first, or ``target_profile``) until its logit SQNR
 on those inputs gets there (``quantize.mixed_precision``: 16-bit activations, 16-bit
-weights, float); the chosen layers apply to that model only. A layer raised to 16-bit
-weights or float takes its weights from before the int8 weight rounding.
+weights, float); the chosen layers apply to that model only. With the default (``"auto"``)
+every profile with a default of the target (``DEFAULT_TARGET_SQNR_DB``) is searched to its
+own, the target profile first (``report.mixed_precision``, the others in
+``mixed_precision_others``). A layer raised to 16-bit weights or float takes its weights
+from before the int8 weight rounding.
 
 With weight rounding other than ``rtn``, every written model's int8 weights are read back
 and compared with the optimised float weights' own grid (``weight_grid_mismatch`` for the
@@ -40,7 +43,7 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -56,13 +59,20 @@ DEFAULT_SENSITIVITY_SAMPLES = 32      # probes and the --target-sqnr search: see
 DEFAULT_EVAL_SAMPLES = 1000
 DEFAULT_ROUNDING_SAMPLES = 256
 
-# The default --target-sqnr of each target. snapdragon: on EfficientNet-Lite1/Lite2 (ImageNet
-# weights, held-out photos) the all-8-bit w8a8 model is at 15.7 / 13.3 dB and 0.86-0.88 top-1
-# agreement, whatever the rounding and calibration: the stem's 8-bit ReLU6 output alone costs
-# 20 dB (README, "Where the w8a8 activation error comes from"). A 30 dB search on the calibration
-# inputs measured 30.5 / 29.4 dB and 0.971 / 0.969 held out, at the same size. HTP runs 16-bit
-# activations natively, so the mixed model stays on the accelerator. generic (ORT CPU): none.
-DEFAULT_TARGET_SQNR_DB: dict[str, float | None] = {"snapdragon": 30.0, "generic": None}
+# The default --target-sqnr of each target's profiles (by precision), searched on the
+# calibration inputs; a profile without one stays as quantized. snapdragon, on
+# EfficientNet-Lite1/Lite2 (ImageNet weights, held-out photos; README, "Weight rounding"):
+# - w8a8: the all-8-bit model is at 15.7 / 13.3 dB and 0.86-0.88 top-1 agreement whatever the
+#   rounding and calibration (the stem's 8-bit ReLU6 output alone costs 20 dB). 30 dB on the
+#   calibration inputs measured 30.3 / 29.4 dB and 0.971 / 0.971 held out, at the same size.
+# - w8a16: the int8 weights bound it (30.8 / 28.5 dB, 0.967 / 0.980 held out), and held-out
+#   photos land 4-6 dB below the search's inputs (40 dB gave 0.978 / 0.987); 44 dB raises the
+#   layers whose int8 weights carry the error to 16-bit weights (HTP's w16a16): 38.8 / 37.8 dB
+#   and 0.998 / 0.991 held out, at 9.1 / 9.6 MB instead of 5.9 / 6.7.
+# HTP runs 16-bit activations and w16a16 natively, so the mixed models stay on the
+# accelerator. generic (ORT CPU): none.
+DEFAULT_TARGET_SQNR_DB: dict[str, dict[str, float]] = {"snapdragon": {"w8a8": 30.0, "w8a16": 44.0},
+                                                       "generic": {}}
 
 Progress = Callable[[str], None]
 LayerProgress = Callable[[int, int, str], None]
@@ -123,15 +133,17 @@ def _target_profile(profiles: list[Any], name: str | None) -> Any:
                      + " (the target's profiles)", repr(name))
 
 
-def resolve_target_sqnr(value: float | str | None, target: str) -> tuple[float | None, bool]:
-    """``(dB or None, whether it is the target's default)`` for a ``target_sqnr`` option:
-    a number, ``"auto"`` (the target's default) or ``None`` / ``"off"`` (no search)."""
+def resolve_target_sqnr(value: float | str | None, target: str, precision: str = "w8a8"
+                        ) -> tuple[float | None, bool]:
+    """``(dB or None, whether it is the target's default)`` for a ``target_sqnr`` option on the
+    profile of ``precision``: a number, ``"auto"`` (the target's default for that profile) or
+    ``None`` / ``"off"`` (no search)."""
     if value is None:
         return None, False
     if isinstance(value, str):
         word = value.strip().lower()
         if word == "auto":
-            return DEFAULT_TARGET_SQNR_DB.get(target), True
+            return DEFAULT_TARGET_SQNR_DB.get(target, {}).get(precision), True
         if word in ("off", "none"):
             return None, False
         try:
@@ -196,7 +208,8 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
     opts.keep_float = _count_or_names(opts.keep_float)
     opts.w8a16_layers = _count_or_names(opts.w8a16_layers)
     _check_options(opts)
-    target_db, target_default = resolve_target_sqnr(opts.target_sqnr, opts.target)
+    primary = _target_profile(target_profiles(opts.target), opts.target_profile)
+    target_db, target_default = resolve_target_sqnr(opts.target_sqnr, opts.target, primary.precision)
     from exporters.fileio import check_distinct_from_inputs, check_writable_output
     # out == the export folder would swap the input away (its model.onnx deleted) with --force
     check_distinct_from_inputs(out_dir, folder, opts.calibration, opts.eval_data)
@@ -311,7 +324,11 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
             t0 = time.perf_counter()
             with PtqSession(float_onnx, calib, qnn=profiles[0].qnn, calibration_source=str(calib_source),
                             layer_map=layer_map, original_onnx=original_onnx) as session:
-                session.ranges(method)
+                session_ranges = session.ranges(method)
+                if optimized and opts.plain_baseline:     # for the plain route, after the session is closed
+                    ranges_copy = tmp / f"plain_{session_ranges.path.name}"
+                    shutil.copyfile(session_ranges.path, ranges_copy)
+                    session_ranges = replace(session_ranges, path=ranges_copy)
                 seconds["calibration"] = time.perf_counter() - t0
                 needs_rank = isinstance(opts.keep_float, int) and opts.keep_float > 0 or \
                     isinstance(opts.w8a16_layers, int) and opts.w8a16_layers > 0
@@ -325,25 +342,26 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
                     seconds["sensitivity"] = time.perf_counter() - t0
                 keep = pick_layers(session, opts.keep_float, sensitivity)
                 wide = pick_layers(session, opts.w8a16_layers, sensitivity)
-                split, mixed = _mixed_precision(session, _target_profile(profiles, opts.target_profile),
-                                                probe, opts, target_db, target_default,
-                                                method, keep, wide, say, layer_progress, seconds,
-                                                model if fix_result is not None else None)
-                kept = mixed.keep_float if mixed is not None else keep
+                split, searches = _mixed_precision(session, profiles, probe, opts, target_db, target_default,
+                                                   method, keep, wide, say, layer_progress, seconds,
+                                                   model if fix_result is not None else None)
+                mixed = searches[0] if searches else None
+                by_profile = {m.profile: m for m in searches}
+                kept = list({id(l): l for m in searches for l in m.keep_float}.values()) if searches else keep
                 if kept and profiles[0].qnn:
                     notes.append(f"{len(kept)} layer(s) kept in float: the QNN EP runs them on the CPU, "
                                  "outside the HTP graph")
                 for profile in profiles:
                     say(f"quantizing {profile.name}")
                     t0 = time.perf_counter()
-                    chosen = mixed is not None and profile.name == mixed.profile     # the search's profile
+                    searched = by_profile.get(profile.name)     # this profile's search, if it had one
                     art = session.quantize(profile, stage / f"{profile.file_stem}.onnx", method=method,
-                                           keep_float=mixed.keep_float if chosen else keep,
-                                           w16_layers=mixed.w16_layers if chosen else wide,
-                                           w16_weights=mixed.w16_weights if chosen else (), root=stage)
+                                           keep_float=searched.keep_float if searched else keep,
+                                           w16_layers=searched.w16_layers if searched else wide,
+                                           w16_weights=searched.w16_weights if searched else (), root=stage)
                     if profile.qnn:     # <stem>.encodings.json for qnn-onnx-converter, and the QNN rules
                         from quantize.qnn_encodings import qnn_sidecar
-                        raised = [*mixed.w16_layers, *mixed.w16_weights] if chosen else wide
+                        raised = [*searched.w16_layers, *searched.w16_weights] if searched else wide
                         acts = (profile.activations, "uint16") if raised else profile.activations
                         art.extra.update(qnn_sidecar(stage / art.path, acts, method=profile.range_method or method,
                                                      root=stage))
@@ -372,7 +390,7 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
                                               "method": "minmax (TFLiteConverter)"}
                 artifacts.extend(made)
                 seconds["tflite"] = time.perf_counter() - t0
-                if keep or wide or (mixed is not None and (mixed.keep_float or mixed.w16_layers)):
+                if keep or wide or any(m.keep_float or m.w16_layers or m.w16_weights for m in searches):
                     notes.append("mixed precision applies to the ONNX models only: the TFLite models are all "
                                  "8-bit (TFLite's integer modes set 16-bit activations for the whole model, "
                                  "not per layer), so they miss what the raised layers buy")
@@ -403,9 +421,10 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
                 t0 = time.perf_counter()
                 same_fixes = profiles[0].per_channel == all(p.per_channel for p in profiles)
                 plain = _plain_route(model, fixes, calib, profiles[0], method, shape, calib_source, tmp,
-                                     float_onnx=unrounded_onnx if same_fixes else None)
+                                     float_onnx=unrounded_onnx if same_fixes else None,
+                                     ranges=session_ranges if same_fixes else None)
                 seconds["plain_route"] = time.perf_counter() - t0
-                if keep or wide or (mixed is not None and (mixed.keep_float or mixed.w16_layers)):
+                if keep or wide or any(m.keep_float or m.w16_layers or m.w16_weights for m in searches):
                     notes.append(f"the plain round-to-nearest {profiles[0].name} row has no layers kept in float "
                                  "or raised to 16 bits: it compares the weight rounding, not the mixed precision")
 
@@ -427,8 +446,10 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
                 merge_into_sensitivity(report.sensitivity, split)
             if mixed is not None or split is not None:
                 report.mixed_precision = mixed.to_dict() if mixed is not None else {"split": split.to_dict()}
-            if mixed is not None:
-                notes.append(mixed.note or _reached_note(mixed))
+            # the further profiles' default searches, each as mixed_precision without the shared split
+            report.mixed_precision_others = [{**m.to_dict(), "split": None} for m in searches[1:]]
+            for m in searches:
+                notes.append(m.note or _reached_note(m))
             if rounding_result is not None:
                 report.weight_rounding = rounding_result.to_dict()
                 moved = {a.key: sum(a.extra.get("weight_grid_mismatch", {}).values())
@@ -457,11 +478,12 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
                                   "weight_rounding": list(rounding),
                                        "keep_float": [l.module or l.name for l in keep],
                                        "w8a16_layers": [l.module or l.name for l in wide]}}
-            if mixed is not None:
-                source["quantization"]["target_sqnr"] = {
-                    k: v for k, v in mixed.to_dict().items()
-                    if k in ("target_sqnr_db", "default_target", "profile", "reached", "sqnr_db", "w8a16_layers",
-                             "w16a16_layers", "keep_float", "note")}
+            summaries = [{k: v for k, v in m.to_dict().items()
+                          if k in ("target_sqnr_db", "default_target", "profile", "reached", "sqnr_db", "w8a16_layers",
+                                   "w16a16_layers", "keep_float", "note")} for m in searches]
+            if summaries:
+                source["quantization"]["target_sqnr"] = summaries[0]
+                source["quantization"]["target_sqnr_others"] = summaries[1:]
             out_manifest = Manifest(model=manifest.model, preprocessing=pre, card=manifest.card,
                                     artifacts=artifacts, labels=manifest.labels, source=source,
                                     versions=library_versions(), assumed=list(manifest.assumed))
@@ -471,41 +493,54 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
     return QuantizeResult(Path(out_dir), out_manifest, report, seconds)
 
 
-def _mixed_precision(session: Any, profile: Any, x: np.ndarray, opts: QuantizeOptions, target_db: float | None,
-                     default: bool, method: str, keep: list[Any], wide: list[Any], say: Progress,
-                     layer_progress: LayerProgress | None, seconds: dict[str, float], original: Any = None
-                     ) -> tuple[Any, Any]:
+def _mixed_precision(session: Any, profiles: list[Any], x: np.ndarray, opts: QuantizeOptions,
+                     target_db: float | None, default: bool, method: str, keep: list[Any], wide: list[Any],
+                     say: Progress, layer_progress: LayerProgress | None, seconds: dict[str, float],
+                     original: Any = None) -> tuple[Any, list[Any]]:
     """Weight-only / activation-only sensitivity (with the sensitivity pass) and the
-    ``--target-sqnr`` search on ``profile`` (``quantize.mixed_precision``); its SQNR is
-    against the user's model (``original``) when float fixes or weight rounding changed it.
-    Without the sensitivity pass the search runs the split probes itself, only when the
-    8-bit model misses the target."""
+    ``--target-sqnr`` searches (``quantize.mixed_precision``): ``target_db`` on the target
+    profile first, then, when the target is the default, every other profile to its own
+    default (``DEFAULT_TARGET_SQNR_DB``), sharing the split probes (a layer's int8 weights are
+    the same in every profile). The SQNR is against the user's model (``original``) when float
+    fixes or weight rounding changed it. Without the sensitivity pass a search runs the split
+    probes itself, only when the 8-bit model misses its target."""
+    primary = _target_profile(profiles, opts.target_profile)
     if not (opts.sensitivity or target_db is not None):
-        return None, None
+        return None, []
     from quantize.mixed_precision import search_mixed_precision, split_sensitivity
     split = None
     if opts.sensitivity:
         say(f"weight-only and activation-only sensitivity ({len(session.layers)} layers, {len(x)} inputs)")
         t0 = time.perf_counter()
-        split = split_sensitivity(session, profile, x, method=method, progress=layer_progress)
+        split = split_sensitivity(session, primary, x, method=method, progress=layer_progress)
         seconds["split_sensitivity"] = time.perf_counter() - t0
     if target_db is None:
-        return split, None
-    why = (f"the {opts.target} default; --target-sqnr off for all-8-bit models" if default
-           else "--target-sqnr")
-    say(f"mixed precision to {target_db:g} dB logit SQNR ({profile.name}, {len(x)} inputs; {why})")
-    t0 = time.perf_counter()
+        return split, []
     reference = None
     if original is not None:
         import torch
         with torch.no_grad():
             out = original.eval()(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
         reference = (out[0] if isinstance(out, (tuple, list)) else out).numpy()
-    mixed = search_mixed_precision(session, profile, x, target_db, method=method, split=split,
-                                   keep_float=keep, w16_layers=wide, reference=reference, progress=layer_progress)
-    mixed.default = default
-    seconds["mixed_precision"] = time.perf_counter() - t0
-    return mixed.split, mixed
+    goals = [(primary, target_db)]
+    if default:
+        goals += [(p, DEFAULT_TARGET_SQNR_DB[opts.target][p.precision]) for p in profiles
+                  if p is not primary and p.precision in DEFAULT_TARGET_SQNR_DB.get(opts.target, {})]
+    why = (f"the {opts.target} default; --target-sqnr off for all-8-bit models" if default
+           else "--target-sqnr")
+    searches = []
+    for profile, db in goals:
+        say(f"mixed precision to {db:g} dB logit SQNR ({profile.name}, {len(x)} inputs; {why})")
+        t0 = time.perf_counter()
+        mixed = search_mixed_precision(session, profile, x, db, method=method, split=split,
+                                       keep_float=keep, w16_layers=wide, reference=reference,
+                                       progress=layer_progress)
+        mixed.default = default
+        split = split or mixed.split
+        seconds["mixed_precision" + ("" if profile is primary else f"_{profile.precision}")] = \
+            time.perf_counter() - t0
+        searches.append(mixed)
+    return split, searches
 
 
 def _reached_note(mixed: Any) -> str:
@@ -513,7 +548,7 @@ def _reached_note(mixed: Any) -> str:
     start = "inf" if mixed.start_sqnr_db is None else f"{mixed.start_sqnr_db:.1f}"
     which = f"target SQNR {mixed.target_db:g} dB" + (" (the target's default)" if mixed.default else "")
     if mixed.chosen_step == 0 and not mixed.w16_layers and not mixed.keep_float:
-        return f"{which}: the all-8-bit {mixed.profile} model already reaches it ({start} dB on " \
+        return f"{which}: the {mixed.profile} model as quantized already reaches it ({start} dB on " \
                f"{mixed.samples} calibration inputs); nothing raised"
     return (f"{which} reached on {mixed.samples} calibration inputs: {sq} dB "
             f"({mixed.profile} {start} dB) with {mixed.path[mixed.chosen_step].w16} layer(s) at 16-bit "
@@ -541,11 +576,13 @@ def _coreml_int8w(model: Any, shape: tuple[int, ...], pre: Any, manifest: Manife
 
 def _plain_route(model: Any, fixes: tuple[str, ...], calib: np.ndarray, profile: Any, method: str,
                  shape: tuple[int, ...], calib_source: Any, tmp: Path,
-                 float_onnx: Path | None = None) -> tuple[Artifact, Path]:
+                 float_onnx: Path | None = None, ranges: Any = None) -> tuple[Artifact, Path]:
     """The first profile quantized the plain way: the user's model with the same float
     fixes (BatchNorm folded) but round-to-nearest weights, calibrated the same way, in the
     temporary folder (not shipped). The report measures it on the same held-out inputs.
-    ``float_onnx``: that fixed model already exported (the graph before weight rounding)."""
+    ``float_onnx``: that fixed model already exported (the graph before weight rounding);
+    ``ranges``: the rounded model's activation ranges, taken when that graph has their
+    tensors (it is the same export with other weights), so the row differs in the weights only."""
     from exporters.onnx import export_onnx
     from quantize.float_fixes import apply_float_fixes
     from quantize.onnx_ptq import PtqSession
@@ -557,7 +594,8 @@ def _plain_route(model: Any, fixes: tuple[str, ...], calib: np.ndarray, profile:
         float_onnx = plain_dir / "float.onnx"
         export_onnx(fixed.model, float_onnx, shape)
     with PtqSession(float_onnx, calib, qnn=profile.qnn, calibration_source=str(calib_source)) as s:
-        s.ranges(method)
+        if ranges is None or ranges.method != method or not s.adopt_ranges(ranges):
+            s.ranges(method)
         art = s.quantize(profile, plain_dir / f"{profile.file_stem}.onnx", method=method, root=plain_dir)
     return art, plain_dir
 
