@@ -49,8 +49,9 @@ back, so the raise removes the int8 error instead of re-encoding it.
 Candidates are the layers whose probe errors (as noise powers, which add) are not
 negligible next to the target's noise budget. When a batch crosses the target, the fewest
 of its layers (in the greedy order) that still reach it are found by bisection, so the set
-is as small as the greedy order allows, at log2 of the batch in measurements. Every measurement is a point (model size, SQNR) of the returned path; when
-the target is not reached, the best configuration measured is the one chosen.
+is as small as the greedy order allows, at log2 of the batch in measurements. Every
+measurement is a point (model size, SQNR) of the returned path; when the target is not
+reached, the best configuration measured is the one chosen.
 """
 from __future__ import annotations
 

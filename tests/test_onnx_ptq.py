@@ -355,10 +355,10 @@ def test_calibration_in_chunks_keeps_minmax_exact_and_histograms_close(trained, 
 
 def test_a_session_adopts_the_ranges_of_the_same_graph_and_refuses_another(trained, tmp_path):
     """The plain comparison row quantizes the same export with the unrounded weights swapped
-    back: it takes the rounded model's activation ranges instead of calibrating again, and
-    its QDQ model then has exactly the activation scales of one calibrated itself on the same
-    graph. A graph whose tensors differ keeps its own calibration."""
-    calib = trained["calib"][:32]
+    back: it takes the rounded model's activation ranges instead of calibrating again. Here
+    the donor calibrates on other inputs than the receiver holds, so its ranges are told
+    apart from the receiver's own: the adopted model has the donor's activation scales, not
+    those its own calibration gives. A graph whose tensors differ keeps its own calibration."""
     class Other(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -366,18 +366,22 @@ def test_a_session_adopts_the_ranges_of_the_same_graph_and_refuses_another(train
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.conv(x).mean((2, 3))
-    export_onnx(Other().eval(), tmp_path / "other.onnx", (1, *calib.shape[1:]))
-    with PtqSession(trained["onnx"], calib, qnn=True) as own:
-        ranges = own.ranges("minmax")
-        own.quantize(QNN_W8A8, tmp_path / "own.onnx", method="minmax", root=tmp_path)
-        with PtqSession(trained["onnx"], calib, qnn=True) as other:
-            assert other.adopt_ranges(ranges)
-            other.quantize(QNN_W8A8, tmp_path / "adopted.onnx", method="minmax", root=tmp_path)
-        with PtqSession(tmp_path / "other.onnx", calib, qnn=True) as foreign:
+    donor_calib, own_calib = trained["calib"][:32], trained["calib"][32:48]
+    export_onnx(Other().eval(), tmp_path / "other.onnx", (1, *donor_calib.shape[1:]))
+    with PtqSession(trained["onnx"], donor_calib, qnn=True) as donor:
+        ranges = donor.ranges("minmax")
+        donor.quantize(QNN_W8A8, tmp_path / "donor.onnx", method="minmax", root=tmp_path)
+        with PtqSession(trained["onnx"], own_calib, qnn=True) as receiver:
+            assert receiver.adopt_ranges(ranges)
+            receiver.quantize(QNN_W8A8, tmp_path / "adopted.onnx", method="minmax", root=tmp_path)
+        with PtqSession(trained["onnx"], own_calib, qnn=True) as itself:
+            itself.quantize(QNN_W8A8, tmp_path / "own.onnx", method="minmax", root=tmp_path)
+        with PtqSession(tmp_path / "other.onnx", donor_calib, qnn=True) as foreign:
             assert not foreign.adopt_ranges(ranges)
     scales = {}
-    for name in ("own", "adopted"):
+    for name in ("donor", "adopted", "own"):
         g = onnx.load(str(tmp_path / f"{name}.onnx")).graph
         scales[name] = {t.name: onnx.numpy_helper.to_array(t).tolist() for t in g.initializer
                         if t.name.endswith("_scale")}
-    assert scales["own"] == scales["adopted"] and scales["own"]
+    assert scales["adopted"] == scales["donor"] and scales["donor"]
+    assert scales["own"] != scales["donor"], "the two calibrations should differ for this test to mean anything"

@@ -283,8 +283,9 @@ def _searches(q: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """The quantize report's ``--target-sqnr`` searches with a path, each with its figure's
     name: the target profile's, then the other profiles' default searches."""
     first = q.get("mixed_precision") or {}
+    others = q.get("mixed_precision_others") or []
     named = [("mixed_precision_pareto", first)] + [
-        (f"mixed_precision_pareto_{m.get('profile', i)}", m) for i, m in enumerate(q.get("mixed_precision_others") or [])]
+        (f"mixed_precision_pareto_{m.get('profile', i)}", m) for i, m in enumerate(others)]
     return [(k, m) for k, m in named if m.get("path")]
 
 

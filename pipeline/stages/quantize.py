@@ -208,8 +208,6 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
     opts.keep_float = _count_or_names(opts.keep_float)
     opts.w8a16_layers = _count_or_names(opts.w8a16_layers)
     _check_options(opts)
-    primary = _target_profile(target_profiles(opts.target), opts.target_profile)
-    target_db, target_default = resolve_target_sqnr(opts.target_sqnr, opts.target, primary.precision)
     from exporters.fileio import check_distinct_from_inputs, check_writable_output
     # out == the export folder would swap the input away (its model.onnx deleted) with --force
     check_distinct_from_inputs(out_dir, folder, opts.calibration, opts.eval_data)
@@ -227,6 +225,8 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
     if not ref_path.is_file():
         raise InputError(ref_path, "the PyTorch reference listed in the manifest", "no such file")
     profiles = target_profiles(opts.target)
+    primary = _target_profile(profiles, opts.target_profile)        # the one --target-sqnr applies to
+    target_db, target_default = resolve_target_sqnr(opts.target_sqnr, opts.target, primary.precision)
     method = check_method(opts.method)
     fixes = parse_fixes(list(opts.float_fixes))
     from quantize.weight_rounding import optimize_weights, parse_techniques
@@ -342,7 +342,7 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
                     seconds["sensitivity"] = time.perf_counter() - t0
                 keep = pick_layers(session, opts.keep_float, sensitivity)
                 wide = pick_layers(session, opts.w8a16_layers, sensitivity)
-                split, searches = _mixed_precision(session, profiles, probe, opts, target_db, target_default,
+                split, searches = _mixed_precision(session, profiles, primary, probe, opts, target_db, target_default,
                                                    method, keep, wide, say, layer_progress, seconds,
                                                    model if fix_result is not None else None)
                 mixed = searches[0] if searches else None
@@ -493,7 +493,7 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
     return QuantizeResult(Path(out_dir), out_manifest, report, seconds)
 
 
-def _mixed_precision(session: Any, profiles: list[Any], x: np.ndarray, opts: QuantizeOptions,
+def _mixed_precision(session: Any, profiles: list[Any], primary: Any, x: np.ndarray, opts: QuantizeOptions,
                      target_db: float | None, default: bool, method: str, keep: list[Any], wide: list[Any],
                      say: Progress, layer_progress: LayerProgress | None, seconds: dict[str, float],
                      original: Any = None) -> tuple[Any, list[Any]]:
@@ -504,7 +504,6 @@ def _mixed_precision(session: Any, profiles: list[Any], x: np.ndarray, opts: Qua
     the same in every profile). The SQNR is against the user's model (``original``) when float
     fixes or weight rounding changed it. Without the sensitivity pass a search runs the split
     probes itself, only when the 8-bit model misses its target."""
-    primary = _target_profile(profiles, opts.target_profile)
     if not (opts.sensitivity or target_db is not None):
         return None, []
     from quantize.mixed_precision import search_mixed_precision, split_sensitivity
