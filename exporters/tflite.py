@@ -49,6 +49,9 @@ from exporters.tflite_ops import delegate_fallbacks, graph_ops, op_counts
 from models.errors import InputError
 
 PRECISIONS = ("fp32", "fp16", "dynamic", "int8", "int8-io", "uint8-pixels")
+# TFLiteConverter's dynamic-range mode leaves weights under this many elements in float
+# (tflite::optimize's default ``weights_min_num_elements``; read back by quantize.grid_check)
+DYNAMIC_MIN_ELEMENTS = 1024
 DEFAULT_PRECISIONS = ("fp32", "fp16")        # the integer kinds need calibration data: asked for explicitly
 # INTEGER_PRECISIONS: the full-integer kinds (need calibration data). PIXEL_PRECISION: the
 # camera-ready kind: uint8 pixels 0..255 in (scale 1, zero point 0: the byte *is* the

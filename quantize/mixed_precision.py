@@ -197,7 +197,7 @@ def split_sensitivity(session: PtqSession, profile: QuantProfile, x: np.ndarray,
     import onnx
     from onnx import numpy_helper
 
-    from quantize.sensitivity import probe_baseline, run_onnx
+    from quantize.sensitivity import pipelined_runs, probe_baseline, run_onnx
     t0 = time.perf_counter()
     base = probe_baseline(session, profile, x, method, "split")
     layers = list(layers if layers is not None else session.layers)
@@ -220,41 +220,56 @@ def split_sensitivity(session: PtqSession, profile: QuantProfile, x: np.ndarray,
     rounded = {t.name: t for t in g.initializer}
     layer_outputs = {l.output for l in session.layers}
     report = SplitReport(profile.name, ranges.method, int(len(x)), full_snr)
-    probe = work / "probe.onnx"
-    for i, layer in enumerate(layers):
-        if progress:
-            progress(i, len(layers), _key(layer))
+    def weight_only(layer: Layer, wname: str) -> Callable[[Path], None]:
+        """The model with the anchor's weight replaced by its dequantized int8 value."""
         anchor = nodes[layer.name]
-        # weight-only: the anchor's weight replaced by its dequantized int8 value
-        w_snr, has_w = None, False
-        wname = anchor.input[1] if len(anchor.input) > 1 else ""
-        if layer.name in weights and wname in inits and tuple(inits[wname].dims) == weights[layer.name].shape:
-            has_w = True
-            # the bias goes with its weight: bias correction compensates that weight's rounding
-            bname = anchor.input[2] if len(anchor.input) > 2 and anchor.input[2] in inits else ""
+        # the bias goes with its weight: bias correction compensates that weight's rounding
+        bname = anchor.input[2] if len(anchor.input) > 2 and anchor.input[2] in inits else ""
+
+        def write(path: Path) -> None:
             saved = {n: onnx.TensorProto() for n in (wname, bname) if n}
             for n, t in saved.items():
                 t.CopyFrom(inits[n])
             inits[wname].CopyFrom(numpy_helper.from_array(weights[layer.name], wname))
             if bname and bname in rounded:
                 inits[bname].CopyFrom(rounded[bname])
-            onnx.save(wmodel, str(probe))
+            onnx.save(wmodel, str(path))
             for n, t in saved.items():
                 inits[n].CopyFrom(t)
-            w_snr = snr_db(wref, run_onnx(probe, session.input_name, x, as_written=True))
-        # activation-only: Q -> DQ on the layer's activations with the model's own encodings
-        a_snr = None
-        tensors = [layer.output] + [t for t in layer.inputs if t not in layer_outputs]
-        encodings = [(t, _activation_encoding(enc, t, ranges.path, act_dtype)) for t in tensors]
-        encodings = [(t, qp) for t, qp in encodings if qp is not None]
-        if encodings:
+        return write
+
+    def activation_only(encodings: list[tuple[str, Any]]) -> Callable[[Path], None]:
+        """Q -> DQ on the layer's activations with the model's own encodings."""
+        def write(path: Path) -> None:
             edited = onnx.ModelProto()
             edited.CopyFrom(model)
             for t, qp in encodings:
                 _insert_qdq(edited, t, qp, act_dtype)
-            onnx.save(edited, str(probe))
-            a_snr = snr_db(ref, run_onnx(probe, session.input_name, x, as_written=True))
-        report.layers.append(SplitSensitivity(_key(layer), layer.name, layer.op_type, w_snr, a_snr, has_w))
+            onnx.save(edited, str(path))
+        return write
+
+    jobs: list[tuple[tuple[str, int], Callable[[Path], None]]] = []
+    has_weights = []
+    for i, layer in enumerate(layers):
+        anchor = nodes[layer.name]
+        wname = anchor.input[1] if len(anchor.input) > 1 else ""
+        has_w = layer.name in weights and wname in inits and tuple(inits[wname].dims) == weights[layer.name].shape
+        has_weights.append(has_w)
+        if has_w:
+            jobs.append((("w", i), weight_only(layer, wname)))
+        tensors = [layer.output] + [t for t in layer.inputs if t not in layer_outputs]
+        encodings = [(t, _activation_encoding(enc, t, ranges.path, act_dtype)) for t in tensors]
+        encodings = [(t, qp) for t, qp in encodings if qp is not None]
+        if encodings:
+            jobs.append((("a", i), activation_only(encodings)))
+    snrs: dict[tuple[str, int], float | None] = {}
+    for (kind, i), out in pipelined_runs(jobs, work, session.input_name, x):
+        if progress:
+            progress(i, len(layers), _key(layers[i]))
+        snrs[(kind, i)] = snr_db(wref if kind == "w" else ref, out)
+    for i, layer in enumerate(layers):
+        report.layers.append(SplitSensitivity(_key(layer), layer.name, layer.op_type, snrs.get(("w", i)),
+                                              snrs.get(("a", i)), has_weights[i]))
     if progress:
         progress(len(layers), len(layers), "")
     report.seconds = time.perf_counter() - t0

@@ -66,6 +66,7 @@ from exporters.artifact import Artifact, TensorSpec, sha256_of, size_of
 from models.errors import InputError
 from models.util import layout_for_ndim, one_line
 from quantize.calibration import CalibrationReader
+from quantize.ort_memo import QuantizerMemo
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "mse")
 ENTROPY_BINS = 2048              # TensorRT's histogram size (entropy and mse)
@@ -265,6 +266,7 @@ class PtqSession:
         self.qnn = qnn
         self.calibration_source = calibration_source
         self._work = Path(tempfile.mkdtemp(prefix="mdeploy-ptq-"))
+        self._memo = QuantizerMemo()        # every write quantizes the same weights again
         self._ranges: dict[str, Ranges] = {}
         self._hist: dict[str, tuple] | None = None
         try:
@@ -492,7 +494,7 @@ class PtqSession:
         method = _ort_method(ranges.method)
         tmp = self._work / "quantized.onnx"
         try:
-            with quiet_ort():
+            with quiet_ort(), self._memo.installed():
                 quantize_static(str(source or self.model_path), str(tmp), None, quant_format=cfg.quant_format,
                                 op_types_to_quantize=cfg.op_types_to_quantize,
                                 per_channel=cfg.per_channel, reduce_range=False,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Hashable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -92,15 +92,16 @@ def layer_sensitivity(session: PtqSession, profile: QuantProfile, x: np.ndarray,
         samples=int(len(x)), float_accuracy=accuracy(ref, labels),
         quantized={"snr_db": full_snr, "top1_agreement": top1_agreement(ref, full),
                    "accuracy": accuracy(full, labels)})
-    for i, layer in enumerate(layers):
+    def writer(layer: Layer) -> Callable[[Path], None]:
+        if mode == "only":
+            return lambda path: session.write(profile, path, method=method, only=[layer])
+        return lambda path: session.write(profile, path, method=method, keep_float=[layer])
+
+    for i, out in pipelined_runs(((i, writer(layer)) for i, layer in enumerate(layers)), work,
+                                 session.input_name, x):
+        layer = layers[i]
         if progress:
             progress(i, len(layers), layer.module or layer.name)
-        path = work / "probe.onnx"
-        if mode == "only":
-            session.write(profile, path, method=method, only=[layer])
-        else:
-            session.write(profile, path, method=method, keep_float=[layer])
-        out = run_onnx(path, session.input_name, x, as_written=True)
         snr = snr_db(ref, out)
         report.layers.append(LayerSensitivity(
             layer=layer.module or layer.name, node=layer.name, op_type=layer.op_type, snr_db=snr,
@@ -154,6 +155,30 @@ def probe_baseline(session: PtqSession, profile: QuantProfile, x: np.ndarray, me
     full_path = work / "full.onnx"
     ranges = session.write(profile, full_path, method=method)
     return ProbeBaseline(work, ref, full_path, run_onnx(full_path, session.input_name, x), ranges)
+
+
+def pipelined_runs(jobs: Iterable[tuple[Hashable, Callable[[Path], None]]], folder: Path, input_name: str,
+                   x: np.ndarray) -> Iterator[tuple[Hashable, np.ndarray]]:
+    """``(tag, outputs)`` of each job's probe model on ``x`` (``run_onnx(as_written=True)``),
+    in job order; a job is ``(tag, write)``, ``write(path)`` writing its probe model there.
+
+    Why: a probe is a Python half (ORT's quantizer or an ONNX edit, then serialising the
+    model: one core) and an ONNX Runtime half (both cores, the GIL released). Each probe is
+    written here while the previous one runs in a worker thread, so the Python half no
+    longer leaves a core idle; each probe's outputs are what it gives run alone. Two probe
+    files alternate: the one being written is never the one being read."""
+    from concurrent.futures import ThreadPoolExecutor
+    paths = (folder / "probe_a.onnx", folder / "probe_b.onnx")
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mdeploy-probe") as pool:
+        pending = None
+        for n, (tag, write) in enumerate(jobs):
+            path = paths[n % 2]
+            write(path)
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = (tag, pool.submit(run_onnx, path, input_name, x, as_written=True))
+        if pending is not None:
+            yield pending[0], pending[1].result()
 
 
 def run_onnx(path: str | Path, input_name: str, x: np.ndarray, *, as_written: bool = False) -> np.ndarray:

@@ -164,8 +164,11 @@ def _columns(m: nn.Module, x: torch.Tensor, budget: int, rng: torch.Generator) -
     oy, ox = rest // ow, rest % ow
     xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
     xp = xp.permute(0, 2, 3, 1)                                                 # N, H, W, C
-    taps = [xp[b, oy * sh + ky * dh, ox * sw + kx * dw] for ky in range(kh) for kx in range(kw)]
-    patches = torch.stack(taps, dim=-1)                                         # P, C, kh*kw
+    # every tap of every chosen position in one gather (tap t = ky * kw + kx)
+    ky = torch.arange(kh).repeat_interleave(kw) * dh
+    kx = torch.arange(kw).repeat(kh) * dw
+    patches = xp[b[:, None], (oy * sh)[:, None] + ky, (ox * sw)[:, None] + kx]     # P, kh*kw, C
+    patches = patches.transpose(1, 2).contiguous()      # P, C, kh*kw: the layout H's matmul always had
     g = m.groups
     return patches.reshape(len(idx), g, (c // g) * kh * kw).transpose(0, 1).float()
 
@@ -368,7 +371,7 @@ def _bias_correct(model: nn.Module, reference: nn.Module, names: Sequence[str], 
             delta = out - ref._conv_forward(args[0], ref.weight, ref.bias) if isinstance(mod, nn.Conv2d) \
                 else out - F.linear(args[0], ref.weight, ref.bias)
             dims = [0] + list(range(2, delta.ndim)) if delta.ndim > 2 else [0]
-            sums[name] = sums.get(name, 0) + delta.double().sum(dims)
+            sums[name] = sums.get(name, 0) + delta.sum(dims, dtype=torch.float64)
             counts[name] = counts.get(name, 0) + int(delta.numel() // delta.shape[1])
         return fn
 

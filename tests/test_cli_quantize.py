@@ -34,13 +34,13 @@ def test_snapdragon_target_writes_qnn_models_and_tflite_within_one_point(cli, ex
     doc = json.loads(stdout)
     report = doc["report"]
     keys = [v["key"] for v in report["variants"]]
-    assert keys == ["onnx/w8a8-qnn", "onnx/w8a16-qnn", "tflite/int8-io", "tflite/uint8-pixels"]
+    assert keys == ["onnx/w8a8-qnn", "onnx/w8a16-qnn", "tflite/int8-io", "tflite/uint8-pixels", "tflite/dynamic"]
     assert report["eval_samples"] == 500 and report["float_accuracy"] > 0.9
     for v in report["variants"]:
         assert v["drop_points"] <= MAX_DROP_POINTS, v
         assert v["top1_agreement"] >= MIN_AGREEMENT, v
         assert v["size_ratio"] > 2.5, v                      # int8 weights: ~4x smaller than float32
-    # the manifest of the new folder: reference + 4 artifacts, encodings recorded
+    # the manifest of the new folder: reference + 5 artifacts, encodings recorded
     manifest = Manifest.load(out)
     assert [a.key for a in manifest.artifacts] == ["pt/fp32", *keys]
     w8a8 = manifest.artifacts[1]
@@ -52,6 +52,10 @@ def test_snapdragon_target_writes_qnn_models_and_tflite_within_one_point(cli, ex
     assert tfl.inputs[0].dtype == "int8" and tfl.outputs[0].dtype == "int8"
     # camera-ready by default: uint8 bytes in (scale 1, zero point 0), the normalisation inside
     assert (pixels.inputs[0].dtype, pixels.inputs[0].scale, pixels.inputs[0].zero_point) == ("uint8", 1.0, 0)
+    # and the dynamic-range one: float in and out, int8 weights, no calibration of its own
+    dynamic = manifest.artifacts[5]
+    assert dynamic.inputs[0].dtype == dynamic.outputs[0].dtype == "float32" and dynamic.extra["weights"] == "int8"
+    assert "calibration" not in dynamic.extra
     assert manifest.source["quantization"]["target"] == "snapdragon"
     assert json.loads((out / "quantization_report.json").read_text())["variants"] == report["variants"]
     for a in manifest.artifacts:
@@ -59,7 +63,8 @@ def test_snapdragon_target_writes_qnn_models_and_tflite_within_one_point(cli, ex
     # the default weight rounding: every written model carries the optimised integers, and the
     # plain round-to-nearest w8a8 model is measured beside them (not written)
     assert report["weight_rounding"]["grid_mismatch"] == {k: 0 for k in keys}
-    assert report["weight_rounding"]["grid_unmatched"] == {"tflite/int8-io": 0, "tflite/uint8-pixels": 0}
+    assert report["weight_rounding"]["grid_unmatched"] == {"tflite/int8-io": 0, "tflite/uint8-pixels": 0,
+                                                           "tflite/dynamic": 0}
     plain = report["plain_route"]
     assert plain["key"] == "onnx/w8a8-qnn (plain rtn, not written)" and plain["samples"] == 500
     assert not any("plain" in p.name for p in out.iterdir())
@@ -69,7 +74,7 @@ def test_snapdragon_target_writes_qnn_models_and_tflite_within_one_point(cli, ex
     code, stdout, err = cli("verify", str(out), "--samples", "50", "--json", "-q")
     assert code == 0, err
     pairs = json.loads(stdout)["pairs"]
-    assert len(pairs) == 4 and all(p["passed"] for p in pairs)
+    assert len(pairs) == 5 and all(p["passed"] for p in pairs)
 
 
 @pytest.mark.slow
@@ -86,7 +91,7 @@ def test_generic_target_with_float_fixes_mixed_precision_and_tables(cli, export_
     report = json.loads((out / "quantization_report.json").read_text())
     assert [f["name"] for f in report["float_fixes"]] == ["bn", "cle", "bias"]
     sens = report["sensitivity"]
-    assert sens["samples"] == 8 and len(sens["layers"]) > 50
+    assert sens["samples"] == 4 and len(sens["layers"]) > 50      # the ranking: half of --sensitivity-samples
     kept = Manifest.load(out).artifacts[1].extra["mixed_precision"]["float"]
     assert kept == [sens["layers"][0]["layer"]]
     v = report["variants"][0]

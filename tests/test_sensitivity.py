@@ -98,3 +98,36 @@ def test_pick_layers_needs_a_ranking_for_a_count(planted):
         assert [l.module for l in named] == ["2", "4"]
         with pytest.raises(InputError, match="sensitivity mode"):
             layer_sensitivity(s, GENERIC_INT8, planted["x"][:2], mode="random")
+
+
+def test_pipelined_probes_give_each_probe_its_own_outputs_in_order(tmp_path):
+    """``pipelined_runs`` writes probe n+1 while probe n runs; each result must be that
+    probe's model run alone (two files alternate: a write over the file being read would
+    hand one probe another's outputs). Five different models, one per job."""
+    import onnx
+    from onnx import numpy_helper
+
+    from quantize.sensitivity import pipelined_runs
+    net = _net()
+    export_onnx(net, tmp_path / "net.onnx", (1, 1, 8, 8))
+    base = onnx.load(str(tmp_path / "net.onnx"))
+    weight = next(t for t in base.graph.initializer if len(t.dims) == 4)
+    x = np.random.default_rng(0).standard_normal((6, 1, 8, 8)).astype(np.float32)
+
+    def write(scale: float):
+        def fn(path):
+            m = onnx.ModelProto()
+            m.CopyFrom(base)
+            t = next(t for t in m.graph.initializer if t.name == weight.name)
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * scale, weight.name))
+            onnx.save(m, str(path))
+            onnx.save(m, str(tmp_path / f"alone_{scale}.onnx"))
+        return fn
+
+    scales = [1.0, -2.0, 0.5, 3.0, -1.0]
+    got = list(pipelined_runs(((s, write(s)) for s in scales), tmp_path, "input", x))
+    assert [tag for tag, _ in got] == scales
+    outs = [out for _, out in got]
+    for s, out in zip(scales, outs):
+        assert np.array_equal(out, run_onnx(tmp_path / f"alone_{s}.onnx", "input", x, as_written=True)), s
+    assert not any(np.array_equal(outs[0], o) for o in outs[1:])     # the models do differ

@@ -2,7 +2,8 @@
 
 ``--target snapdragon`` writes QDQ ONNX models for ONNX Runtime's QNN execution provider
 (w8a8 and w8a16) and ``--target generic`` one for ORT's CPU EP; both also write the
-full-integer TFLite (int8 in and out). Prints the accuracy cost against float, the
+full-integer TFLite files (int8 or camera uint8 in, int8 out) and the dynamic-range one
+(int8 weights, float activations). Prints the accuracy cost against float, the
 float fixes applied, the most sensitive layers and Qualcomm's published reference
 points; ``--json`` prints the same as data. The work is
 ``pipeline.stages.quantize.quantize_folder``.
@@ -28,8 +29,9 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
         description="Calibrate on real images and write quantized models into a new folder with its own "
                     "manifest (verify it with `mdeploy verify DIR2`): QDQ ONNX for ONNX Runtime's QNN "
                     "execution provider (--target snapdragon: w8a8 and w8a16, symmetric per-channel int8 "
-                    "weights) or its CPU EP (--target generic), and a full-integer TFLite (int8 input and "
-                    "output). Reports float vs quantized accuracy on the held-out split, top-1 agreement, "
+                    "weights) or its CPU EP (--target generic), the full-integer TFLite files (int8 or "
+                    "camera uint8 input, int8 output) and the dynamic-range one (int8 weights, float "
+                    "activations). Reports float vs quantized accuracy on the held-out split, top-1 agreement, "
                     "SNR, sizes and per-layer sensitivity.")
     p.add_argument("folder", help="an export folder (manifest.json, model.safetensors, model.onnx)")
     p.add_argument("--out", required=True, help="output folder (built atomically)")
@@ -70,11 +72,14 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--target-profile", metavar="PROFILE",
                    help="the model --target-sqnr raises layers of: w8a8 (default, the first) or w8a16 for "
                         "--target snapdragon (w8a16 then gains 16-bit weights where its int8 weights fall short)")
-    p.add_argument("--no-tflite", action="store_true", help="skip the full-integer TFLite")
+    p.add_argument("--no-tflite", action="store_true", help="skip the TFLite models")
     p.add_argument("--tflite-input", choices=("both", "pixels", "int8"), default="both",
                    help="which full-integer TFLite: pixels = uint8-pixels (uint8 camera bytes 0..255 in, the "
                         "normalisation inside, for apps), int8 = int8-io (int8 in the normalised domain, for "
                         "NPU/DSP pipelines that feed it); default both")
+    p.add_argument("--no-tflite-dynamic", action="store_true",
+                   help="skip the dynamic-range TFLite (the optimised int8 weights, float activations quantized "
+                        "per input at run time: the TFLite file closest to the w8a8 model's fidelity, CPU/GPU only)")
     p.add_argument("--coreml", action="store_true",
                    help="also write a Core ML package with per-channel symmetric int8 weights (int8w, from the fp32 "
                         "program); its integers are checked against the optimised weights")
@@ -85,8 +90,9 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--sensitivity-mode", choices=("only", "exclude"), default="only",
                    help="only: quantize one layer at a time; exclude: keep one layer float at a time")
     p.add_argument("--sensitivity-samples", type=int, default=DEFAULT_SENSITIVITY_SAMPLES,
-                   help="calibration inputs used by the sensitivity probes and the --target-sqnr search "
-                        f"(default {DEFAULT_SENSITIVITY_SAMPLES})")
+                   help="calibration inputs used by the weight-only / activation-only probes and the "
+                        "--target-sqnr search; the per-layer ranking (each layer quantized alone) uses the first "
+                        f"half of them (default {DEFAULT_SENSITIVITY_SAMPLES})")
     p.add_argument("--top", type=int, default=TOP_LAYERS, help="sensitive layers shown (default 10)")
     p.add_argument("--eval", dest="eval_data", help="held-out data for accuracy: mnist | digits | folder | "
                                                     ".npy/.npz (default: the checkpoint's data, test split)")
@@ -110,7 +116,8 @@ def run(args: argparse.Namespace, ui) -> int:
         target_profile=args.target_profile,
         tflite=not args.no_tflite, coreml=args.coreml,
         tflite_inputs={"both": ("int8-io", "uint8-pixels"), "pixels": ("uint8-pixels",),
-                       "int8": ("int8-io",)}[args.tflite_input], plain_baseline=not args.no_plain_baseline,
+                       "int8": ("int8-io",)}[args.tflite_input], tflite_dynamic=not args.no_tflite_dynamic,
+        plain_baseline=not args.no_plain_baseline,
         sensitivity=not args.no_sensitivity,
         sensitivity_mode=args.sensitivity_mode, sensitivity_samples=args.sensitivity_samples,
         eval_data=args.eval_data, eval_samples=args.eval_samples, force=args.force, seed=args.seed,

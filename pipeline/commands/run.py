@@ -310,7 +310,8 @@ def _stages(args: argparse.Namespace, ui, cfg, stages: list[str], run_dir: Path,
                                keep_float=q.keep_float,
                                w8a16_layers=q.w8a16_layers, target_sqnr=q.target_sqnr,
                                target_profile=q.target_profile, sensitivity=q.sensitivity,
-                               tflite_inputs=tuple(q.tflite_inputs), coreml=q.coreml,
+                               tflite_inputs=tuple(q.tflite_inputs), tflite_dynamic=q.tflite_dynamic,
+                               coreml=q.coreml,
                                plain_baseline=q.plain_baseline, eval_samples=q.eval_samples,
                                model=user_factory)
         # the quantized folder depends on the export (its key chains back to training, which

@@ -10,7 +10,9 @@ Used by ``mdeploy quantize`` and ``mdeploy run``, without argparse: every choice
   ``generic`` -> ``model_int8.onnx`` (ORT CPU);
 * the full-integer TFLite models (``exporters.tflite``): ``int8-io`` (int8 in the normalised
   domain, for NPU/DSP pipelines) and ``uint8-pixels`` (the camera's uint8 bytes in, the
-  normalisation inside), both by default;
+  normalisation inside), both by default; and the ``dynamic`` TFLite (the same int8
+  weights, float activations: the TFLite file that comes closest to the mixed w8a8 model's
+  fidelity, which an all-8-bit TFLite cannot reach);
 * with ``coreml`` (``--coreml``), an ``int8w`` ``.mlpackage``: the registered Core ML exporters,
   per-channel symmetric int8 weights compressed from the fp32 program (``quantize.coreml``);
 * a copy of the PyTorch reference, so ``mdeploy verify DIR2`` checks every quantized file
@@ -100,6 +102,9 @@ class QuantizeOptions:
     # which full-integer TFLite inputs: "int8-io" (normalised int8, for NPU/DSP pipelines) and
     # "uint8-pixels" (the camera's bytes, normalisation inside): both unless one is asked for
     tflite_inputs: tuple[str, ...] = TFLITE_INPUTS
+    # also the dynamic-range TFLite (the optimised int8 weights, float activations): the TFLite
+    # file closest to the mixed w8a8 model's fidelity, which no full-integer TFLite reaches (README)
+    tflite_dynamic: bool = True
     coreml: bool = False                       # also an int8w .mlpackage (per-channel symmetric int8 weights)
     plain_baseline: bool = True                # measure the first profile with round-to-nearest weights too
     sensitivity: bool = True
@@ -333,10 +338,14 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
                 needs_rank = isinstance(opts.keep_float, int) and opts.keep_float > 0 or \
                     isinstance(opts.w8a16_layers, int) and opts.w8a16_layers > 0
                 if opts.sensitivity or needs_rank:
+                    # the ranking (each layer quantized alone) on the first half of the probe
+                    # inputs: its per-layer figures lie tens of dB apart and it decides nothing
+                    # by default; the split probes and the search, which decide, use them all
+                    ranking = probe[:max(1, len(probe) // 2)]
                     say(f"per-layer sensitivity ({len(session.layers)} layers, "
-                        f"{len(probe)} inputs)")
+                        f"{len(ranking)} inputs)")
                     t0 = time.perf_counter()
-                    sensitivity = layer_sensitivity(session, profiles[0], probe,
+                    sensitivity = layer_sensitivity(session, profiles[0], ranking,
                                                     method=method, mode=opts.sensitivity_mode,
                                                     progress=layer_progress)
                     seconds["sensitivity"] = time.perf_counter() - t0
@@ -372,28 +381,42 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
                     artifacts.append(art)
             if opts.tflite:
                 from exporters.tflite import export_tflite
-                kinds = {"int8-io": "int8 input", "uint8-pixels": "uint8 camera pixels in"}
-                say("converting the full-integer TFLite (" + "; ".join(kinds[k] for k in opts.tflite_inputs) + ")")
+                kinds = {"int8-io": "full integer, int8 input", "uint8-pixels": "full integer, uint8 camera pixels in",
+                         "dynamic": "dynamic range: int8 weights, float activations"}
+                wanted = [*opts.tflite_inputs, *(["dynamic"] if opts.tflite_dynamic else [])]
+                say("converting the TFLite models (" + "; ".join(kinds[k] for k in wanted) + ")")
                 t0 = time.perf_counter()
-                made = export_tflite(float_onnx, stage, list(opts.tflite_inputs), preprocessing=pre,
+                made = export_tflite(float_onnx, stage, wanted, preprocessing=pre,
                                      labels=manifest.labels, card=manifest.card, calibration=calib, root=stage)
                 for a in made:
                     if optimized:
                         from quantize.grid_check import tflite_weight_mismatch
-                        grid = tflite_weight_mismatch(float_onnx, stage / a.path)
+                        from exporters.tflite import DYNAMIC_MIN_ELEMENTS
+                        grid = tflite_weight_mismatch(float_onnx, stage / a.path, weight_threshold=(
+                            DYNAMIC_MIN_ELEMENTS if a.precision == "dynamic" else 0))
                         a.extra["weight_grid_mismatch"] = grid.mismatch
                         a.extra["weight_grid_unmatched"] = grid.unmatched
+                        if grid.kept_float:
+                            a.extra["weight_grid_kept_float"] = grid.kept_float
+                            notes.append(f"{a.key}: {len(grid.kept_float)} weight(s) under "
+                                         f"{DYNAMIC_MIN_ELEMENTS:,} elements stay float (the dynamic-range "
+                                         f"converter's threshold); the grid check covers the "
+                                         f"{len(grid.mismatch)} int8 ones")
                     if fix_result is not None:
                         a.extra["layer_map"] = fix_result.remap_layer_map(a.extra.get("layer_map", {}))
                     a.extra["float_fixes"] = list(fixes)
-                    a.extra["calibration"] = {**a.extra.get("calibration", {}), "source": str(calib_source),
-                                              "method": "minmax (TFLiteConverter)"}
+                    if a.precision != "dynamic":        # dynamic range: ranges measured per input at run time
+                        a.extra["calibration"] = {**a.extra.get("calibration", {}), "source": str(calib_source),
+                                                  "method": "minmax (TFLiteConverter)"}
                 artifacts.extend(made)
                 seconds["tflite"] = time.perf_counter() - t0
                 if keep or wide or any(m.keep_float or m.w16_layers or m.w16_weights for m in searches):
-                    notes.append("mixed precision applies to the ONNX models only: the TFLite models are all "
-                                 "8-bit (TFLite's integer modes set 16-bit activations for the whole model, "
-                                 "not per layer), so they miss what the raised layers buy")
+                    notes.append("mixed precision applies to the ONNX models only: the full-integer TFLite "
+                                 "models are all 8-bit (TFLite's integer modes set 16-bit activations for the "
+                                 "whole model, not per layer), so they miss what the raised layers buy"
+                                 + ("; the dynamic-range TFLite (the same int8 weights, float activations) "
+                                    "is the TFLite file closest to the w8a8 model's fidelity" if opts.tflite_dynamic
+                                    else ""))
             if opts.coreml:
                 say("converting the Core ML package with int8 weights (int8w, from the fp32 program)")
                 t0 = time.perf_counter()
