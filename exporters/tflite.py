@@ -1,5 +1,6 @@
-"""TFLite (LiteRT): fp32, fp16 weights, dynamic-range int8, full-integer int8 (float I/O)
-and full-integer int8 with int8 input and output.
+"""TFLite (LiteRT): fp32, fp16 weights, dynamic-range int8, int8 weights with float compute
+(``int8w``, made from the fp32 file: ``exporters.tflite_weights``), full-integer int8 (float
+I/O) and full-integer int8 with int8 input and output.
 
 Two routes, chosen per precision and recorded per artifact (``extra["converter"]``: route
 and reason). ``--tflite-converter auto`` (the export default): the float kinds (fp32, fp16)
@@ -48,10 +49,9 @@ from exporters.tflite_metadata import TensorInfo, image_classifier_metadata, pac
 from exporters.tflite_ops import delegate_fallbacks, graph_ops, op_counts
 from models.errors import InputError
 
-PRECISIONS = ("fp32", "fp16", "dynamic", "int8", "int8-io", "uint8-pixels")
-# TFLiteConverter's dynamic-range mode leaves weights under this many elements in float
-# (tflite::optimize's default ``weights_min_num_elements``; read back by quantize.grid_check)
-DYNAMIC_MIN_ELEMENTS = 1024
+PRECISIONS = ("fp32", "fp16", "dynamic", "int8", "int8-io", "uint8-pixels", "int8w")
+# int8 weights behind DEQUANTIZE, float compute: made from the fp32 file (exporters.tflite_weights)
+WEIGHT_ONLY_PRECISION = "int8w"
 DEFAULT_PRECISIONS = ("fp32", "fp16")        # the integer kinds need calibration data: asked for explicitly
 # INTEGER_PRECISIONS: the full-integer kinds (need calibration data). PIXEL_PRECISION: the
 # camera-ready kind: uint8 pixels 0..255 in (scale 1, zero point 0: the byte *is* the
@@ -108,7 +108,8 @@ def export_tflite(onnx_path: str | Path, out_dir: str | Path, precisions: Iterab
     raw, reasons, fallback = _direct_float(module, converter, in_shape, precisions, layout)
     raw = {p: _rename_io(d, [in_name], out_names) for p, d in raw.items()}
     # fp32 always (the layer map needs one); the pixel kind is converted from its own graph below
-    onnx_route = [p for p in dict.fromkeys(["fp32", *precisions]) if p not in raw and p != PIXEL_PRECISION]
+    onnx_route = [p for p in dict.fromkeys(["fp32", *precisions])
+                  if p not in raw and p not in (PIXEL_PRECISION, WEIGHT_ONLY_PRECISION)]
     with tempfile.TemporaryDirectory(prefix="mdeploy-tflite-") as tmp:
         work = Path(tmp)
         onnx_fp32 = None
@@ -132,6 +133,11 @@ def export_tflite(onnx_path: str | Path, out_dir: str | Path, precisions: Iterab
         if PIXEL_PRECISION in precisions:
             raw[PIXEL_PRECISION] = _check_pixel_input(_rename_io(made["pixels"][PIXEL_PRECISION],
                                                                  [in_name], out_names))
+    if WEIGHT_ONLY_PRECISION in precisions:        # from the fp32 file its layer map is made from
+        from exporters.tflite_weights import int8_weight_only
+        raw[WEIGHT_ONLY_PRECISION] = int8_weight_only(onnx_fp32 if onnx_fp32 is not None else raw["fp32"])
+        if onnx_fp32 is None and "fp32" in reasons:
+            reasons[WEIGHT_ONLY_PRECISION] = reasons["fp32"] + ", weights stored as int8"
     sample = calib[:1] if calib is not None else _sample_input(in_shape, preprocessing)
     layer_map = _layer_map(model, raw["fp32"], sample, layout)
     onnx_layer_map = _layer_map(model, onnx_fp32, sample, layout) if onnx_fp32 is not None and \
@@ -161,7 +167,7 @@ def export_tflite(onnx_path: str | Path, out_dir: str | Path, precisions: Iterab
             "intermediate_layout": "NHWC",
             "metadata": {"schema": "TFLite Metadata (tflite-support metadata_schema.fbs)",
                          "associated_files": sorted(md.file_contents)},
-            "weights": {"fp32": "float32", "fp16": "float16", "dynamic": "int8",
+            "weights": {"fp32": "float32", "fp16": "float16", "dynamic": "int8", WEIGHT_ONLY_PRECISION: "int8",
                         "int8": "int8", "int8-io": "int8", PIXEL_PRECISION: "int8"}[precision],
             "converter": {"route": "litert-torch" if direct else "onnx2tf", "reason": reason},
         }
@@ -210,6 +216,8 @@ def _direct_float(module: Any, converter: str, in_shape: list[int], precisions: 
 
 
 def _onnx_reason(precision: str, converter: str, fallback: str) -> str:
+    if precision == WEIGHT_ONLY_PRECISION:
+        return "the ONNX-route fp32 file with its weights stored as per-channel int8 (exporters.tflite_weights)"
     if converter == "onnx2tf":
         return "asked for (--tflite-converter onnx2tf)"
     if precision in litert_torch.FLOAT_PRECISIONS:

@@ -110,8 +110,8 @@ class QuantizeSection(_Section):
     tflite_inputs: list[Literal["int8-io", "uint8-pixels"]] = Field(
         default_factory=lambda: ["int8-io", "uint8-pixels"], min_length=1,
         description="full-integer TFLite kinds: int8-io (normalised int8 in), uint8-pixels (camera bytes in)")
-    tflite_dynamic: bool = Field(True, description="also the dynamic-range TFLite: the optimised int8 weights, "
-                                                   "float activations (closest to the w8a8 model's fidelity; CPU/GPU delegates)")
+    tflite_int8w: bool = Field(True, description="also the int8w TFLite: the optimised int8 weights behind "
+                                                 "DEQUANTIZE, float compute (the w8a8 model's fidelity; CPU/GPU)")
     coreml: bool = Field(False, description="also write a Core ML package with int8 weights (int8w), grid-checked")
     plain_baseline: bool = Field(True, description="measure the first profile with round-to-nearest weights too "
                                                    "(not written), to show what the weight rounding gained")

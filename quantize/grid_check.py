@@ -140,12 +140,11 @@ def tflite_int8_weights(tflite_path: str | Path) -> dict[str, tuple[np.ndarray, 
     return out
 
 
-def tflite_weight_mismatch(float_source: Any, tflite_path: str | Path, weight_threshold: int = 0) -> GridCheck:
+def tflite_weight_mismatch(float_source: Any, tflite_path: str | Path) -> GridCheck:
     """Per float weight (ONNX file or ``nn.Module``), how many of the int8 integers in the
     ``.tflite`` differ from ``round(w / (max|w| / 127))`` on the float weight's own
     per-output-channel grid; float weights no TFLite tensor matches are listed in
-    ``unmatched``, or in ``kept_float`` when under ``weight_threshold`` elements (the
-    dynamic-range converter leaves those in float: ``exporters.tflite.DYNAMIC_MIN_ELEMENTS``)."""
+    ``unmatched``."""
     weights = float_weights(float_source)
     tensors = tflite_int8_weights(tflite_path)
     check = GridCheck()
@@ -167,7 +166,7 @@ def tflite_weight_mismatch(float_source: Any, tflite_path: str | Path, weight_th
                     if best is None or err < best[0]:
                         best = (err, tname, layout, axis)
         if best is None:
-            (check.kept_float if w.size < weight_threshold else check.unmatched).append(name)
+            check.unmatched.append(name)
             continue
         _, tname, layout, axis = best
         used.add(tname)

@@ -34,7 +34,7 @@ def test_snapdragon_target_writes_qnn_models_and_tflite_within_one_point(cli, ex
     doc = json.loads(stdout)
     report = doc["report"]
     keys = [v["key"] for v in report["variants"]]
-    assert keys == ["onnx/w8a8-qnn", "onnx/w8a16-qnn", "tflite/int8-io", "tflite/uint8-pixels", "tflite/dynamic"]
+    assert keys == ["onnx/w8a8-qnn", "onnx/w8a16-qnn", "tflite/int8-io", "tflite/uint8-pixels", "tflite/int8w"]
     assert report["eval_samples"] == 500 and report["float_accuracy"] > 0.9
     for v in report["variants"]:
         assert v["drop_points"] <= MAX_DROP_POINTS, v
@@ -52,10 +52,10 @@ def test_snapdragon_target_writes_qnn_models_and_tflite_within_one_point(cli, ex
     assert tfl.inputs[0].dtype == "int8" and tfl.outputs[0].dtype == "int8"
     # camera-ready by default: uint8 bytes in (scale 1, zero point 0), the normalisation inside
     assert (pixels.inputs[0].dtype, pixels.inputs[0].scale, pixels.inputs[0].zero_point) == ("uint8", 1.0, 0)
-    # and the dynamic-range one: float in and out, int8 weights, no calibration of its own
-    dynamic = manifest.artifacts[5]
-    assert dynamic.inputs[0].dtype == dynamic.outputs[0].dtype == "float32" and dynamic.extra["weights"] == "int8"
-    assert "calibration" not in dynamic.extra
+    # and the int8w one: float in and out, int8 weights, no calibration of its own
+    int8w = manifest.artifacts[5]
+    assert int8w.inputs[0].dtype == int8w.outputs[0].dtype == "float32" and int8w.extra["weights"] == "int8"
+    assert "calibration" not in int8w.extra
     assert manifest.source["quantization"]["target"] == "snapdragon"
     assert json.loads((out / "quantization_report.json").read_text())["variants"] == report["variants"]
     for a in manifest.artifacts:
@@ -64,7 +64,7 @@ def test_snapdragon_target_writes_qnn_models_and_tflite_within_one_point(cli, ex
     # plain round-to-nearest w8a8 model is measured beside them (not written)
     assert report["weight_rounding"]["grid_mismatch"] == {k: 0 for k in keys}
     assert report["weight_rounding"]["grid_unmatched"] == {"tflite/int8-io": 0, "tflite/uint8-pixels": 0,
-                                                           "tflite/dynamic": 0}
+                                                           "tflite/int8w": 0}
     plain = report["plain_route"]
     assert plain["key"] == "onnx/w8a8-qnn (plain rtn, not written)" and plain["samples"] == 500
     assert not any("plain" in p.name for p in out.iterdir())

@@ -410,7 +410,7 @@ def test_run_resume_reuses_the_quantize_stage_until_its_section_changes(cli, tmp
             'model_kwargs = { width_mult = 0.35 }\ndata = "digits"\ninput_size = 16\nepochs = 1\n'
             'train_samples = 256\n[export]\nformats = ["onnx"]\n[quantize]\nsamples = 32\neval_samples = 32\n'
             'weight_rounding = ["rtn"]\ntarget_sqnr = "off"\nsensitivity = false\nplain_baseline = false\n'
-            'tflite_inputs = ["int8-io"]\ntflite_dynamic = false\n')
+            'tflite_inputs = ["int8-io"]\ntflite_int8w = false\n')
     cfg.write_text(base)
     runs = tmp_path / "runs"
     args = ("run", "--config", str(cfg), "--out", str(runs))

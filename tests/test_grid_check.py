@@ -29,16 +29,11 @@ def stage(tmp_path_factory):
 def test_the_int8_tflite_carries_the_optimised_integers(stage):
     tmp, result = stage
     tflites = [a for a in result.manifest.artifacts if a.format == "tflite"]
-    assert sorted(a.precision for a in tflites) == ["dynamic", "int8-io", "uint8-pixels"]     # all by default
+    assert sorted(a.precision for a in tflites) == ["int8-io", "int8w", "uint8-pixels"]     # all by default
     for tfl in tflites:     # the camera-ready one too (its pixel affine is an op of its own, not folded),
-        # and the dynamic-range one (int8 weights, float activations)
+        # and the int8w one (int8 weights behind DEQUANTIZE, float compute)
         found = tfl.extra["weight_grid_mismatch"]
-        kept = tfl.extra.get("weight_grid_kept_float", [])
-        assert not tfl.extra["weight_grid_unmatched"], tfl.key
-        if tfl.precision == "dynamic":      # the weights under 1,024 elements stay float there
-            assert len(found) >= 30 and len(found) + len(kept) >= 50, (len(found), kept)
-        else:
-            assert len(found) >= 50 and not kept    # every conv, depthwise and fc weight
+        assert len(found) >= 50 and not tfl.extra["weight_grid_unmatched"]    # every conv, depthwise and fc weight
         assert sum(found.values()) == 0, (tfl.key, {k: v for k, v in found.items() if v})
         assert result.report.weight_rounding["grid_mismatch"][tfl.key] == 0
         assert result.report.weight_rounding["grid_unmatched"][tfl.key] == 0

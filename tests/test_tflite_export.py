@@ -98,8 +98,8 @@ def test_every_precision_is_described(tiny):
         json.dumps(a.to_dict())                      # the manifest can hold it
     sizes = {p: a.size_bytes for p, a in arts.items()}
     assert sizes["fp16"] < 0.6 * sizes["fp32"] and sizes["int8"] < 0.45 * sizes["fp32"]
-    assert sizes["dynamic"] < 0.45 * sizes["fp32"]
-    float_io = {"fp32", "fp16", "dynamic", "int8"}
+    assert sizes["dynamic"] < 0.45 * sizes["fp32"] and sizes["int8w"] < 0.45 * sizes["fp32"]
+    float_io = {"fp32", "fp16", "dynamic", "int8", "int8w"}
     assert all(arts[p].inputs[0].dtype == "float32" and not arts[p].inputs[0].quantized for p in float_io)
     # NNAPI needs API 30 (NNAPI 1.3) for signed int8 activations; float models need less.
     assert arts["int8"].extra["delegates"]["nnapi"]["min_android_api"] == 30
@@ -123,12 +123,51 @@ def test_fp16_within_documented_tolerance(tiny):
     assert (y.argmax(1) == ref.argmax(1)).all()
 
 
-@pytest.mark.parametrize("precision", ["dynamic", "int8", "int8-io", "uint8-pixels"])
+@pytest.mark.parametrize("precision", ["dynamic", "int8w", "int8", "int8-io", "uint8-pixels"])
 def test_quantized_kinds_stay_faithful(tiny, precision):
     ref = tiny["ref"]
     y = _run(tiny["arts"][precision], tiny["folder"], tiny["x"])
     cos = (y * ref).sum(1) / (np.linalg.norm(y, axis=1) * np.linalg.norm(ref, axis=1))
     assert cos.min() >= 0.99, f"{precision}: worst cosine {cos.min():.4f}"
+
+
+def test_int8w_stores_int8_weights_and_computes_the_fp32_file_on_grid_weights(tiny, tmp_path):
+    """int8w is the fp32 file with each conv / depthwise / fc weight stored as per-channel
+    int8 (``max|w| / 127``) behind DEQUANTIZE: its integers are that grid of the fp32 file's
+    weights, and a model whose weights already sit on it (what ``mdeploy quantize`` writes)
+    gives the fp32 file's outputs exactly, at about a quarter of its size."""
+    from exporters.tflite_ops import op_counts, graph_ops
+    from exporters.tflite_weights import int8_weight_only
+    from quantize.grid_check import tflite_weight_mismatch
+    from quantize.weight_rounding import optimize_weights
+    arts, folder = tiny["arts"], tiny["folder"]
+    fp32 = arts["fp32"].resolve(folder).read_bytes()
+    ops = op_counts(graph_ops(arts["int8w"].resolve(folder).read_bytes()))
+    assert ops["DEQUANTIZE"] == ops["CONV_2D"] + ops["DEPTHWISE_CONV_2D"] + ops["FULLY_CONNECTED"]
+    grid = tflite_weight_mismatch(folder / "model.onnx", arts["int8w"].resolve(folder))
+    assert len(grid.mismatch) >= 50 and not grid.unmatched and sum(grid.mismatch.values()) == 0
+    # weights on the grid: the same outputs as the fp32 file, to the bit
+    from quantize.float_fixes import apply_float_fixes
+    folded = apply_float_fixes(tiny["model"], ("bn",), calibration=tiny["x"][:8], per_channel=True).model
+    rounded = optimize_weights(folded, tiny["x"][:8], ("rtn",)).model
+    export_onnx(rounded, tmp_path / "model.onnx", (1, 1, 32, 32))
+    (fp32_art,) = export_tflite(tmp_path / "model.onnx", tmp_path, ["fp32"], preprocessing=PRE)
+    on_grid = fp32_art.resolve(tmp_path).read_bytes()
+    (tmp_path / "w.tflite").write_bytes(int8_weight_only(on_grid))
+    from ai_edge_litert.interpreter import Interpreter
+
+    def run(path):
+        it = Interpreter(model_path=str(path))
+        it.allocate_tensors()
+        i, o = it.get_input_details()[0], it.get_output_details()[0]
+        out = []
+        for k in range(8):
+            it.set_tensor(i["index"], np.ascontiguousarray(tiny["x"][k:k + 1].transpose(0, 2, 3, 1)))
+            it.invoke()
+            out.append(it.get_tensor(o["index"]).copy())
+        return np.concatenate(out)
+    assert np.array_equal(run(tmp_path / "w.tflite"), run(fp32_art.resolve(tmp_path)))
+    assert (tmp_path / "w.tflite").stat().st_size < 0.45 * len(on_grid) and len(fp32) > 0
 
 
 def test_int8_io_round_trip(tiny):

@@ -2,8 +2,8 @@
 
 ``--target snapdragon`` writes QDQ ONNX models for ONNX Runtime's QNN execution provider
 (w8a8 and w8a16) and ``--target generic`` one for ORT's CPU EP; both also write the
-full-integer TFLite files (int8 or camera uint8 in, int8 out) and the dynamic-range one
-(int8 weights, float activations). Prints the accuracy cost against float, the
+full-integer TFLite files (int8 or camera uint8 in, int8 out) and the int8w one (int8
+weights, float compute). Prints the accuracy cost against float, the
 float fixes applied, the most sensitive layers and Qualcomm's published reference
 points; ``--json`` prints the same as data. The work is
 ``pipeline.stages.quantize.quantize_folder``.
@@ -30,8 +30,8 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
                     "manifest (verify it with `mdeploy verify DIR2`): QDQ ONNX for ONNX Runtime's QNN "
                     "execution provider (--target snapdragon: w8a8 and w8a16, symmetric per-channel int8 "
                     "weights) or its CPU EP (--target generic), the full-integer TFLite files (int8 or "
-                    "camera uint8 input, int8 output) and the dynamic-range one (int8 weights, float "
-                    "activations). Reports float vs quantized accuracy on the held-out split, top-1 agreement, "
+                    "camera uint8 input, int8 output) and the int8w one (int8 weights, float "
+                    "compute). Reports float vs quantized accuracy on the held-out split, top-1 agreement, "
                     "SNR, sizes and per-layer sensitivity.")
     p.add_argument("folder", help="an export folder (manifest.json, model.safetensors, model.onnx)")
     p.add_argument("--out", required=True, help="output folder (built atomically)")
@@ -77,9 +77,9 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
                    help="which full-integer TFLite: pixels = uint8-pixels (uint8 camera bytes 0..255 in, the "
                         "normalisation inside, for apps), int8 = int8-io (int8 in the normalised domain, for "
                         "NPU/DSP pipelines that feed it); default both")
-    p.add_argument("--no-tflite-dynamic", action="store_true",
-                   help="skip the dynamic-range TFLite (the optimised int8 weights, float activations quantized "
-                        "per input at run time: the TFLite file closest to the w8a8 model's fidelity, CPU/GPU only)")
+    p.add_argument("--no-tflite-int8w", action="store_true",
+                   help="skip the int8w TFLite (the optimised int8 weights behind DEQUANTIZE, float compute: the "
+                        "TFLite file with the w8a8 model's fidelity, at the int8 size; CPU/GPU, not integer NPUs)")
     p.add_argument("--coreml", action="store_true",
                    help="also write a Core ML package with per-channel symmetric int8 weights (int8w, from the fp32 "
                         "program); its integers are checked against the optimised weights")
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace, ui) -> int:
         target_profile=args.target_profile,
         tflite=not args.no_tflite, coreml=args.coreml,
         tflite_inputs={"both": ("int8-io", "uint8-pixels"), "pixels": ("uint8-pixels",),
-                       "int8": ("int8-io",)}[args.tflite_input], tflite_dynamic=not args.no_tflite_dynamic,
+                       "int8": ("int8-io",)}[args.tflite_input], tflite_int8w=not args.no_tflite_int8w,
         plain_baseline=not args.no_plain_baseline,
         sensitivity=not args.no_sensitivity,
         sensitivity_mode=args.sensitivity_mode, sensitivity_samples=args.sensitivity_samples,

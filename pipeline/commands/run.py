@@ -310,7 +310,7 @@ def _stages(args: argparse.Namespace, ui, cfg, stages: list[str], run_dir: Path,
                                keep_float=q.keep_float,
                                w8a16_layers=q.w8a16_layers, target_sqnr=q.target_sqnr,
                                target_profile=q.target_profile, sensitivity=q.sensitivity,
-                               tflite_inputs=tuple(q.tflite_inputs), tflite_dynamic=q.tflite_dynamic,
+                               tflite_inputs=tuple(q.tflite_inputs), tflite_int8w=q.tflite_int8w,
                                coreml=q.coreml,
                                plain_baseline=q.plain_baseline, eval_samples=q.eval_samples,
                                model=user_factory)

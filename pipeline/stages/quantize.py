@@ -10,8 +10,8 @@ Used by ``mdeploy quantize`` and ``mdeploy run``, without argparse: every choice
   ``generic`` -> ``model_int8.onnx`` (ORT CPU);
 * the full-integer TFLite models (``exporters.tflite``): ``int8-io`` (int8 in the normalised
   domain, for NPU/DSP pipelines) and ``uint8-pixels`` (the camera's uint8 bytes in, the
-  normalisation inside), both by default; and the ``dynamic`` TFLite (the same int8
-  weights, float activations: the TFLite file that comes closest to the mixed w8a8 model's
+  normalisation inside), both by default; and the ``int8w`` TFLite (the same int8 weights
+  stored behind ``DEQUANTIZE``, float compute: the TFLite file with the mixed w8a8 model's
   fidelity, which an all-8-bit TFLite cannot reach);
 * with ``coreml`` (``--coreml``), an ``int8w`` ``.mlpackage``: the registered Core ML exporters,
   per-channel symmetric int8 weights compressed from the fp32 program (``quantize.coreml``);
@@ -102,9 +102,9 @@ class QuantizeOptions:
     # which full-integer TFLite inputs: "int8-io" (normalised int8, for NPU/DSP pipelines) and
     # "uint8-pixels" (the camera's bytes, normalisation inside): both unless one is asked for
     tflite_inputs: tuple[str, ...] = TFLITE_INPUTS
-    # also the dynamic-range TFLite (the optimised int8 weights, float activations): the TFLite
-    # file closest to the mixed w8a8 model's fidelity, which no full-integer TFLite reaches (README)
-    tflite_dynamic: bool = True
+    # also the int8w TFLite (the optimised int8 weights behind DEQUANTIZE, float compute): the
+    # TFLite file with the mixed w8a8 model's fidelity, which no full-integer TFLite reaches (README)
+    tflite_int8w: bool = True
     coreml: bool = False                       # also an int8w .mlpackage (per-channel symmetric int8 weights)
     plain_baseline: bool = True                # measure the first profile with round-to-nearest weights too
     sensitivity: bool = True
@@ -382,8 +382,8 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
             if opts.tflite:
                 from exporters.tflite import export_tflite
                 kinds = {"int8-io": "full integer, int8 input", "uint8-pixels": "full integer, uint8 camera pixels in",
-                         "dynamic": "dynamic range: int8 weights, float activations"}
-                wanted = [*opts.tflite_inputs, *(["dynamic"] if opts.tflite_dynamic else [])]
+                         "int8w": "int8 weights, float compute"}
+                wanted = [*opts.tflite_inputs, *(["int8w"] if opts.tflite_int8w else [])]
                 say("converting the TFLite models (" + "; ".join(kinds[k] for k in wanted) + ")")
                 t0 = time.perf_counter()
                 made = export_tflite(float_onnx, stage, wanted, preprocessing=pre,
@@ -391,21 +391,13 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
                 for a in made:
                     if optimized:
                         from quantize.grid_check import tflite_weight_mismatch
-                        from exporters.tflite import DYNAMIC_MIN_ELEMENTS
-                        grid = tflite_weight_mismatch(float_onnx, stage / a.path, weight_threshold=(
-                            DYNAMIC_MIN_ELEMENTS if a.precision == "dynamic" else 0))
+                        grid = tflite_weight_mismatch(float_onnx, stage / a.path)
                         a.extra["weight_grid_mismatch"] = grid.mismatch
                         a.extra["weight_grid_unmatched"] = grid.unmatched
-                        if grid.kept_float:
-                            a.extra["weight_grid_kept_float"] = grid.kept_float
-                            notes.append(f"{a.key}: {len(grid.kept_float)} weight(s) under "
-                                         f"{DYNAMIC_MIN_ELEMENTS:,} elements stay float (the dynamic-range "
-                                         f"converter's threshold); the grid check covers the "
-                                         f"{len(grid.mismatch)} int8 ones")
                     if fix_result is not None:
                         a.extra["layer_map"] = fix_result.remap_layer_map(a.extra.get("layer_map", {}))
                     a.extra["float_fixes"] = list(fixes)
-                    if a.precision != "dynamic":        # dynamic range: ranges measured per input at run time
+                    if a.precision != "int8w":          # no activation quantization, no calibration
                         a.extra["calibration"] = {**a.extra.get("calibration", {}), "source": str(calib_source),
                                                   "method": "minmax (TFLiteConverter)"}
                 artifacts.extend(made)
@@ -414,9 +406,8 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
                     notes.append("mixed precision applies to the ONNX models only: the full-integer TFLite "
                                  "models are all 8-bit (TFLite's integer modes set 16-bit activations for the "
                                  "whole model, not per layer), so they miss what the raised layers buy"
-                                 + ("; the dynamic-range TFLite (the same int8 weights, float activations) "
-                                    "is the TFLite file closest to the w8a8 model's fidelity" if opts.tflite_dynamic
-                                    else ""))
+                                 + ("; the int8w TFLite (the same int8 weights, float compute) is the TFLite "
+                                    "file with the w8a8 model's fidelity" if opts.tflite_int8w else ""))
             if opts.coreml:
                 say("converting the Core ML package with int8 weights (int8w, from the fp32 program)")
                 t0 = time.perf_counter()
