@@ -23,7 +23,7 @@ test: $(STAMP) test-deps
 	$(PY) -m pytest
 
 test-zoo: $(STAMP)
-	$(PY) -m pytest -m zoo -p no:cacheprovider
+	$(PY) -m pytest -m "zoo or sweep" -p no:cacheprovider
 
 # System packages need root (sudo is used when not root); the rest is built rootless-ish
 # into ~/.cache/mdeploy/aarch64 by `mdeploy doctor --fix arm` (debootstrap's download

@@ -286,10 +286,15 @@ def pixel_calibration(calib: np.ndarray, pre: Preprocessing) -> np.ndarray:
     c = calib.shape[1]
     mean = np.asarray(pre.mean, np.float64).reshape(1, c, 1, 1)
     std = np.asarray(pre.std, np.float64).reshape(1, c, 1, 1)
-    pix = np.clip(np.rint((calib.astype(np.float64) * std + mean) / float(pre.pixel_scale)), 0, 255)
+    # float64 (resized crops sit at exact halves, where float32 would round some the other
+    # way), a crop at a time so the temporaries stay in cache: 256 crops of 260 px took 9 s
+    # as whole-array operations
+    pix = np.empty(calib.shape, np.float32)
+    for i in range(len(calib)):
+        pix[i] = np.clip(np.rint((calib[i:i + 1].astype(np.float64) * std + mean) / float(pre.pixel_scale)), 0, 255)
     pix[0, :, 0, 0] = 0.0
     pix[0, :, -1, -1] = 255.0
-    return pix.astype(np.float32)
+    return pix
 
 
 def with_pixel_input(model: Any, pre: Preprocessing) -> Any:

@@ -17,10 +17,14 @@ from typing import Any
 
 import numpy as np
 
+from exporters.int8_grid import symmetric_int8
+
 # op -> (weight input, output-channel axis of that weight in TFLite's layout)
 WEIGHT_OPS = {"CONV_2D": (1, 0), "DEPTHWISE_CONV_2D": (1, 3), "FULLY_CONNECTED": (1, 0)}
-# DEQUANTIZE of a per-channel int8 tensor (TFLite's op versioning)
-DEQUANTIZE_VERSION = 5
+# DEQUANTIZE's op version for an int8 input: 5 when per-channel (more than one scale), 2
+# when per-tensor (TFLite's tools/versioning/op_version.cc); a runtime older than the
+# version refuses the file, so the file asks for no more than it uses
+DEQUANTIZE_VERSION = {"per_channel": 5, "per_tensor": 2}
 
 
 def int8_weight_only(fp32: bytes) -> bytes:
@@ -34,6 +38,7 @@ def int8_weight_only(fp32: bytes) -> bytes:
     names = op_names()
     model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(fp32, 0))
     dequantize = _opcode(model, schema, names)
+    scales: list[int] = []
     for sg in model.subgraphs:
         done: set[int] = set()
         operators = []
@@ -43,9 +48,14 @@ def int8_weight_only(fp32: bytes) -> bytes:
                 index = int(op.inputs[spec[0]])
                 if index >= 0 and index not in done and _float_constant(model, sg.tensors[index], schema):
                     operators.append(_dequantize_op(model, sg, index, spec[1], dequantize, schema))
+                    scales.append(len(sg.tensors[-1].quantization.scale))
                     done.add(index)
             operators.append(op)
         sg.operators = operators
+    if scales:
+        code = model.operatorCodes[dequantize]
+        kind = "per_channel" if max(scales) > 1 else "per_tensor"
+        code.version = max(int(code.version or 1), DEQUANTIZE_VERSION[kind])
     builder = flatbuffers.Builder(len(fp32))
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())
@@ -69,14 +79,9 @@ def _dequantize_op(model: Any, sg: Any, index: int, axis: int, opcode: int, sche
     shape = [int(d) for d in weight.shape]
     w = np.frombuffer(np.asarray(model.buffers[weight.buffer].data, dtype=np.uint8).tobytes(),
                       dtype="<f4").reshape(shape)
-    # in float64, as quantize.grid_check reads the grid back (a float32 division can move
-    # a weight that sits half a step between two integers to the other one)
-    w64 = w.astype(np.float64)
-    amax = np.abs(w64).max(axis=tuple(a for a in range(w.ndim) if a != axis), keepdims=True)
-    scale = np.where(amax > 0, amax / 127.0, 1.0)                 # an all-zero channel stays zero
-    q = np.clip(np.round(w64 / scale), -127, 127).astype(np.int8)
+    q, scale = symmetric_int8(w, axis)
     buffer = schema.BufferT()
-    buffer.data = np.frombuffer(q.tobytes(), dtype=np.uint8)
+    buffer.data = np.frombuffer(q.astype(np.int8).tobytes(), dtype=np.uint8)
     model.buffers.append(buffer)
     params = schema.QuantizationParametersT()
     params.scale = [float(s) for s in scale.reshape(-1)]
@@ -101,12 +106,11 @@ def _dequantize_op(model: Any, sg: Any, index: int, axis: int, opcode: int, sche
 def _opcode(model: Any, schema: Any, names: dict[int, str]) -> int:
     for i, code in enumerate(model.operatorCodes):
         if names.get(_builtin(code)) == "DEQUANTIZE":
-            code.version = max(int(code.version or 1), DEQUANTIZE_VERSION)
             return i
     code = schema.OperatorCodeT()
     code.builtinCode = schema.BuiltinOperator.DEQUANTIZE
     code.deprecatedBuiltinCode = schema.BuiltinOperator.DEQUANTIZE
-    code.version = DEQUANTIZE_VERSION
+    code.version = 1
     model.operatorCodes.append(code)
     return len(model.operatorCodes) - 1
 

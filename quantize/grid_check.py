@@ -38,7 +38,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-QMAX = 127
+from exporters.int8_grid import symmetric_int8
 
 
 @dataclass
@@ -90,11 +90,7 @@ def float_weights(source: Any) -> dict[str, np.ndarray]:
 
 def grid_integers(w: np.ndarray, axis: int) -> np.ndarray:
     """``round(w / (max|w| / 127))`` per slice along ``axis``, clipped to [-127, 127]."""
-    w = np.asarray(w, dtype=np.float64)
-    other = tuple(i for i in range(w.ndim) if i != axis % w.ndim)
-    amax = np.abs(w).max(axis=other, keepdims=True)
-    scale = np.where(amax > 0, amax / QMAX, 1.0)
-    return np.clip(np.round(w / scale), -QMAX, QMAX).astype(np.int64)
+    return symmetric_int8(w, axis)[0]
 
 
 def _layouts(w: np.ndarray) -> Iterator[tuple[np.ndarray, int]]:

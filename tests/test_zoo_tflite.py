@@ -1,5 +1,6 @@
 """Every registered model to TFLite by both routes, fp32 and fp16, checked against PyTorch
-on LiteRT. ``make test-zoo`` (marker ``zoo``). Routes: ``onnx2tf`` (ONNX -> onnx2tf ->
+on LiteRT; on the ONNX route also ``int8w``, whose int8 weights are checked against the
+grid of the ONNX model's weights (``quantize.grid_check``). ``make test-zoo`` (marker ``zoo``). Routes: ``onnx2tf`` (ONNX -> onnx2tf ->
 TFLiteConverter) and ``litert-torch`` (PyTorch -> LiteRT directly, fp16 weights cast by
 ai-edge-quantizer), the default for the float kinds (``exporters.tflite``).
 
@@ -33,6 +34,7 @@ from exporters.tflite import export_tflite
 from models.errors import InputError
 from models import create_model, list_models, model_entry
 from models.reparam import is_reparameterizable, reparameterize_model
+from quantize.grid_check import tflite_weight_mismatch
 from tests.zoo_checks import fp16_parity_failure, fp32_parity_failure, trained_like
 
 pytestmark = pytest.mark.zoo
@@ -106,7 +108,9 @@ def _check_parity(name: str, size: int, tmp_path, route: str) -> None:
     pre = Preprocessing([size, size], [0.5, 0.5, 0.5], [0.25, 0.25, 0.25], "RGB")
     export_onnx(model, tmp_path / "model.onnx", (1, 3, size, size))
     x = np.random.default_rng(0).standard_normal((4, 3, size, size)).astype(np.float32)
-    arts = export_tflite(tmp_path / "model.onnx", tmp_path, ["fp32", "fp16"], preprocessing=pre,
+    # int8w on the ONNX route, the one `mdeploy quantize` writes it by
+    precisions = ["fp32", "fp16", *(["int8w"] if route == "onnx2tf" else [])]
+    arts = export_tflite(tmp_path / "model.onnx", tmp_path, precisions, preprocessing=pre,
                          calibration=x, module=model, converter=route)
     assert {a.extra["converter"]["route"] for a in arts} == {route}
     outs = {}
@@ -118,6 +122,13 @@ def _check_parity(name: str, size: int, tmp_path, route: str) -> None:
     assert failure is None, failure
     failure = fp16_parity_failure(model, x, outs["fp16"], name)
     assert failure is None, failure
+    if "int8w" in outs:
+        # every conv / depthwise / fc weight int8, on exactly the grid of the ONNX model's weight
+        # (tests/test_tflite_export.py shows the file then computes the fp32 one's outputs)
+        (int8w,) = [a for a in arts if a.precision == "int8w"]
+        grid = tflite_weight_mismatch(tmp_path / "model.onnx", int8w.resolve(tmp_path))
+        assert grid.mismatch and not grid.unmatched and grid.total == 0, grid.to_dict()
+        assert np.isfinite(outs["int8w"]).all()
 
 
 def test_int8_model_xnnpack_refuses_runs_on_builtin_kernels(tmp_path):

@@ -256,7 +256,9 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
         say(f"reading {opts.samples} calibration inputs from {calib_source}")
         calib = load_calibration(calib_source, pre, opts.samples, seed=opts.seed)
         eval_source = opts.eval_data or (None if manifest.source.get("data") else calib_source)
+        t0 = time.perf_counter()
         evaluation = load_inputs(eval_source, manifest, opts.eval_samples, opts.seed)
+        seconds["evaluation_data"] = time.perf_counter() - t0
         if eval_source is not None and not opts.eval_data and not has_held_out(eval_source):
             notes.append(f"no held-out data recorded and no --eval: measured on the calibration source "
                          f"({calib_source}), so agreement and accuracy are optimistic; pass --eval for held-out data")
