@@ -249,13 +249,10 @@ def split_sensitivity(session: PtqSession, profile: QuantProfile, x: np.ndarray,
         return write
 
     jobs: list[tuple[tuple[str, int], Callable[[Path], None]]] = []
-    has_weights = []
     for i, layer in enumerate(layers):
         anchor = nodes[layer.name]
         wname = anchor.input[1] if len(anchor.input) > 1 else ""
-        has_w = layer.name in weights and wname in inits and tuple(inits[wname].dims) == weights[layer.name].shape
-        has_weights.append(has_w)
-        if has_w:
+        if layer.name in weights and wname in inits and tuple(inits[wname].dims) == weights[layer.name].shape:
             jobs.append((("w", i), weight_only(layer, wname)))
         tensors = [layer.output] + [t for t in layer.inputs if t not in layer_outputs]
         encodings = [(t, _activation_encoding(enc, t, ranges.path, act_dtype)) for t in tensors]
@@ -267,9 +264,10 @@ def split_sensitivity(session: PtqSession, profile: QuantProfile, x: np.ndarray,
         if progress:
             progress(i, len(layers), _key(layers[i]))
         snrs[(kind, i)] = snr_db(wref if kind == "w" else ref, out)
+    weighted = {i for (kind, i), _ in jobs if kind == "w"}
     for i, layer in enumerate(layers):
         report.layers.append(SplitSensitivity(_key(layer), layer.name, layer.op_type, snrs.get(("w", i)),
-                                              snrs.get(("a", i)), has_weights[i]))
+                                              snrs.get(("a", i)), i in weighted))
     if progress:
         progress(len(layers), len(layers), "")
     report.seconds = time.perf_counter() - t0
