@@ -31,8 +31,8 @@ Columns: for the QNN w8a8 and w8a16 QDQ models (run on ONNX Runtime's CPU EP, wh
 executes the same QDQ arithmetic), the full-integer TFLite (int8-io) and the int8w TFLite
 (the same int8 weights behind DEQUANTIZE, float compute; both on LiteRT), top-1 / top-5
 agreement with float and logit SQNR; size of the w8a8 model; seconds spent quantizing
-(everything ``mdeploy quantize`` does but reading and measuring the held-out crops). A summary line checks the
-issue's bars: w8a8 >= 0.97 / 25 dB, w8a16 >= 0.99 / 35 dB, TFLite within 0.01 / 1 dB of
+(everything ``mdeploy quantize`` does but reading and measuring the held-out crops). A
+summary line checks the issue's bars: w8a8 >= 0.97 / 25 dB, w8a16 >= 0.99 / 35 dB, TFLite within 0.01 / 1 dB of
 w8a8 (for the full-integer file and for the int8w one), never below the naive route.
 The full-integer TFLite has no 16-bit layers, so a further TFLite line compares it with the
 all-8-bit w8a8 of the same (default) rounding: whether the TFLite carries the rounding's

@@ -68,17 +68,19 @@ def op_names() -> dict[int, str]:
 
 
 def graph_ops(model: bytes) -> list[dict[str, Any]]:
-    """Ops of the main subgraph in execution order: ``{op, inputs, outputs}`` (tensor indices),
-    with ``const_inputs`` flags (an input with data in the file is a weight)."""
+    """Ops of the main subgraph in execution order: ``{op, version, inputs, outputs}`` (tensor
+    indices; ``version`` the operator code's, which a runtime checks against what it
+    implements), with ``const_inputs`` flags (an input with data in the file is a weight)."""
     fb = _schema()
     names = op_names()
     m = fb.Model.GetRootAs(model, 0)
-    codes = []
+    codes, versions = [], []
     for i in range(m.OperatorCodesLength()):
         oc = m.OperatorCodes(i)
         code = max(oc.BuiltinCode(), oc.DeprecatedBuiltinCode())
         custom = oc.CustomCode()
         codes.append(custom.decode() if code == fb.BuiltinOperator.CUSTOM and custom else names.get(code, str(code)))
+        versions.append(int(oc.Version()))
     sg = m.Subgraphs(0)
 
     def is_const(t: int) -> bool:
@@ -92,7 +94,8 @@ def graph_ops(model: bytes) -> list[dict[str, Any]]:
         op = sg.Operators(i)
         ins = [int(x) for x in op.InputsAsNumpy()] if op.InputsLength() else []
         outs = [int(x) for x in op.OutputsAsNumpy()] if op.OutputsLength() else []
-        ops.append({"op": codes[op.OpcodeIndex()], "inputs": ins, "outputs": outs,
+        k = op.OpcodeIndex()
+        ops.append({"op": codes[k], "version": versions[k], "inputs": ins, "outputs": outs,
                     "const_inputs": [is_const(t) for t in ins]})
     return ops
 

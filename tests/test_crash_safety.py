@@ -116,8 +116,8 @@ def test_export_killed_during_force_swap_keeps_a_complete_result(zygote, tmp_pat
 
 
 def test_quantize_killed_at_each_stage_of_its_force_swap_keeps_a_complete_result(zygote, tmp_path):
-    """``quantize --force`` over a previous result, killed (1) while its staging folder is
-    being filled and (2) at the swap's last rename, when ``--out`` does not exist. Each time
+    """``quantize --force`` over a previous result, killed (1) midway, before the swap, and
+    (2) at the swap's last rename, when ``--out`` does not exist. Each time
     the rerun without ``--force`` finds the previous result intact (and refuses to replace
     it), a rerun with ``--force`` completes, and no debris is left beside ``--out``."""
     export_dir = _tiny_export(zygote, tmp_path)
@@ -129,7 +129,7 @@ def test_quantize_killed_at_each_stage_of_its_force_swap_keeps_a_complete_result
     first = {p.name: p.read_bytes() for p in out.iterdir()}
     assert renames >= 3 and "model_qnn_w8a8.onnx" in first
 
-    # die at a rename inside the staging folder, then at the last one (staging -> --out)
+    # die at rename 2 (a scratch file in TMPDIR), then at the last one (staging -> --out)
     for when in (2, renames + 1):
         proc = zygote(*args, "--force", kill_at_rename=when)
         assert proc.returncode == -signal.SIGKILL, (when, proc.returncode, proc.stderr[-2000:])

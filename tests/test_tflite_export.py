@@ -142,14 +142,11 @@ def test_int8w_stores_int8_weights_and_computes_the_fp32_file_on_grid_weights(ti
     from quantize.weight_rounding import optimize_weights
     arts, folder = tiny["arts"], tiny["folder"]
     fp32 = arts["fp32"].resolve(folder).read_bytes()
-    ops = op_counts(graph_ops(arts["int8w"].resolve(folder).read_bytes()))
+    graph = graph_ops(arts["int8w"].resolve(folder).read_bytes())
+    ops = op_counts(graph)
     assert ops["DEQUANTIZE"] == ops["CONV_2D"] + ops["DEPTHWISE_CONV_2D"] + ops["FULLY_CONNECTED"]
     # the op version TFLite's op_version table gives a per-channel int8 DEQUANTIZE (5), not more
-    from ai_edge_litert import schema_py_generated as schema
-    from exporters.tflite_ops import op_names
-    model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(arts["int8w"].resolve(folder).read_bytes(), 0))
-    versions = {op_names().get(max(c.builtinCode, c.deprecatedBuiltinCode)): c.version for c in model.operatorCodes}
-    assert versions["DEQUANTIZE"] == 5, versions
+    assert {o["version"] for o in graph if o["op"] == "DEQUANTIZE"} == {5}
     grid = tflite_weight_mismatch(folder / "model.onnx", arts["int8w"].resolve(folder))
     assert len(grid.mismatch) >= 50 and not grid.unmatched and sum(grid.mismatch.values()) == 0
     # weights on the grid: the same outputs as the fp32 file, to the bit

@@ -1,8 +1,9 @@
 """Every registered model to TFLite by both routes, fp32 and fp16, checked against PyTorch
 on LiteRT; on the ONNX route also ``int8w``, whose int8 weights are checked against the
-grid of the ONNX model's weights (``quantize.grid_check``). ``make test-zoo`` (marker ``zoo``). Routes: ``onnx2tf`` (ONNX -> onnx2tf ->
-TFLiteConverter) and ``litert-torch`` (PyTorch -> LiteRT directly, fp16 weights cast by
-ai-edge-quantizer), the default for the float kinds (``exporters.tflite``).
+grid of the ONNX model's weights (``quantize.grid_check``). ``make test-zoo`` (marker
+``zoo``). Routes: ``onnx2tf`` (ONNX -> onnx2tf -> TFLiteConverter) and ``litert-torch``
+(PyTorch -> LiteRT directly, fp16 weights cast by ai-edge-quantizer), the default for the
+float kinds (``exporters.tflite``).
 
 Each model is built at its registered small input size with 3 channels and 10
 classes, trained-like random weights (``tests.zoo_checks.trained_like``, the recipe of
