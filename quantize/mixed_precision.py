@@ -74,6 +74,7 @@ NEGLIGIBLE = 0.1          # candidates' tail: errors summing to under 10% of the
 ACT_LEFT = 0.05           # phase 1 stops when the activation error left is under 5% of the measured error
 FLOAT_SHARE = 0.9         # float fallback: the layers carrying 90% of the summed weight-only error
 NAMES_SHOWN = 8
+IDENTICAL_DB = 200.0      # what "identical to float" (an SNR of None) ranks as: past any real figure
 
 
 def _noise(snr: float | None) -> float:
@@ -117,6 +118,24 @@ class SplitReport:
         return {"profile": self.profile, "method": self.method, "samples": self.samples,
                 "quantized_snr_db": self.quantized_snr_db, "layers": [s.to_dict() for s in self.layers],
                 "seconds": self.seconds}
+
+    def as_sensitivity(self) -> dict[str, Any]:
+        """The report's per-layer sensitivity (``SensitivityReport.to_dict()``'s shape, mode
+        ``split``) when no whole-layer ranking ran: the layers ranked by the worse of their
+        weight-only and activation-only SNR, both figures kept. ``snr_db`` (the layer
+        quantized whole) is None here: only the ranking measures it."""
+        def worst(s: SplitSensitivity) -> float:
+            figures = [s.activation_only_snr_db] + ([s.weight_only_snr_db] if s.has_weights else [])
+            return min(IDENTICAL_DB if f is None else f for f in figures)
+
+        layers = [{"layer": s.layer, "node": s.node, "op_type": s.op_type, "snr_db": None, "top1_agreement": None,
+                   "accuracy": None, "score_db": -worst(s), "weight_only_snr_db": s.weight_only_snr_db,
+                   "activation_only_snr_db": s.activation_only_snr_db, "has_weights": s.has_weights}
+                  for s in sorted(self.layers, key=worst)]
+        return {"mode": "split", "profile": self.profile, "method": self.method, "samples": self.samples,
+                "float_accuracy": None, "quantized": {"snr_db": self.quantized_snr_db, "top1_agreement": None,
+                                                     "accuracy": None},
+                "layers": layers, "seconds": self.seconds}
 
 
 def _dequantized_weights(qdq: Any) -> dict[str, np.ndarray]:

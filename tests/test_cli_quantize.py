@@ -91,7 +91,10 @@ def test_generic_target_with_float_fixes_mixed_precision_and_tables(cli, export_
     report = json.loads((out / "quantization_report.json").read_text())
     assert [f["name"] for f in report["float_fixes"]] == ["bn", "cle", "bias"]
     sens = report["sensitivity"]
-    assert sens["samples"] == 4 and len(sens["layers"]) > 50      # the ranking: half of --sensitivity-samples
+    # --keep-float 1 needs the worst layer: the whole-layer ranking runs (on half of
+    # --sensitivity-samples), the split figures beside it
+    assert sens["mode"] == "only" and sens["samples"] == 4 and len(sens["layers"]) > 50
+    assert all(l["snr_db"] is not None and "activation_only_snr_db" in l for l in sens["layers"])
     kept = Manifest.load(out).artifacts[1].extra["mixed_precision"]["float"]
     assert kept == [sens["layers"][0]["layer"]]
     v = report["variants"][0]

@@ -10,6 +10,7 @@ scaled) MobileNetV2 for MNIST with ``mdeploy quantize --target-sqnr``.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -48,6 +49,13 @@ def test_split_sensitivity_finds_the_planted_activation(planted, profile):  # no
     best = max(v for l in rep.layers for v in (l.weight_only_snr_db, l.activation_only_snr_db))
     assert rep.quantized_snr_db < best
     assert rep.quantized_snr_db <= min(l.activation_only_snr_db for l in rep.layers) + 0.5
+    # as the report's per-layer sensitivity (no whole-layer ranking): the planted layer
+    # first, ranked by the worse of its two figures, both kept, no whole-layer figure
+    sens = rep.as_sensitivity()
+    assert sens["mode"] == "split" and sens["layers"][0]["layer"] == "2", sens["layers"]
+    worse = [min(l["weight_only_snr_db"], l["activation_only_snr_db"]) for l in sens["layers"]]
+    assert worse == sorted(worse) and all(l["snr_db"] is None for l in sens["layers"])
+    assert sens["quantized"]["snr_db"] == rep.quantized_snr_db and sens["samples"] == len(x)
 
 
 @pytest.mark.parametrize("profile,target", [(QNN_W8A8, 45.0), (GENERIC_INT8, 60.0)], ids=["qnn-45dB", "int8-60dB"])
@@ -291,10 +299,13 @@ def test_cli_target_sqnr_writes_a_w8a8_model_that_reaches_it(cli, export_dir, tm
     mixed = report["mixed_precision"]
     assert mixed["reached"] and mixed["sqnr_db"] >= 40 > mixed["start_sqnr_db"], mixed["path"]
     assert mixed["profile"] == "qnn-w8a8" and len(mixed["path"]) >= 2
-    # per layer: weight-only and activation-only figures beside the "only this layer" probe
+    # per layer by default: the weight-only and activation-only figures (the split probes),
+    # no whole-layer ranking (--sensitivity-mode asks for it)
+    assert report["sensitivity"]["mode"] == "split" and "sensitivity" not in json.loads(stdout)["seconds"]
     layers = report["sensitivity"]["layers"]
     assert all(math.isfinite(l["activation_only_snr_db"]) for l in layers)
     assert all(math.isfinite(l["weight_only_snr_db"]) for l in layers if l["has_weights"])
+    assert all(l["snr_db"] is None for l in layers)
     # recorded in the manifest, applied to the w8a8 model only
     manifest = Manifest.load(out)
     w8a8 = next(a for a in manifest.artifacts if a.key == "onnx/w8a8-qnn")
@@ -322,6 +333,24 @@ def test_cli_target_sqnr_writes_a_w8a8_model_that_reaches_it(cli, export_dir, tm
     assert plot_mixed_precision(mixed)[:4] == b"\x89PNG"
     md = "\n".join(rec.markdown(None, lambda name: [f"![{name}]"]))
     assert "![mixed_precision_pareto]" in md and "Mixed precision to 40 dB" in md and "weights only" in md
+    # the per-layer figures without the ranking: the plot (two bars a layer), the report's
+    # table and the command's table say what they rank by and show no whole-layer column
+    assert plots["int8_sensitivity"][:8] == b"\x89PNG\r\n\x1a\n"
+    assert "ranked by the worse of the two" in md
+    md_header = next(ln for ln in md.splitlines() if ln.startswith("| layer") and "weights only" in ln)
+    assert "activations only" in md_header and "layer quantized" not in md_header, md_header
+    from rich.console import Console
+    from pipeline.commands.quantize import show_report
+    from pipeline.ui import UI
+    from quantize.report import QuantReport
+    ui = UI()
+    ui.out = Console(record=True, width=200, file=io.StringIO())
+    show_report(ui, QuantReport.from_dict(report))
+    text = ui.out.export_text()
+    assert "most sensitive layers (qnn-w8a8, by the worse of its weight-only and activation-only SNR" \
+        in " ".join(text.split()), text                 # the title, however rich wraps it
+    header = next(ln for ln in text.splitlines() if "weights only dB" in ln)
+    assert "activations only dB" in header and "top-1 agree" not in header, header
     # and the run record's quantize section, with the new keys, still matches the documented schema
     from tests.json_schema import validate
     root = Path(__file__).resolve().parents[1]

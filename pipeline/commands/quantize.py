@@ -86,9 +86,13 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plain-baseline", action="store_true",
                    help="skip the comparison row: the first profile quantized with plain round-to-nearest weights "
                         "(measured on the same held-out inputs, not written)")
-    p.add_argument("--no-sensitivity", action="store_true", help="skip the per-layer sensitivity analysis")
-    p.add_argument("--sensitivity-mode", choices=("only", "exclude"), default="only",
-                   help="only: quantize one layer at a time; exclude: keep one layer float at a time")
+    p.add_argument("--no-sensitivity", action="store_true",
+                   help="skip the per-layer sensitivity analysis (each layer's weight-only and activation-only "
+                        "logit SNR; the --target-sqnr search still runs those probes when it needs them)")
+    p.add_argument("--sensitivity-mode", choices=("only", "exclude"), default=None,
+                   help="also rank the layers whole, one more probe per layer: only = quantize one layer at a "
+                        "time, exclude = keep one layer float at a time (default: no ranking unless "
+                        "--keep-float N / --w8a16-layers N needs the N worst, then 'only')")
     p.add_argument("--sensitivity-samples", type=int, default=DEFAULT_SENSITIVITY_SAMPLES,
                    help="calibration inputs used by the weight-only / activation-only probes and the "
                         "--target-sqnr search; the per-layer ranking (each layer quantized alone) uses the first "
@@ -268,19 +272,21 @@ def show_report(ui, report, top: int = TOP_LAYERS) -> None:
 
     sens = report.sensitivity
     if sens and sens["layers"] and top > 0:
-        label = "only this layer quantized" if sens["mode"] == "only" else "all but this layer quantized"
+        ranked = sens["mode"] != "split"        # the whole-layer ranking ran (--sensitivity-mode)
+        label = {"only": "only this layer quantized", "exclude": "all but this layer quantized",
+                 "split": "by the worse of its weight-only and activation-only SNR"}[sens["mode"]]
         s = Table(title=f"most sensitive layers ({sens['profile']}, {label}; {sens['samples']} calibration "
                         f"inputs; whole model {_db(sens['quantized']['snr_db'])} dB)")
         split = "activation_only_snr_db" in sens["layers"][0]
-        cols = ("#", "layer", "op", "SNR dB", "top-1 agree")
+        cols = ("#", "layer", "op") + (("SNR dB", "top-1 agree") if ranked else ())
         cols += ("weights only dB", "activations only dB") if split else ()
         for col in cols:
             s.add_column(col, justify="left" if col in ("layer", "op") else "right")
         for i, layer in enumerate(sens["layers"][:top], 1):
+            whole = (_db(layer["snr_db"]), _pct(layer["top1_agreement"])) if ranked else ()
             extra = ((_db(layer["weight_only_snr_db"]) if layer.get("has_weights") else "-",
                       _db(layer["activation_only_snr_db"])) if split else ())
-            s.add_row(str(i), layer["layer"], layer["op_type"], _db(layer["snr_db"]), _pct(layer["top1_agreement"]),
-                      *extra)
+            s.add_row(str(i), layer["layer"], layer["op_type"], *whole, *extra)
         ui.table(s)
 
     for mixed in [report.mixed_precision or {}, *report.mixed_precision_others]:

@@ -113,18 +113,33 @@ def plot_layer_errors(pairs: list[dict[str, Any]], cap_db: float = 140.0) -> byt
 
 
 def plot_sensitivity(sens: dict[str, Any], top: int = 15) -> bytes:
-    """The layers whose quantization alone costs the most (lowest output SNR)."""
+    """The layers whose quantization alone costs the most (lowest output SNR): the layer
+    quantized whole when the ranking ran, else its weights alone and its activations alone
+    (two bars; a layer without weights has only the second)."""
     plt = _plt()
     layers = sens["layers"][:top]
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(layers) + 1.4))
-    vals = [60.0 if x.get("snr_db") is None else x["snr_db"] for x in layers]
-    ax.barh([f"{x['layer']} ({x['op_type']})" for x in layers], vals, color="tab:orange")
+    names = [f"{x['layer']} ({x['op_type']})" for x in layers]
+
+    def db(v: float | None) -> float:
+        return 60.0 if v is None else v                 # "identical to float" drawn past any real figure
+    if sens.get("mode") == "split":
+        pos = range(len(layers))
+        ax.barh([p - 0.2 for p in pos], [db(x["weight_only_snr_db"]) if x.get("has_weights") else 0.0 for x in layers],
+                height=0.4, color="tab:blue", label="weights only")
+        ax.barh([p + 0.2 for p in pos], [db(x["activation_only_snr_db"]) for x in layers], height=0.4, color="tab:orange",
+                label="activations only")
+        ax.set_yticks(pos, names)
+    else:
+        ax.barh(names, [db(x.get("snr_db")) for x in layers], color="tab:orange")
     whole = (sens.get("quantized") or {}).get("snr_db")
     if whole is not None:
         ax.axvline(whole, color="k", ls="--", lw=1, label=f"whole model quantized: {whole:.1f} dB")
+    if whole is not None or sens.get("mode") == "split":
         ax.legend(fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("output SNR with only this layer quantized (dB; lower = more sensitive)")
+    ax.set_xlabel(("output SNR with only this layer's weights / activations quantized" if sens.get("mode") == "split"
+                   else "output SNR with only this layer quantized") + " (dB; lower = more sensitive)")
     ax.grid(alpha=0.3, axis="x")
     fig.suptitle(f"int8 sensitivity per layer ({sens.get('profile', '')})")
     return _fig_to_png(fig)

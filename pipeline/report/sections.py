@@ -258,7 +258,14 @@ class QuantizeRecord:
         lines += [""] + figure("int8_sensitivity")
         sens = q.get("sensitivity") or {}
         top = (sens.get("layers") or [])[:10]
-        if top and "activation_only_snr_db" in top[0]:
+        if top and sens.get("mode") == "split":
+            lines += [f"Most sensitive layers ({sens.get('profile')}; logit SNR in dB with only this layer's weights "
+                      f"quantized, only its activations; ranked by the worse of the two; {sens.get('samples')} "
+                      "calibration inputs; `--sensitivity-mode only` adds the layer quantized whole):", ""]
+            lines += table(["layer", "op", "weights only", "activations only"], "llrr",
+                           [[x["layer"], x["op_type"], _db(x.get("weight_only_snr_db")) if x.get("has_weights") else "-",
+                             _db(x.get("activation_only_snr_db"))] for x in top]) + [""]
+        elif top and "activation_only_snr_db" in top[0]:
             lines += [f"Most sensitive layers ({sens.get('profile')}; logit SNR in dB with only this layer quantized, "
                       f"only its weights, only its activations; {sens.get('samples')} calibration inputs):", ""]
             lines += table(["layer", "op", "layer quantized", "weights only", "activations only"], "llrrr",

@@ -107,8 +107,10 @@ class QuantizeOptions:
     tflite_int8w: bool = True
     coreml: bool = False                       # also an int8w .mlpackage (per-channel symmetric int8 weights)
     plain_baseline: bool = True                # measure the first profile with round-to-nearest weights too
-    sensitivity: bool = True
-    sensitivity_mode: str = "only"
+    sensitivity: bool = True                   # per layer: weight-only and activation-only SNR (the split probes)
+    # also the whole-layer ranking (each layer quantized alone: "only", or all but it:
+    # "exclude"), one more probe per layer; None: not unless a layer count needs it
+    sensitivity_mode: str | None = None
     sensitivity_samples: int = DEFAULT_SENSITIVITY_SAMPLES
     eval_data: str | None = None               # None: the held-out split of the checkpoint's data
     eval_samples: int | None = DEFAULT_EVAL_SAMPLES
@@ -184,7 +186,7 @@ def _check_options(opts: QuantizeOptions) -> None:
         raise InputError("--sensitivity-samples", "a positive number", str(opts.sensitivity_samples))
     if opts.eval_samples is not None and opts.eval_samples < 1:
         raise InputError("--eval-samples", "a positive number", str(opts.eval_samples))
-    if opts.sensitivity_mode not in MODES:
+    if opts.sensitivity_mode is not None and opts.sensitivity_mode not in MODES:
         raise InputError("--sensitivity-mode", f"one of {', '.join(MODES)}", repr(opts.sensitivity_mode))
     resolve_target_sqnr(opts.target_sqnr, opts.target)
     if opts.target_profile is not None:
@@ -337,18 +339,19 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
                     shutil.copyfile(session_ranges.path, ranges_copy)
                     session_ranges = replace(session_ranges, path=ranges_copy)
                 seconds["calibration"] = time.perf_counter() - t0
-                needs_rank = isinstance(opts.keep_float, int) and opts.keep_float > 0 or \
-                    isinstance(opts.w8a16_layers, int) and opts.w8a16_layers > 0
-                if opts.sensitivity or needs_rank:
+                needs_rank = _layer_count(opts.keep_float) or _layer_count(opts.w8a16_layers)
+                if opts.sensitivity and opts.sensitivity_mode or needs_rank:
                     # the ranking (each layer quantized alone) on the first half of the probe
-                    # inputs: its per-layer figures lie tens of dB apart and it decides nothing
-                    # by default; the split probes and the search, which decide, use them all
+                    # inputs: its per-layer figures lie tens of dB apart. It decides nothing
+                    # unless a layer count asks for the N worst, so it is opt-in (a probe per
+                    # layer: 25 s of Lite2's 5-minute budget); the split probes and the
+                    # search, which decide, run by default and use all the probe inputs
                     ranking = probe[:max(1, len(probe) // 2)]
                     say(f"per-layer sensitivity ({len(session.layers)} layers, "
                         f"{len(ranking)} inputs)")
                     t0 = time.perf_counter()
                     sensitivity = layer_sensitivity(session, profiles[0], ranking,
-                                                    method=method, mode=opts.sensitivity_mode,
+                                                    method=method, mode=opts.sensitivity_mode or "only",
                                                     progress=layer_progress)
                     seconds["sensitivity"] = time.perf_counter() - t0
                 keep = pick_layers(session, opts.keep_float, sensitivity)
@@ -457,9 +460,11 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
                                     f"{fix_result.max_abs_change:.3g} on {min(32, len(calib))} calibration inputs")
             if sensitivity is not None:
                 report.sensitivity = sensitivity.to_dict()
-            if split is not None:
+            if split is not None and report.sensitivity is not None:
                 from quantize.mixed_precision import merge_into_sensitivity
                 merge_into_sensitivity(report.sensitivity, split)
+            elif split is not None and opts.sensitivity:        # the split probes are the per-layer figures
+                report.sensitivity = split.as_sensitivity()
             if mixed is not None or split is not None:
                 report.mixed_precision = mixed.to_dict() if mixed is not None else {"split": split.to_dict()}
             # the further profiles' default searches, each as mixed_precision without the shared split
@@ -556,6 +561,14 @@ def _mixed_precision(session: Any, profiles: list[Any], primary: Any, x: np.ndar
             time.perf_counter() - t0
         searches.append(mixed)
     return split, searches
+
+
+def _layer_count(spec: str | int | None) -> bool:
+    """Whether a --keep-float / --w8a16-layers value is a positive count (the N most
+    sensitive layers: the ranking picks them), not names."""
+    if isinstance(spec, str) and spec.strip().isdigit():
+        spec = int(spec)
+    return isinstance(spec, int) and spec > 0
 
 
 def _reached_note(mixed: Any) -> str:
