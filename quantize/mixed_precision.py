@@ -66,6 +66,7 @@ import numpy as np
 from models.errors import InputError
 from quantize.onnx_ptq import Layer, PtqSession, QuantProfile, read_encodings, weight_input
 from quantize.report import snr_db
+from quantize.sensitivity import ranked_db
 
 Progress = Callable[[int, int, str], None]
 
@@ -74,7 +75,6 @@ NEGLIGIBLE = 0.1          # candidates' tail: errors summing to under 10% of the
 ACT_LEFT = 0.05           # phase 1 stops when the activation error left is under 5% of the measured error
 FLOAT_SHARE = 0.9         # float fallback: the layers carrying 90% of the summed weight-only error
 NAMES_SHOWN = 8
-IDENTICAL_DB = 200.0      # what "identical to float" (an SNR of None) ranks as: past any real figure
 
 
 def _noise(snr: float | None) -> float:
@@ -126,7 +126,7 @@ class SplitReport:
         quantized whole) is None here: only the ranking measures it."""
         def worst(s: SplitSensitivity) -> float:
             figures = [s.activation_only_snr_db] + ([s.weight_only_snr_db] if s.has_weights else [])
-            return min(IDENTICAL_DB if f is None else f for f in figures)
+            return min(ranked_db(f) for f in figures)
 
         layers = [{"layer": s.layer, "node": s.node, "op_type": s.op_type, "snr_db": None, "top1_agreement": None,
                    "accuracy": None, "score_db": -worst(s), "weight_only_snr_db": s.weight_only_snr_db,

@@ -29,6 +29,7 @@ from quantize.onnx_ptq import ORT_REQUANTIZING_OPTIMIZERS, Layer, PtqSession, Qu
 from quantize.report import accuracy, snr_db, top1_agreement
 
 MODES = ("only", "exclude")
+IDENTICAL_DB = 200.0      # what "identical to float" (an SNR of None) ranks as
 DEFAULT_SAMPLES = 200
 
 Progress = Callable[[int, int, str], None]
@@ -64,15 +65,17 @@ class SensitivityReport:
         return asdict(self)
 
 
+def ranked_db(snr: float | None) -> float:
+    """An SNR to sort on: "identical to float" (None) ranks past any real figure."""
+    return IDENTICAL_DB if snr is None else snr
+
+
 def _score(mode: str, snr: float | None, full_snr: float | None) -> float:
     """Higher = more sensitive. ``only``: minus the SNR (the lower, the worse);
     ``exclude``: the SNR gained by keeping the layer in float."""
-    big = 200.0                                         # "identical" stands for a very high SNR
-    s = big if snr is None else snr
     if mode == "only":
-        return -s
-    f = big if full_snr is None else full_snr
-    return s - f
+        return -ranked_db(snr)
+    return ranked_db(snr) - ranked_db(full_snr)
 
 
 def layer_sensitivity(session: PtqSession, profile: QuantProfile, x: np.ndarray,
@@ -114,14 +117,24 @@ def layer_sensitivity(session: PtqSession, profile: QuantProfile, x: np.ndarray,
     return report
 
 
+def layer_count(spec: str | int | Sequence[str] | None) -> int | None:
+    """The N of a ``--keep-float`` / ``--w8a16-layers`` count (the N most sensitive layers,
+    which only the ranking knows); None when the value names layers or is not given."""
+    if isinstance(spec, int):
+        return spec
+    if isinstance(spec, str) and spec.strip().isdigit():
+        return int(spec)
+    return None
+
+
 def pick_layers(session: PtqSession, spec: str | int | Sequence[str] | None,
                 sensitivity: SensitivityReport | None) -> list[Layer]:
     """Layers for mixed precision: a count (the most sensitive N) or names (ONNX nodes,
     output tensors or PyTorch module paths)."""
     if spec is None or spec == "" or spec == 0:
         return []
-    if isinstance(spec, int) or (isinstance(spec, str) and spec.strip().isdigit()):
-        n = int(spec)
+    n = layer_count(spec)
+    if n is not None:
         if n < 0:
             raise InputError("layer count", "a non-negative number", str(n))
         if sensitivity is None:

@@ -123,7 +123,8 @@ def plot_sensitivity(sens: dict[str, Any], top: int = 15) -> bytes:
 
     def db(v: float | None) -> float:
         return 60.0 if v is None else v                 # "identical to float" drawn past any real figure
-    if sens.get("mode") == "split":
+    split = sens.get("mode") == "split"                 # no whole-layer ranking: the split probes' two figures
+    if split:
         pos = range(len(layers))
         ax.barh([p - 0.2 for p in pos], [db(x["weight_only_snr_db"]) if x.get("has_weights") else 0.0 for x in layers],
                 height=0.4, color="tab:blue", label="weights only")
@@ -135,10 +136,10 @@ def plot_sensitivity(sens: dict[str, Any], top: int = 15) -> bytes:
     whole = (sens.get("quantized") or {}).get("snr_db")
     if whole is not None:
         ax.axvline(whole, color="k", ls="--", lw=1, label=f"whole model quantized: {whole:.1f} dB")
-    if whole is not None or sens.get("mode") == "split":
+    if whole is not None or split:
         ax.legend(fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel(("output SNR with only this layer's weights / activations quantized" if sens.get("mode") == "split"
+    ax.set_xlabel(("output SNR with only this layer's weights / activations quantized" if split
                    else "output SNR with only this layer quantized") + " (dB; lower = more sensitive)")
     ax.grid(alpha=0.3, axis="x")
     fig.suptitle(f"int8 sensitivity per layer ({sens.get('profile', '')})")

@@ -258,20 +258,18 @@ class QuantizeRecord:
         lines += [""] + figure("int8_sensitivity")
         sens = q.get("sensitivity") or {}
         top = (sens.get("layers") or [])[:10]
-        if top and sens.get("mode") == "split":
-            lines += [f"Most sensitive layers ({sens.get('profile')}; logit SNR in dB with only this layer's weights "
-                      f"quantized, only its activations; ranked by the worse of the two; {sens.get('samples')} "
-                      "calibration inputs; `--sensitivity-mode only` adds the layer quantized whole):", ""]
-            lines += table(["layer", "op", "weights only", "activations only"], "llrr",
-                           [[x["layer"], x["op_type"], _db(x.get("weight_only_snr_db")) if x.get("has_weights") else "-",
-                             _db(x.get("activation_only_snr_db"))] for x in top]) + [""]
-        elif top and "activation_only_snr_db" in top[0]:
-            lines += [f"Most sensitive layers ({sens.get('profile')}; logit SNR in dB with only this layer quantized, "
-                      f"only its weights, only its activations; {sens.get('samples')} calibration inputs):", ""]
-            lines += table(["layer", "op", "layer quantized", "weights only", "activations only"], "llrrr",
-                           [[x["layer"], x["op_type"], _db(x.get("snr_db")),
-                             _db(x.get("weight_only_snr_db")) if x.get("has_weights") else "-",
-                             _db(x.get("activation_only_snr_db"))] for x in top]) + [""]
+        if top and "activation_only_snr_db" in top[0]:
+            ranked = sens.get("mode") != "split"            # the whole-layer ranking ran (--sensitivity-mode)
+            what = ("only this layer quantized, only its weights, only its activations" if ranked else
+                    "only this layer's weights quantized, only its activations; ranked by the worse of the two")
+            hint = "" if ranked else "; `--sensitivity-mode only` adds the layer quantized whole"
+            lines += [f"Most sensitive layers ({sens.get('profile')}; logit SNR in dB with {what}; "
+                      f"{sens.get('samples')} calibration inputs{hint}):", ""]
+            lines += table(["layer", "op"] + ["layer quantized"] * ranked + ["weights only", "activations only"],
+                           "ll" + "r" * (2 + ranked),
+                           [[x["layer"], x["op_type"]] + [_db(x.get("snr_db"))] * ranked
+                            + [_db(x.get("weight_only_snr_db")) if x.get("has_weights") else "-",
+                               _db(x.get("activation_only_snr_db"))] for x in top]) + [""]
         for key, mixed in _searches(q):
             default = f" (the default of `--target {q.get('target')}`; `--target-sqnr off` for all-8-bit)" \
                 if mixed.get("default_target") else ""

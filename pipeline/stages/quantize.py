@@ -209,7 +209,7 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
     from quantize.float_fixes import apply_float_fixes, parse_fixes
     from quantize.onnx_ptq import (PtqSession, check_method, target_profiles, weight_grid_mismatch,
                                    weight_rows_rescaled)
-    from quantize.sensitivity import layer_sensitivity, pick_layers
+    from quantize.sensitivity import layer_count, layer_sensitivity, pick_layers
 
     opts = options or QuantizeOptions()
     opts.keep_float = _count_or_names(opts.keep_float)
@@ -339,7 +339,7 @@ def quantize_folder(folder: str | Path, out_dir: str | Path, options: QuantizeOp
                     shutil.copyfile(session_ranges.path, ranges_copy)
                     session_ranges = replace(session_ranges, path=ranges_copy)
                 seconds["calibration"] = time.perf_counter() - t0
-                needs_rank = _layer_count(opts.keep_float) or _layer_count(opts.w8a16_layers)
+                needs_rank = any((layer_count(v) or 0) > 0 for v in (opts.keep_float, opts.w8a16_layers))
                 if opts.sensitivity and opts.sensitivity_mode or needs_rank:
                     # the ranking (each layer quantized alone) on the first half of the probe
                     # inputs: its per-layer figures lie tens of dB apart. It decides nothing
@@ -561,14 +561,6 @@ def _mixed_precision(session: Any, profiles: list[Any], primary: Any, x: np.ndar
             time.perf_counter() - t0
         searches.append(mixed)
     return split, searches
-
-
-def _layer_count(spec: str | int | None) -> bool:
-    """Whether a --keep-float / --w8a16-layers value is a positive count (the N most
-    sensitive layers: the ranking picks them), not names."""
-    if isinstance(spec, str) and spec.strip().isdigit():
-        spec = int(spec)
-    return isinstance(spec, int) and spec > 0
 
 
 def _reached_note(mixed: Any) -> str:
